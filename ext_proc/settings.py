@@ -1,0 +1,64 @@
+"""Process settings: read from the environment once, at start-up, into a typed object.
+
+Nothing else in the package reads ``os.environ`` for configuration; commands build a
+``Settings`` and pass it (or the parts they need) down.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_GRPC_PORT = 50051
+DEFAULT_ADMIN_PORT = 8080
+DEFAULT_METRICS_PORT = 9464
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value we cannot use; the message names it."""
+
+
+def _port(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        port = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise SettingsError(f"{name}={port} is outside 0..65535")
+    return port
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    database_url: str | None = None
+    redis_url: str | None = None
+    config_path: Path | None = None
+    grpc_port: int = DEFAULT_GRPC_PORT
+    admin_port: int = DEFAULT_ADMIN_PORT
+    metrics_port: int = DEFAULT_METRICS_PORT
+    admin_token: str | None = None
+    # Where usage records that could not be written yet are kept (never dropped).
+    spool_dir: Path = field(default_factory=lambda: Path(".data/usage-spool"))
+    # Prefix for every Redis key this process touches (tests give each run its own).
+    redis_prefix: str = "gw:"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        config = env.get("EXT_PROC_CONFIG")
+        return cls(
+            database_url=env.get("DATABASE_URL") or None,
+            redis_url=env.get("REDIS_URL") or None,
+            config_path=Path(config) if config else None,
+            grpc_port=_port(env, "EXT_PROC_GRPC_PORT", DEFAULT_GRPC_PORT),
+            admin_port=_port(env, "EXT_PROC_ADMIN_PORT", DEFAULT_ADMIN_PORT),
+            metrics_port=_port(env, "EXT_PROC_METRICS_PORT", DEFAULT_METRICS_PORT),
+            admin_token=env.get("EXT_PROC_ADMIN_TOKEN") or None,
+            spool_dir=Path(env.get("EXT_PROC_SPOOL_DIR") or ".data/usage-spool"),
+            redis_prefix=env.get("EXT_PROC_REDIS_PREFIX") or "gw:",
+        )

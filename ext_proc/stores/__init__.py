@@ -1,0 +1,1 @@
+"""Stores: Postgres (pool, migrations), Redis, the memory → Redis → Postgres cache."""

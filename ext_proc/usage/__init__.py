@@ -1,0 +1,1 @@
+"""Usage records: the row written per request, the writer, the rollups."""
