@@ -1,0 +1,212 @@
+"""The ``ext-proc`` command line: one subcommand per operator task.
+
+Each subcommand parses its flags, builds ``Settings`` from the environment once, and
+calls into the package; nothing here holds logic of its own beyond wiring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ext_proc.settings import Settings, SettingsError
+
+DEFAULT_CONFIG = Path("examples/gateway.yaml")
+
+
+def _config_path(ns: argparse.Namespace, settings: Settings) -> Path:
+    if getattr(ns, "config", None):
+        return Path(ns.config)
+    if settings.config_path is not None:
+        return settings.config_path
+    return DEFAULT_CONFIG
+
+
+def _need_database(settings: Settings) -> str:
+    if not settings.database_url:
+        raise SystemExit("error: DATABASE_URL is not set (e.g. postgresql://postgres@127.0.0.1:5432/postgres)")
+    return settings.database_url
+
+
+def cmd_serve(ns: argparse.Namespace, settings: Settings) -> int:
+    import uvloop
+
+    from ext_proc.config.errors import ConfigError
+    from ext_proc.server.app import ServeOptions, serve
+
+    options = ServeOptions(config_path=_config_path(ns, settings), grpc_host=ns.grpc_host,
+                           metrics_host=ns.metrics_host, admin_host=ns.admin_host)
+    try:
+        uvloop.run(serve(settings, options))
+    except ConfigError as exc:
+        print(f"error: invalid gateway config:\n{exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_dev(ns: argparse.Namespace, settings: Settings) -> int:
+    from ext_proc.config.errors import ConfigError
+    from ext_proc.dev import StackOptions, run_dev
+
+    try:
+        options = StackOptions(
+            config_path=_config_path(ns, settings),
+            data_dir=Path(ns.data_dir),
+            listener_port=ns.listener_port,
+            envoy_admin_port=ns.envoy_admin_port,
+            grpc_port=settings.grpc_port,
+            metrics_port=settings.metrics_port,
+            admin_port=settings.admin_port,
+            database_url=settings.database_url,
+            redis_url=settings.redis_url,
+            redis_prefix=settings.redis_prefix,
+            admin_token=settings.admin_token,
+            log_level=ns.log_level,
+        )
+        return run_dev(options)
+    except ConfigError as exc:
+        print(f"error: invalid gateway config:\n{exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_migrate(ns: argparse.Namespace, settings: Settings) -> int:
+    from ext_proc.stores.postgres import run_migrate
+
+    return run_migrate(_need_database(settings))
+
+
+def cmd_validate(ns: argparse.Namespace, settings: Settings) -> int:
+    from ext_proc.config.errors import ConfigError
+    from ext_proc.config.loader import load_config
+
+    path = _config_path(ns, settings)
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(f"{path}: OK ({len(config.providers)} providers, {len(config.models)} models, "
+          f"{len(config.policies)} policies, {len(config.applications)} applications)")
+    return 0
+
+
+def cmd_envoy_config(ns: argparse.Namespace, settings: Settings) -> int:
+    from ext_proc.config.errors import ConfigError
+    from ext_proc.config.loader import load_config
+    from ext_proc.envoy_config import EnvoyOptions, render_yaml
+
+    try:
+        config = load_config(_config_path(ns, settings))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    options = EnvoyOptions(
+        listener_host=ns.listener_host, listener_port=ns.listener_port,
+        admin_port=ns.admin_port, ext_proc_host=ns.ext_proc_host,
+        ext_proc_port=ns.ext_proc_port or settings.grpc_port,
+    )
+    text = render_yaml(config, options)
+    if ns.output and ns.output != "-":
+        Path(ns.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_usage(ns: argparse.Namespace, settings: Settings) -> int:
+    from ext_proc.usage.cli import run_usage
+
+    return run_usage(ns, _need_database(settings))
+
+
+def cmd_mock_upstream(ns: argparse.Namespace, settings: Settings) -> int:
+    from ext_proc.mock.upstream import options_from_args, run
+
+    run(ns.host, ns.port, options_from_args(ns))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ext-proc",
+        description="LLM gateway: Envoy external processor for auth, routing, policies and usage.",
+    )
+    parser.add_argument("--log-level", default=os.environ.get("EXT_PROC_LOG_LEVEL", "info"),
+                        choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: object, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    def config_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-c", "--config", help="gateway.yaml (default: $EXT_PROC_CONFIG, else "
+                       f"{DEFAULT_CONFIG})")
+
+    p = add("dev", cmd_dev, "run the whole gateway on this machine (embedded Postgres/Redis, "
+            "mock upstream, ext_proc, Envoy)")
+    config_flag(p)
+    p.add_argument("--data-dir", default=".data", help="where embedded data and logs go")
+    p.add_argument("--listener-port", type=int, default=10000)
+    p.add_argument("--envoy-admin-port", type=int, default=9901)
+
+    p = add("serve", cmd_serve, "production mode: gRPC ext_proc + admin API + metrics")
+    config_flag(p)
+    p.add_argument("--grpc-host", default=os.environ.get("EXT_PROC_GRPC_HOST", "127.0.0.1"),
+                   help="address the gRPC server binds (default 127.0.0.1: Envoy runs beside "
+                   "it; the stream carries provider credentials, keep it private)")
+    p.add_argument("--metrics-host", default=os.environ.get("EXT_PROC_METRICS_HOST", "0.0.0.0"))
+    p.add_argument("--admin-host", default=os.environ.get("EXT_PROC_ADMIN_HOST", "127.0.0.1"))
+
+    add("migrate", cmd_migrate, "apply pending database migrations (schema/)")
+
+    p = add("validate", cmd_validate, "check a gateway.yaml and report every problem with its line")
+    config_flag(p)
+
+    p = add("envoy-config", cmd_envoy_config, "render an Envoy bootstrap from the gateway config")
+    config_flag(p)
+    p.add_argument("-o", "--output", help="write here instead of stdout")
+    p.add_argument("--listener-host", default="0.0.0.0")
+    p.add_argument("--listener-port", type=int, default=10000)
+    p.add_argument("--admin-port", type=int, default=9901)
+    p.add_argument("--ext-proc-host", default="127.0.0.1")
+    p.add_argument("--ext-proc-port", type=int, default=None,
+                   help="default: $EXT_PROC_GRPC_PORT or 50051")
+
+    from ext_proc.usage.cli import add_usage_arguments
+
+    p = add("usage", cmd_usage, "usage rollup table (tokens, requests, latency) from Postgres")
+    add_usage_arguments(p)
+
+    from ext_proc.mock.upstream import add_arguments as add_mock_arguments
+
+    p = add("mock-upstream", cmd_mock_upstream, "run the mock OpenAI/Azure/Anthropic upstream")
+    add_mock_arguments(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, ns.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result: int = ns.func(ns, settings)
+    return result
+
+
+if __name__ == "__main__":
+    asyncio.set_event_loop_policy(None)
+    raise SystemExit(main())

@@ -1,0 +1,271 @@
+"""Render an Envoy bootstrap from the gateway config.
+
+One renderer for every Envoy this project runs: ``envoy/dev.yaml`` (checked in, and a
+test keeps it equal to what this renders), ``ext-proc dev``, the end-to-end tests and
+``ext-proc envoy-config``. Choices, with the reasons (see ENVOY-NOTES.md):
+
+- ext_proc: request headers SEND (mutations need them), request body BUFFERED, response
+  headers SEND (status, and the STREAMED override for ``text/event-stream``), response
+  body BUFFERED; fail closed with 503 when the processor is unreachable.
+- provider selection: the processor sets ``x-gateway-provider`` and clears the route
+  cache; one route and one cluster per provider, host rewritten to the provider's.
+- buffers: the listener limit bounds what Envoy holds for BUFFERED bodies in either
+  direction, so it is the larger of the request limit and ``max_response_bytes``; the
+  request limit itself is enforced by the processor (content-length, then body length).
+- Envoy's own error replies (upstream down, timeouts, oversized bodies) are rewritten to
+  the OpenAI error shape; the processor's replies (details ``gw_*``) keep their body.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from ext_proc.config.model import GatewayConfig, Provider
+from ext_proc.server.context import DEFAULT_MAX_REQUEST_BYTES
+from ext_proc.server.processor import PROVIDER_HEADER
+
+SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class EnvoyOptions:
+    listener_host: str = "0.0.0.0"
+    listener_port: int = 10000
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 9901
+    ext_proc_host: str = "127.0.0.1"
+    ext_proc_port: int = 50051
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    message_timeout_ms: int = 2000
+    ca_bundle: str = SYSTEM_CA_BUNDLE
+    access_log_path: str | None = None  # None: no access log file
+
+
+def cluster_name(provider: Provider) -> str:
+    return f"provider_{provider.name}"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:g}s"
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _socket_address(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _provider_cluster(provider: Provider, options: EnvoyOptions) -> dict[str, Any]:
+    host, port = provider.host, provider.port
+    cluster: dict[str, Any] = {
+        "name": cluster_name(provider),
+        "type": "STATIC" if _is_ip(host) else "STRICT_DNS",
+        "connect_timeout": _duration(provider.connect_timeout),
+        "per_connection_buffer_limit_bytes": options.max_response_bytes,
+        "circuit_breakers": {"thresholds": [
+            {"max_connections": 4096, "max_pending_requests": 65536, "max_requests": 65536,
+             "max_retries": 64}]},
+        "load_assignment": {
+            "cluster_name": cluster_name(provider),
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket_address(host, port)}}]}],
+        },
+    }
+    if not _is_ip(host):
+        cluster["dns_lookup_family"] = "V4_PREFERRED"
+    if provider.tls:
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": host,
+                "common_tls_context": {
+                    "validation_context": {
+                        "trusted_ca": {"filename": options.ca_bundle},
+                        "match_typed_subject_alt_names": [
+                            {"san_type": "DNS", "matcher": {"exact": host}}],
+                    },
+                },
+            },
+        }
+    return cluster
+
+
+def _provider_route(provider: Provider) -> dict[str, Any]:
+    retries = provider.retries
+    route: dict[str, Any] = {
+        "cluster": cluster_name(provider),
+        "timeout": _duration(provider.timeout),
+        "host_rewrite_literal": provider.host if provider.port in (80, 443)
+        else f"{provider.host}:{provider.port}",
+    }
+    if retries.attempts > 0:
+        policy: dict[str, Any] = {
+            "retry_on": ",".join(retries.on),
+            "num_retries": retries.attempts,
+            "retry_back_off": {"base_interval": "0.25s", "max_interval": "2s"},
+        }
+        if "retriable-status-codes" in retries.on:
+            policy["retriable_status_codes"] = list(retries.retriable_status_codes)
+        route["retry_policy"] = policy
+    return {
+        "name": f"to_{provider.name}",
+        "match": {"prefix": "/", "headers": [
+            {"name": PROVIDER_HEADER, "string_match": {"exact": provider.name}}]},
+        "route": route,
+    }
+
+
+def _error_json(error_type: str) -> dict[str, Any]:
+    return {
+        "json_format": {"error": {
+            "message": "%LOCAL_REPLY_BODY%",
+            "type": error_type,
+            "code": "%RESPONSE_CODE_DETAILS%",
+            "param": None,
+        }},
+        "content_type": "application/json",
+    }
+
+
+def _local_reply_config() -> dict[str, Any]:
+    def mapper(status: int | None, body_format: dict[str, Any], cel: str | None = None) -> dict[str, Any]:
+        filters: list[dict[str, Any]] = []
+        if status is not None:
+            filters.append({"status_code_filter": {"comparison": {
+                "op": "EQ", "value": {"default_value": status, "runtime_key": f"gw.local_reply.{status}"}}}})
+        if cel is not None:
+            filters.append({"extension_filter": {
+                "name": "envoy.access_loggers.extension_filters.cel",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                    "expression": cel}}})
+        flt = filters[0] if len(filters) == 1 else {"and_filter": {"filters": filters}}
+        return {"filter": flt, "body_format_override": body_format}
+
+    ours = "response.code_details.startsWith('gw_')"
+    return {
+        "mappers": [
+            # The processor's own answers are already OpenAI-shaped: keep them.
+            mapper(None, {"text_format": "%LOCAL_REPLY_BODY%", "content_type": "application/json"}, ours),
+            mapper(413, _error_json("invalid_request_error")),
+            mapper(429, _error_json("rate_limit_error")),
+            mapper(502, _error_json("upstream_error")),
+            mapper(503, _error_json("service_unavailable")),
+            mapper(504, _error_json("timeout_error")),
+        ],
+        "body_format": _error_json("gateway_error"),
+    }
+
+
+def render(config: GatewayConfig, options: EnvoyOptions = EnvoyOptions()) -> dict[str, Any]:
+    """The Envoy bootstrap as a dict (``render_yaml`` for text)."""
+    providers = list(config.providers.values())
+    routes = [_provider_route(p) for p in providers]
+    routes.append({
+        "name": "no_provider_selected",
+        "match": {"prefix": "/"},
+        "direct_response": {"status": 503, "body": {"inline_string": (
+            "the gateway did not select a provider for this request")}},
+    })
+    buffer_limit = max(options.max_request_bytes, options.max_response_bytes)
+    hcm: dict[str, Any] = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "llm_gateway",
+        "codec_type": "AUTO",
+        "use_remote_address": True,
+        "generate_request_id": True,
+        "preserve_external_request_id": False,
+        "always_set_request_id_in_response": True,
+        "stream_idle_timeout": "300s",
+        "request_timeout": "0s",
+        "local_reply_config": _local_reply_config(),
+        "route_config": {
+            "name": "llm_routes",
+            "virtual_hosts": [{"name": "gateway", "domains": ["*"], "routes": routes}],
+        },
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.ext_proc",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+                    "grpc_service": {"envoy_grpc": {"cluster_name": "ext_proc"}},
+                    "failure_mode_allow": False,
+                    "status_on_error": {"code": "ServiceUnavailable"},
+                    "message_timeout": f"{options.message_timeout_ms / 1000:g}s",
+                    "allow_mode_override": True,
+                    "processing_mode": {
+                        "request_header_mode": "SEND",
+                        "request_body_mode": "BUFFERED",
+                        "response_header_mode": "SEND",
+                        "response_body_mode": "BUFFERED",
+                        "request_trailer_mode": "SKIP",
+                        "response_trailer_mode": "SKIP",
+                    },
+                },
+            },
+            {"name": "envoy.filters.http.router",
+             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
+        ],
+    }
+    if options.access_log_path:
+        hcm["access_log"] = [{
+            "name": "envoy.access_loggers.file",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                "path": options.access_log_path,
+            },
+        }]
+    clusters = [
+        {
+            "name": "ext_proc",
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "circuit_breakers": {"thresholds": [
+                {"max_connections": 1024, "max_pending_requests": 65536, "max_requests": 65536}]},
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}},
+                }
+            },
+            "load_assignment": {
+                "cluster_name": "ext_proc",
+                "endpoints": [{"lb_endpoints": [{"endpoint": {
+                    "address": _socket_address(options.ext_proc_host, options.ext_proc_port)}}]}],
+            },
+        },
+        *(_provider_cluster(p, options) for p in providers),
+    ]
+    return {
+        "admin": {"address": _socket_address(options.admin_host, options.admin_port)},
+        "static_resources": {
+            "listeners": [{
+                "name": "llm_listener",
+                "address": _socket_address(options.listener_host, options.listener_port),
+                "per_connection_buffer_limit_bytes": buffer_limit,
+                "filter_chains": [{"filters": [
+                    {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+            }],
+            "clusters": clusters,
+        },
+    }
+
+
+def render_yaml(config: GatewayConfig, options: EnvoyOptions = EnvoyOptions()) -> str:
+    header = (
+        "# Rendered by `ext-proc envoy-config` from the gateway config; do not edit by hand.\n"
+        f"# Source: {config.source or '<string>'}\n"
+    )
+    return header + yaml.safe_dump(render(config, options), sort_keys=False, width=100)

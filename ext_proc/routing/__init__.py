@@ -1,0 +1,1 @@
+"""Routing: which endpoint an app called, which provider deployment serves the model."""

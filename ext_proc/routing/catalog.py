@@ -1,0 +1,57 @@
+"""The model catalog: app-facing model name (or Azure deployment) → where it is served.
+
+Built once per config version (and credentials reload); lookups are dict gets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ext_proc.config.model import GatewayConfig, Model, Provider
+from ext_proc.routing.providers import ProviderAdapter, adapter_for
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    model: Model
+    provider: Provider
+    adapter: ProviderAdapter
+    encoding_name: str
+
+    @property
+    def deployment(self) -> str:
+        return self.model.deployment
+
+
+class Catalog:
+    def __init__(self, routes: Mapping[str, Route], by_deployment: Mapping[str, Route]) -> None:
+        self._routes = dict(routes)
+        self._by_deployment = dict(by_deployment)
+        self.model_names: tuple[str, ...] = tuple(sorted({r.model.name for r in routes.values()}))
+
+    @classmethod
+    def build(cls, config: GatewayConfig, credentials: Mapping[str, str | None]) -> Catalog:
+        adapters = {
+            name: adapter_for(provider, credentials.get(name))
+            for name, provider in config.providers.items()
+        }
+        routes: dict[str, Route] = {}
+        by_deployment: dict[str, Route] = {}
+        for model in config.models.values():
+            provider = config.providers[model.provider]
+            route = Route(model, provider, adapters[model.provider], model.encoding_name)
+            for name in (model.name, *model.aliases):
+                routes[name] = route
+            if provider.type == "azure_openai":
+                by_deployment.setdefault(model.deployment, route)
+        # An Azure-SDK app names a deployment; a catalog model name works there too.
+        for name, route in routes.items():
+            by_deployment.setdefault(name, route)
+        return cls(routes, by_deployment)
+
+    def resolve(self, model: str) -> Route | None:
+        return self._routes.get(model)
+
+    def resolve_deployment(self, deployment: str) -> Route | None:
+        return self._by_deployment.get(deployment)

@@ -1,0 +1,44 @@
+"""What every provider adapter offers the request processor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ext_proc.routing.endpoints import Endpoint, Operation
+
+Headers = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamCall:
+    path: str  # the :path sent upstream (with query string)
+    headers: Headers  # credential and static headers to set
+    body: bytes | None  # replacement body, or None to send the app's body untouched
+
+
+class ProviderAdapter(Protocol):
+    response_format: str  # the usage parser format (ext_proc.tokens.parsers)
+    has_credential: bool  # a key is configured and loaded (or none is needed)
+
+    def supports(self, operation: Operation) -> bool: ...
+
+    def prepare(self, endpoint: Endpoint, deployment: str, body: dict[str, Any]) -> UpstreamCall:
+        """Path, headers and (if changed) body for this call; may modify ``body``."""
+        ...
+
+
+def wants_stream_usage(body: dict[str, Any]) -> bool:
+    """True when the app asked for a stream but not for the final usage chunk."""
+    if body.get("stream") is not True:
+        return False
+    options = body.get("stream_options")
+    return not (isinstance(options, dict) and options.get("include_usage") is True)
+
+
+def add_stream_usage(body: dict[str, Any]) -> None:
+    options = body.get("stream_options")
+    if isinstance(options, dict):
+        options["include_usage"] = True
+    else:
+        body["stream_options"] = {"include_usage": True}

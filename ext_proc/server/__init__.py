@@ -1,0 +1,1 @@
+"""The gRPC ext_proc server: servicer (decode + dispatch) and the per-request processor."""

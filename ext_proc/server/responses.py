@@ -1,0 +1,141 @@
+"""Builders for ext_proc responses: continue, header mutations, OpenAI-shaped denials.
+
+Everything here is small and allocation-light because it runs for every message;
+protobuf classes are looked up once at import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import orjson
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.type.v3 import http_status_pb2
+
+ProcessingResponse = pb.ProcessingResponse
+_HeaderValue = base_pb2.HeaderValue
+_HeaderValueOption = base_pb2.HeaderValueOption
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+# OpenAI's error "type" per HTTP status, so SDKs and humans see familiar shapes.
+_ERROR_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    502: "upstream_error",
+    503: "service_unavailable",
+    504: "timeout_error",
+}
+
+Headers = Sequence[tuple[str, str]]
+
+_EMPTY_HEADERS_RESPONSE = pb.HeadersResponse()
+_EMPTY_BODY_RESPONSE = pb.BodyResponse()
+
+CONTINUE_REQUEST_HEADERS = ProcessingResponse(request_headers=_EMPTY_HEADERS_RESPONSE)
+CONTINUE_REQUEST_BODY = ProcessingResponse(request_body=_EMPTY_BODY_RESPONSE)
+CONTINUE_RESPONSE_HEADERS = ProcessingResponse(response_headers=_EMPTY_HEADERS_RESPONSE)
+CONTINUE_RESPONSE_BODY = ProcessingResponse(response_body=_EMPTY_BODY_RESPONSE)
+
+# Response-headers answer for a text/event-stream response: stream the body chunk by
+# chunk (never delay or buffer the app's tokens) instead of the configured BUFFERED.
+_STREAMED_RESPONSE_MODE = processing_mode_pb2.ProcessingMode(
+    request_header_mode=processing_mode_pb2.ProcessingMode.SKIP,
+    response_header_mode=processing_mode_pb2.ProcessingMode.SKIP,
+    request_body_mode=processing_mode_pb2.ProcessingMode.NONE,
+    response_body_mode=processing_mode_pb2.ProcessingMode.STREAMED,
+    request_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP,
+    response_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP,
+)
+_NO_RESPONSE_BODY_MODE = processing_mode_pb2.ProcessingMode(
+    request_header_mode=processing_mode_pb2.ProcessingMode.SKIP,
+    response_header_mode=processing_mode_pb2.ProcessingMode.SKIP,
+    request_body_mode=processing_mode_pb2.ProcessingMode.NONE,
+    response_body_mode=processing_mode_pb2.ProcessingMode.NONE,
+    request_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP,
+    response_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP,
+)
+
+
+def error_body(message: str, *, status: int, code: str | None = None,
+               param: str | None = None, error_type: str | None = None) -> bytes:
+    """``{"error": {"message", "type", "code", "param"}}`` as OpenAI answers errors."""
+    return orjson.dumps({
+        "error": {
+            "message": message,
+            "type": error_type or _ERROR_TYPE_BY_STATUS.get(status, "api_error"),
+            "code": code,
+            "param": param,
+        }
+    })
+
+
+def header_options(headers: Iterable[tuple[str, str]]) -> list[base_pb2.HeaderValueOption]:
+    return [
+        _HeaderValueOption(header=_HeaderValue(key=k, raw_value=v.encode()), append_action=_OVERWRITE)
+        for k, v in headers
+    ]
+
+
+def header_mutation(set_headers: Headers = (), remove: Sequence[str] = ()) -> pb.HeaderMutation:
+    return pb.HeaderMutation(set_headers=header_options(set_headers), remove_headers=list(remove))
+
+
+def immediate(status: int, message: str, *, code: str | None = None, param: str | None = None,
+              error_type: str | None = None, headers: Headers = ()) -> ProcessingResponse:
+    """An OpenAI-shaped error answered by the gateway itself (the upstream is not called)."""
+    body = error_body(message, status=status, code=code, param=param, error_type=error_type)
+    all_headers = [("content-type", "application/json"), *headers]
+    return immediate_raw(status, body, all_headers, details=f"gw_{code or 'error'}")
+
+
+def immediate_raw(status: int, body: bytes, headers: Headers, *, details: str = "") -> ProcessingResponse:
+    return ProcessingResponse(
+        immediate_response=pb.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=status),  # type: ignore[arg-type]
+            headers=header_mutation(headers),
+            body=body,
+            details=details.replace(" ", "_")[:64],
+        )
+    )
+
+
+def continue_request_headers(set_headers: Headers = (), remove: Sequence[str] = (),
+                             clear_route_cache: bool = False) -> ProcessingResponse:
+    if not set_headers and not remove and not clear_route_cache:
+        return CONTINUE_REQUEST_HEADERS
+    return ProcessingResponse(request_headers=pb.HeadersResponse(response=pb.CommonResponse(
+        header_mutation=header_mutation(set_headers, remove), clear_route_cache=clear_route_cache)))
+
+
+def continue_request_body(set_headers: Headers = (), remove: Sequence[str] = (), *,
+                          body: bytes | None = None,
+                          clear_route_cache: bool = False) -> ProcessingResponse:
+    if not set_headers and not remove and body is None and not clear_route_cache:
+        return CONTINUE_REQUEST_BODY
+    common = pb.CommonResponse(
+        header_mutation=header_mutation(set_headers, remove), clear_route_cache=clear_route_cache)
+    if body is not None:
+        common.status = pb.CommonResponse.CONTINUE_AND_REPLACE
+        common.body_mutation.body = body
+    return ProcessingResponse(request_body=pb.BodyResponse(response=common))
+
+
+def continue_response_headers(set_headers: Headers = (), *, stream_body: bool = False,
+                              skip_body: bool = False) -> ProcessingResponse:
+    response = ProcessingResponse(response_headers=pb.HeadersResponse())
+    if set_headers:
+        response.response_headers.response.header_mutation.set_headers.extend(header_options(set_headers))
+    if stream_body:
+        response.mode_override.CopyFrom(_STREAMED_RESPONSE_MODE)
+    elif skip_body:
+        response.mode_override.CopyFrom(_NO_RESPONSE_BODY_MODE)
+    elif not set_headers:
+        return CONTINUE_RESPONSE_HEADERS
+    return response
