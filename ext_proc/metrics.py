@@ -14,12 +14,54 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
 _DURATION_BUCKETS = (
-    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+    0.01,
+    0.02,
+    0.04,
+    0.08,
+    0.16,
+    0.32,
+    0.64,
+    1.28,
+    2.56,
+    5.12,
+    10.24,
+    20.48,
+    40.96,
+    81.92,
 )
-_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
-                 2.5, 5.0, 7.5, 10.0)
-_FAST_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025,
-                 0.005, 0.01, 0.025, 0.05, 0.1)
+_TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+)
+_FAST_BUCKETS = (
+    0.00001,
+    0.000025,
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+)
 
 CIRCUIT_CLOSED = 0
 CIRCUIT_HALF_OPEN = 1
@@ -35,22 +77,29 @@ class Metrics:
         self.token_usage = Histogram(
             "gen_ai_client_token_usage",
             "Tokens used per request, by token type (input = prompt, output = completion).",
-            ["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model",
-             "gen_ai_response_model", "gen_ai_token_type"],
-            buckets=_TOKEN_BUCKETS, registry=r,
+            [
+                "gen_ai_operation_name",
+                "gen_ai_provider_name",
+                "gen_ai_request_model",
+                "gen_ai_response_model",
+                "gen_ai_token_type",
+            ],
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
         )
         self.request_duration = Histogram(
             "gen_ai_server_request_duration_seconds",
             "Time from the request reaching the gateway to the last response byte.",
-            ["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model",
-             "error_type"],
-            buckets=_DURATION_BUCKETS, registry=r,
+            ["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "error_type"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
         )
         self.time_to_first_token = Histogram(
             "gen_ai_server_time_to_first_token_seconds",
             "Time from the request reaching the gateway to the first response body chunk.",
             ["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"],
-            buckets=_TTFT_BUCKETS, registry=r,
+            buckets=_TTFT_BUCKETS,
+            registry=r,
         )
 
         # --- the service's own ---
@@ -58,48 +107,62 @@ class Metrics:
             "ext_proc_requests_total",
             "Requests seen by the gateway, by decision (allowed|denied|error) and deciding "
             "policy ('' when none decided).",
-            ["decision", "policy", "status_code"], registry=r,
+            ["decision", "policy", "status_code"],
+            registry=r,
         )
         self.policy_check_duration = Histogram(
             "ext_proc_policy_check_duration_seconds",
             "Time spent in one policy check.",
-            ["policy_type", "phase"], buckets=_FAST_BUCKETS, registry=r,
+            ["policy_type", "phase"],
+            buckets=_FAST_BUCKETS,
+            registry=r,
         )
         self.policy_violations = Counter(
             "ext_proc_policy_violations_total",
             "Post-check violations (the response was already sent; the record is marked).",
-            ["policy"], registry=r,
+            ["policy"],
+            registry=r,
         )
         self.policy_fallbacks = Counter(
             "ext_proc_policy_fallback_total",
             "Checks decided without their dependency (on_error: allow used the in-process "
             "limiter; on_error: deny answered 503).",
-            ["policy", "action"], registry=r,
+            ["policy", "action"],
+            registry=r,
         )
         self.cache_lookups = Counter(
             "ext_proc_cache_lookups_total",
             "Lookups in the memory -> Redis -> Postgres cache, by the tier that answered "
             "(memory|redis|postgres|miss).",
-            ["cache", "tier"], registry=r,
+            ["cache", "tier"],
+            registry=r,
         )
         self.phase_duration = Histogram(
             "ext_proc_phase_duration_seconds",
             "Python time spent handling one ext_proc message, by phase.",
-            ["phase"], buckets=_FAST_BUCKETS, registry=r,
+            ["phase"],
+            buckets=_FAST_BUCKETS,
+            registry=r,
         )
         self.streams_active = Gauge(
-            "ext_proc_streams_active", "ext_proc gRPC streams open now.", registry=r,
+            "ext_proc_streams_active",
+            "ext_proc gRPC streams open now.",
+            registry=r,
         )
         self.stream_errors = Counter(
             "ext_proc_stream_errors_total",
             "Requests answered with a gateway error, by kind (internal, bad_request, ...).",
-            ["kind"], registry=r,
+            ["kind"],
+            registry=r,
         )
         self.usage_queue_depth = Gauge(
-            "ext_proc_usage_queue_depth", "Usage records waiting to be written.", registry=r,
+            "ext_proc_usage_queue_depth",
+            "Usage records waiting to be written.",
+            registry=r,
         )
         self.usage_written = Counter(
-            "ext_proc_usage_records_written_total", "Usage records written to Postgres.",
+            "ext_proc_usage_records_written_total",
+            "Usage records written to Postgres.",
             registry=r,
         )
         self.usage_spooled = Counter(
@@ -113,21 +176,32 @@ class Metrics:
             "Usage records lost (neither Postgres nor the disk spool took them).",
             registry=r,
         )
+        self.usage_rejected = Counter(
+            "ext_proc_usage_records_rejected_total",
+            "Usage records Postgres refused for their content (kept in the spool's rejected "
+            "file with the error, for an operator to inspect).",
+            registry=r,
+        )
         self.usage_write_errors = Counter(
-            "ext_proc_usage_write_errors_total", "Failed batch writes to Postgres (retried).",
+            "ext_proc_usage_write_errors_total",
+            "Failed batch writes to Postgres (retried).",
             registry=r,
         )
         self.usage_batch_duration = Histogram(
-            "ext_proc_usage_batch_write_duration_seconds", "Time to write one usage batch.",
-            buckets=_FAST_BUCKETS + (0.25, 0.5, 1.0, 2.5, 5.0), registry=r,
+            "ext_proc_usage_batch_write_duration_seconds",
+            "Time to write one usage batch.",
+            buckets=(*_FAST_BUCKETS, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=r,
         )
         self.dependency_up = Gauge(
             "ext_proc_dependency_up",
             "1 when the dependency (redis, postgres) answered its last call, else 0.",
-            ["dependency"], registry=r,
+            ["dependency"],
+            registry=r,
         )
         self.circuit_state = Gauge(
             "ext_proc_circuit_state",
             "Circuit breaker state per dependency: 0 closed, 1 half-open, 2 open.",
-            ["dependency"], registry=r,
+            ["dependency"],
+            registry=r,
         )

@@ -118,7 +118,9 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
-def poll_until(predicate: Callable[[], bool], *, timeout: float = 10.0, interval: float = 0.02) -> bool:
+def poll_until(
+    predicate: Callable[[], bool], *, timeout: float = 10.0, interval: float = 0.02
+) -> bool:
     """Synchronous bounded poll (tests never sleep for a fixed time to wait for a condition)."""
     import time
 

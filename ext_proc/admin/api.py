@@ -33,8 +33,17 @@ def _json(status: int, payload: Any) -> Response:
 
 
 def _error(status: int, message: str, code: str, param: str | None = None) -> Response:
-    return _json(status, {"error": {"message": message, "type": "invalid_request_error",
-                                    "code": code, "param": param}})
+    return _json(
+        status,
+        {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "code": code,
+                "param": param,
+            }
+        },
+    )
 
 
 class AdminApi:
@@ -64,7 +73,9 @@ class AdminApi:
             return _error(403, "set EXT_PROC_ADMIN_TOKEN to enable admin changes", "admin_disabled")
         given = request.headers.get("authorization", "")
         scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self._token):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            value.strip().encode(), self._token
+        ):
             return _error(401, "missing or wrong admin token", "invalid_admin_token")
         return None
 
@@ -87,18 +98,39 @@ class AdminApi:
         group_by = parse_group_by(query.get("by", "app_id,model"))
         since = parse_time(query["since"], now=now) if "since" in query else now - timedelta(days=1)
         until = parse_time(query["until"], now=now) if "until" in query else now
-        rows = await rollup(pool, group_by=group_by, since=since, until=until,
-                            org_id=query.get("org"), app_id=query.get("app"),
-                            model=query.get("model"))
-        return _json(200, {"group_by": group_by, "since": since.isoformat(),
-                           "until": until.isoformat(), "rows": [r.as_dict() for r in rows]})
+        rows = await rollup(
+            pool,
+            group_by=group_by,
+            since=since,
+            until=until,
+            org_id=query.get("org"),
+            app_id=query.get("app"),
+            model=query.get("model"),
+        )
+        return _json(
+            200,
+            {
+                "group_by": group_by,
+                "since": since.isoformat(),
+                "until": until.isoformat(),
+                "rows": [r.as_dict() for r in rows],
+            },
+        )
 
     def _reload(self) -> Response:
         try:
             fingerprint = self._service.reload()
         except ConfigError as exc:
-            return _json(422, {"error": {"message": "invalid gateway config; the running one is "
-                                         "kept", "type": "invalid_request_error",
-                                         "code": "invalid_config", "param": None,
-                                         "issues": [str(i) for i in exc.issues]}})
+            return _json(
+                422,
+                {
+                    "error": {
+                        "message": "invalid gateway config; the running one is kept",
+                        "type": "invalid_request_error",
+                        "code": "invalid_config",
+                        "param": None,
+                        "issues": [str(i) for i in exc.issues],
+                    }
+                },
+            )
         return _json(200, {"reloaded": True, "fingerprint": fingerprint})

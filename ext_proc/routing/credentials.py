@@ -16,8 +16,9 @@ from ext_proc.config.model import GatewayConfig
 log = logging.getLogger(__name__)
 
 
-def load_credentials(config: GatewayConfig, env: Mapping[str, str] | None = None,
-                     base_dir: Path | None = None) -> dict[str, str | None]:
+def load_credentials(
+    config: GatewayConfig, env: Mapping[str, str] | None = None, base_dir: Path | None = None
+) -> dict[str, str | None]:
     """Provider name → key (None when the provider declares none or it is missing)."""
     env = os.environ if env is None else env
     out: dict[str, str | None] = {}
@@ -26,8 +27,11 @@ def load_credentials(config: GatewayConfig, env: Mapping[str, str] | None = None
         if provider.api_key_env:
             value = env.get(provider.api_key_env) or None
             if value is None:
-                log.warning("provider %s: env var %s is not set; its requests will get 503",
-                            name, provider.api_key_env)
+                log.warning(
+                    "provider %s: env var %s is not set; its requests will get 503",
+                    name,
+                    provider.api_key_env,
+                )
         elif provider.api_key_file:
             path = Path(provider.api_key_file)
             if not path.is_absolute() and base_dir is not None:
@@ -35,7 +39,11 @@ def load_credentials(config: GatewayConfig, env: Mapping[str, str] | None = None
             try:
                 value = path.read_text(encoding="utf-8").strip() or None
             except OSError as exc:
-                log.warning("provider %s: cannot read api_key_file %s (%s); its requests will "
-                            "get 503", name, path, exc.strerror)
+                log.warning(
+                    "provider %s: cannot read api_key_file %s (%s); its requests will get 503",
+                    name,
+                    path,
+                    exc.strerror,
+                )
         out[name] = value.strip() if value else None
     return out

@@ -58,7 +58,11 @@ _AZURE_OPS = {
 }
 
 SUPPORTED_PATHS = (
-    "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/v1/messages",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/models",
+    "/v1/messages",
     "/openai/deployments/{deployment}/chat/completions",
     "/openai/deployments/{deployment}/completions",
     "/openai/deployments/{deployment}/embeddings",
@@ -74,7 +78,7 @@ def classify(raw_path: str) -> Endpoint | None:
     if fixed is not None:
         return fixed
     if path.startswith("/openai/deployments/"):
-        deployment, _, rest = path[len("/openai/deployments/"):].partition("/")
+        deployment, _, rest = path[len("/openai/deployments/") :].partition("/")
         operation = _AZURE_OPS.get(rest)
         if deployment and operation is not None:
             api_version = None
@@ -82,6 +86,11 @@ def classify(raw_path: str) -> Endpoint | None:
                 for key, value in parse_qsl(query):
                     if key == "api-version":
                         api_version = value
-            return Endpoint(operation, f"/openai/deployments/{{deployment}}/{rest}", "azure",
-                            deployment=deployment, api_version=api_version)
+            return Endpoint(
+                operation,
+                f"/openai/deployments/{{deployment}}/{rest}",
+                "azure",
+                deployment=deployment,
+                api_version=api_version,
+            )
     return None

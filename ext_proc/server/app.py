@@ -81,19 +81,25 @@ class Service:
         self.recorder = UsageRecorder(None, self.metrics, spool)
         await self.recorder.start()
         if self.settings.database_url:
-            self._pool_task = asyncio.create_task(self._connect_postgres(self.settings.database_url))
+            self._pool_task = asyncio.create_task(
+                self._connect_postgres(self.settings.database_url)
+            )
         else:
-            log.warning("DATABASE_URL is not set: usage records are kept in %s until it is",
-                        self.settings.spool_dir)
+            log.warning(
+                "DATABASE_URL is not set: usage records are kept in %s until it is",
+                self.settings.spool_dir,
+            )
         self.gateway = Gateway(runtime, self.recorder, self.metrics)
 
-        self._grpc = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
-            ("grpc.so_reuseport", 0),
-            ("grpc.http2.max_pings_without_data", 0),
-            ("grpc.keepalive_permit_without_calls", 1),
-        ])
+        self._grpc = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                ("grpc.so_reuseport", 0),
+                ("grpc.http2.max_pings_without_data", 0),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ]
+        )
         pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(self.gateway), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         bind = f"{self.options.grpc_host}:{self.settings.grpc_port}"
@@ -105,18 +111,26 @@ class Service:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
         metrics_server = HttpServer(self._metrics_handler)
-        self.metrics_port = await metrics_server.start(self.options.metrics_host,
-                                                       self.settings.metrics_port)
+        self.metrics_port = await metrics_server.start(
+            self.options.metrics_host, self.settings.metrics_port
+        )
         self._http.append(metrics_server)
         from ext_proc.admin.api import AdminApi  # local: the admin API imports the stores
 
         admin = AdminApi(self)
         admin_server = HttpServer(admin.handle)
-        self.admin_port = await admin_server.start(self.options.admin_host, self.settings.admin_port)
+        self.admin_port = await admin_server.start(
+            self.options.admin_host, self.settings.admin_port
+        )
         self._http.append(admin_server)
-        log.info("ext_proc serving: grpc %s:%d, metrics :%d, admin :%d, config %s",
-                 self.options.grpc_host, self.grpc_port, self.metrics_port, self.admin_port,
-                 self.options.config_path)
+        log.info(
+            "ext_proc serving: grpc %s:%d, metrics :%d, admin :%d, config %s",
+            self.options.grpc_host,
+            self.grpc_port,
+            self.metrics_port,
+            self.admin_port,
+            self.options.config_path,
+        )
         self.options.ready.set()
 
     async def _connect_postgres(self, url: str) -> None:
@@ -124,10 +138,13 @@ class Service:
         while not self._stopping.is_set():
             try:
                 self._pool = await create_pool(url)
-            except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
                 self.metrics.dependency_up.labels("postgres").set(0)
-                log.warning("Postgres unreachable (%s); usage records are spooled; retrying in "
-                            "%.1fs", exc, delay)
+                log.warning(
+                    "Postgres unreachable (%s); usage records are spooled; retrying in %.1fs",
+                    exc,
+                    delay,
+                )
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), delay)
                 delay = min(delay * 2, 30.0)
@@ -139,8 +156,9 @@ class Service:
     async def _metrics_handler(self, request: Request) -> Response:
         if request.path != "/metrics":
             return Response(404, [("content-type", "text/plain")], b"see /metrics\n")
-        return Response(200, [("content-type", CONTENT_TYPE_LATEST)],
-                        generate_latest(self.metrics.registry))
+        return Response(
+            200, [("content-type", CONTENT_TYPE_LATEST)], generate_latest(self.metrics.registry)
+        )
 
     @property
     def pool(self) -> asyncpg.Pool | None:
@@ -155,8 +173,11 @@ class Service:
         assert self.gateway is not None
         config = load_config(self.options.config_path)
         self.gateway.swap_runtime(build_runtime(config))
-        log.info("configuration reloaded from %s (fingerprint %s)", self.options.config_path,
-                 config.fingerprint[:12])
+        log.info(
+            "configuration reloaded from %s (fingerprint %s)",
+            self.options.config_path,
+            config.fingerprint[:12],
+        )
         return config.fingerprint
 
     def request_stop(self) -> None:

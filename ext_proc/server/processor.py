@@ -54,9 +54,18 @@ def decode_headers(header_map: Any) -> dict[str, str]:
 class RequestError(Exception):
     """A request the gateway answers itself with an OpenAI-shaped error."""
 
-    def __init__(self, status: int, message: str, *, code: str, param: str | None = None,
-                 error_type: str | None = None, decision: str = "error",
-                 policy: str | None = None, headers: tuple[tuple[str, str], ...] = ()) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str,
+        param: str | None = None,
+        error_type: str | None = None,
+        decision: str = "error",
+        policy: str | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -75,8 +84,8 @@ class RequestProcessor:
         "_finished",
         "_gw",
         "_json_body",
-        "_rt",
         "_route",
+        "_rt",
         "_stream_parser",
         "_t0",
         "_t_first_byte",
@@ -114,30 +123,44 @@ class RequestProcessor:
         if endpoint is None:
             rec.endpoint = path.partition("?")[0][:200]
             raise RequestError(
-                404, f"Unknown request URL: {method} {rec.endpoint}. Supported: "
-                + ", ".join(SUPPORTED_PATHS), code="unknown_url",
-                error_type="invalid_request_error")
+                404,
+                f"Unknown request URL: {method} {rec.endpoint}. Supported: "
+                + ", ".join(SUPPORTED_PATHS),
+                code="unknown_url",
+                error_type="invalid_request_error",
+            )
         self._endpoint = endpoint
         rec.endpoint = endpoint.path
         if endpoint.operation is Operation.LIST_MODELS:
             if method != "GET":
-                raise RequestError(405, f"{endpoint.path} only answers GET", code="method_not_allowed")
+                raise RequestError(
+                    405, f"{endpoint.path} only answers GET", code="method_not_allowed"
+                )
             return self._list_models()
         if method != "POST":
             raise RequestError(405, f"{endpoint.path} only answers POST", code="method_not_allowed")
         content_type = headers.get("content-type", "")
-        if content_type and not content_type.split(";", 1)[0].strip().lower() in _JSON_TYPES:
-            raise RequestError(400, f"Content-Type must be application/json, got {content_type!r}",
-                               code="invalid_content_type", param="content-type")
+        if content_type and content_type.split(";", 1)[0].strip().lower() not in _JSON_TYPES:
+            raise RequestError(
+                400,
+                f"Content-Type must be application/json, got {content_type!r}",
+                code="invalid_content_type",
+                param="content-type",
+            )
         length = headers.get("content-length")
         limit = self._rt.limits.max_request_bytes
         if length is not None and length.isdigit() and int(length) > limit:
             rec.request_bytes = int(length)
-            raise RequestError(413, f"Request body is {length} bytes; the limit is {limit} bytes.",
-                               code="request_too_large", decision="denied")
+            raise RequestError(
+                413,
+                f"Request body is {length} bytes; the limit is {limit} bytes.",
+                code="request_too_large",
+                decision="denied",
+            )
         if msg.end_of_stream:
-            raise RequestError(400, "The request has no body; send a JSON object.",
-                               code="invalid_json")
+            raise RequestError(
+                400, "The request has no body; send a JSON object.", code="invalid_json"
+            )
         # The app's key is dropped here, before anything can go upstream; a provider
         # route header sent by the app is never trusted.
         return r.continue_request_headers(remove=(*CLIENT_KEY_HEADERS, PROVIDER_HEADER))
@@ -145,15 +168,22 @@ class RequestProcessor:
     async def on_request_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
         endpoint = self._endpoint
         if endpoint is None:  # body without headers: Envoy config skips the headers phase
-            raise RequestError(500, "gateway misconfigured: request headers were not sent",
-                               code="gateway_misconfigured")
+            raise RequestError(
+                500,
+                "gateway misconfigured: request headers were not sent",
+                code="gateway_misconfigured",
+            )
         rec = self.record
         raw = msg.body
         rec.request_bytes = len(raw)
         limit = self._rt.limits.max_request_bytes
         if len(raw) > limit:  # a chunked body (no content-length) over the limit
-            raise RequestError(413, f"Request body is {len(raw)} bytes; the limit is {limit} bytes.",
-                               code="request_too_large", decision="denied")
+            raise RequestError(
+                413,
+                f"Request body is {len(raw)} bytes; the limit is {limit} bytes.",
+                code="request_too_large",
+                decision="denied",
+            )
         body = _parse_json_object(raw)
         self._body = body
         route = self._resolve(endpoint, body)
@@ -163,7 +193,9 @@ class RequestProcessor:
         rec.deployment = route.deployment
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
-            raise RequestError(400, "'stream' must be a boolean.", code="invalid_type", param="stream")
+            raise RequestError(
+                400, "'stream' must be a boolean.", code="invalid_type", param="stream"
+            )
         rec.stream = stream
         if endpoint.operation is Operation.CHAT:
             _require_list(body, "messages")
@@ -173,11 +205,18 @@ class RequestProcessor:
             _require(body, "input")
         adapter = route.adapter
         if not adapter.supports(endpoint.operation):
-            raise RequestError(400, f"Model {model!r} (provider {route.provider.name}) does not "
-                               f"serve {endpoint.path}.", code="unsupported_endpoint", param="model")
+            raise RequestError(
+                400,
+                f"Model {model!r} (provider {route.provider.name}) does not serve {endpoint.path}.",
+                code="unsupported_endpoint",
+                param="model",
+            )
         if not adapter.has_credential:
-            raise RequestError(503, f"Provider {route.provider.name} has no credential configured.",
-                               code="provider_credential_missing")
+            raise RequestError(
+                503,
+                f"Provider {route.provider.name} has no credential configured.",
+                code="provider_credential_missing",
+            )
         call = adapter.prepare(endpoint, route.deployment, body)
         set_headers = [(":path", call.path), (PROVIDER_HEADER, route.provider.name), *call.headers]
         if call.body is not None:
@@ -225,15 +264,26 @@ class RequestProcessor:
         rec.error_code = error.code
         rec.error_message = error.message[:500]
         self._finish_now()
-        return r.immediate(error.status, error.message, code=error.code, param=error.param,
-                           error_type=error.error_type, headers=error.headers)
+        return r.immediate(
+            error.status,
+            error.message,
+            code=error.code,
+            param=error.param,
+            error_type=error.error_type,
+            headers=error.headers,
+        )
 
     def internal_error(self, exc: BaseException) -> pb.ProcessingResponse:
         log.error("request %s failed in the gateway", self.record.request_id, exc_info=exc)
         self._gw.metrics.stream_errors.labels(kind="internal").inc()
-        return self.deny(RequestError(500, "The gateway failed to process this request "
-                                      f"(request id {self.record.request_id}).",
-                                      code="gateway_internal_error"))
+        return self.deny(
+            RequestError(
+                500,
+                "The gateway failed to process this request "
+                f"(request id {self.record.request_id}).",
+                code="gateway_internal_error",
+            )
+        )
 
     def close(self, *, cancelled: bool) -> None:
         """The gRPC stream ended. Emit the record if nothing else did (cancel, reset)."""
@@ -255,32 +305,54 @@ class RequestProcessor:
             rec.model = endpoint.deployment
             route = catalog.resolve_deployment(endpoint.deployment)
             if route is None:
-                raise RequestError(404, f"The deployment `{endpoint.deployment}` does not exist.",
-                                   code="DeploymentNotFound", decision="denied",
-                                   error_type="invalid_request_error")
+                raise RequestError(
+                    404,
+                    f"The deployment `{endpoint.deployment}` does not exist.",
+                    code="DeploymentNotFound",
+                    decision="denied",
+                    error_type="invalid_request_error",
+                )
             return route
         model = body.get("model")
         if not isinstance(model, str) or not model:
-            raise RequestError(400, "Missing required parameter: 'model'.",
-                               code="missing_required_parameter", param="model")
+            raise RequestError(
+                400,
+                "Missing required parameter: 'model'.",
+                code="missing_required_parameter",
+                param="model",
+            )
         rec.model = model[:200]
         route = catalog.resolve(model)
         if route is None:
-            raise RequestError(404, f"The model `{rec.model}` does not exist or you do not have "
-                               "access to it.", code="model_not_found", decision="denied",
-                               error_type="invalid_request_error")
+            raise RequestError(
+                404,
+                f"The model `{rec.model}` does not exist or you do not have access to it.",
+                code="model_not_found",
+                decision="denied",
+                error_type="invalid_request_error",
+            )
         return route
 
     def _list_models(self) -> pb.ProcessingResponse:
         catalog = self._rt.catalog
-        data = [{"id": name, "object": "model", "created": 0,
-                 "owned_by": (route.provider.name if (route := catalog.resolve(name)) else "")}
-                for name in catalog.model_names]
+        data = [
+            {
+                "id": name,
+                "object": "model",
+                "created": 0,
+                "owned_by": (route.provider.name if (route := catalog.resolve(name)) else ""),
+            }
+            for name in catalog.model_names
+        ]
         rec = self.record
         rec.status_code = 200
         self._finish_now()
-        return r.immediate_raw(200, orjson.dumps({"object": "list", "data": data}),
-                               [("content-type", "application/json")], details="gw_list_models")
+        return r.immediate_raw(
+            200,
+            orjson.dumps({"object": "list", "data": data}),
+            [("content-type", "application/json")],
+            details="gw_list_models",
+        )
 
     def _complete(self) -> None:
         if not self._finished:
@@ -310,7 +382,9 @@ class RequestProcessor:
         if rec.decision == "allowed" and (status >= 400 or status == 0):
             rec.decision = "error"
             if rec.error_code is None:
-                rec.error_code = "client_closed_request" if status == CLIENT_CLOSED_REQUEST else "upstream_error"
+                rec.error_code = (
+                    "client_closed_request" if status == CLIENT_CLOSED_REQUEST else "upstream_error"
+                )
         if summary is not None:
             rec.response_model = summary.response_model
             if rec.stream and not summary.complete:
@@ -325,8 +399,11 @@ class RequestProcessor:
         if usage is not None and usage.prompt_tokens is not None:
             rec.prompt_tokens = usage.prompt_tokens
             rec.completion_tokens = usage.completion_tokens or 0
-            rec.total_tokens = (usage.total_tokens if usage.total_tokens is not None
-                                else rec.prompt_tokens + rec.completion_tokens)
+            rec.total_tokens = (
+                usage.total_tokens
+                if usage.total_tokens is not None
+                else rec.prompt_tokens + rec.completion_tokens
+            )
             rec.cached_tokens = usage.cached_tokens
             rec.cache_creation_tokens = usage.cache_creation_tokens
             rec.reasoning_tokens = usage.reasoning_tokens
@@ -345,7 +422,9 @@ class RequestProcessor:
             # The provider answered an error: nothing was generated or billed.
             rec.prompt_tokens = rec.completion_tokens = rec.total_tokens = 0
             return
-        completion = await estimator.count_texts_async(route.model.deployment, delivered) if delivered else 0
+        completion = (
+            await estimator.count_texts_async(route.model.deployment, delivered) if delivered else 0
+        )
         rec.prompt_tokens = prompt
         rec.completion_tokens = completion
         rec.total_tokens = prompt + completion
@@ -362,15 +441,20 @@ class RequestProcessor:
         model = route.model.name
         if rec.latency_ms is not None:
             error_type = "" if rec.decision == "allowed" else (rec.error_code or rec.decision)
-            m.request_duration.labels(op, provider, model, error_type).observe(rec.latency_ms / 1000.0)
+            m.request_duration.labels(op, provider, model, error_type).observe(
+                rec.latency_ms / 1000.0
+            )
         if rec.stream and rec.ttft_ms is not None and self._t_first_byte is not None:
             m.time_to_first_token.labels(op, provider, model).observe(rec.ttft_ms / 1000.0)
         response_model = rec.response_model or model
         if rec.prompt_tokens:
-            m.token_usage.labels(op, provider, model, response_model, "input").observe(rec.prompt_tokens)
+            m.token_usage.labels(op, provider, model, response_model, "input").observe(
+                rec.prompt_tokens
+            )
         if rec.completion_tokens:
             m.token_usage.labels(op, provider, model, response_model, "output").observe(
-                rec.completion_tokens)
+                rec.completion_tokens
+            )
 
 
 async def _estimate_prompt(endpoint: Endpoint | None, route: Route, body: dict[str, Any]) -> int:
@@ -386,15 +470,20 @@ async def _estimate_prompt(endpoint: Endpoint | None, route: Route, body: dict[s
 
 def _parse_json_object(raw: bytes) -> dict[str, Any]:
     if not raw:
-        raise RequestError(400, "The request body is empty; send a JSON object.", code="invalid_json")
+        raise RequestError(
+            400, "The request body is empty; send a JSON object.", code="invalid_json"
+        )
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         message = str(exc)
         if "utf-8" in message.lower() or "surrogate" in message.lower():
-            raise RequestError(400, "The request body is not valid UTF-8.", code="invalid_encoding") from None
-        raise RequestError(400, f"The request body is not valid JSON: {message}",
-                           code="invalid_json") from None
+            raise RequestError(
+                400, "The request body is not valid UTF-8.", code="invalid_encoding"
+            ) from None
+        raise RequestError(
+            400, f"The request body is not valid JSON: {message}", code="invalid_json"
+        ) from None
     if not isinstance(body, dict):
         raise RequestError(400, "The request body must be a JSON object.", code="invalid_json")
     return body
@@ -402,18 +491,32 @@ def _parse_json_object(raw: bytes) -> dict[str, Any]:
 
 def _require(body: dict[str, Any], name: str) -> None:
     if body.get(name) is None:
-        raise RequestError(400, f"Missing required parameter: '{name}'.",
-                           code="missing_required_parameter", param=name)
+        raise RequestError(
+            400,
+            f"Missing required parameter: '{name}'.",
+            code="missing_required_parameter",
+            param=name,
+        )
 
 
 def _require_list(body: dict[str, Any], name: str) -> None:
     value = body.get(name)
     if value is None:
-        raise RequestError(400, f"Missing required parameter: '{name}'.",
-                           code="missing_required_parameter", param=name)
+        raise RequestError(
+            400,
+            f"Missing required parameter: '{name}'.",
+            code="missing_required_parameter",
+            param=name,
+        )
     if not isinstance(value, list) or not value:
-        raise RequestError(400, f"'{name}' must be a non-empty array.", code="invalid_type", param=name)
+        raise RequestError(
+            400, f"'{name}' must be a non-empty array.", code="invalid_type", param=name
+        )
     for i, item in enumerate(value):
         if not isinstance(item, dict) or not isinstance(item.get("role"), str):
-            raise RequestError(400, f"'{name}[{i}]' must be an object with a string 'role'.",
-                               code="invalid_type", param=f"{name}[{i}]")
+            raise RequestError(
+                400,
+                f"'{name}[{i}]' must be an object with a string 'role'.",
+                code="invalid_type",
+                param=f"{name}[{i}]",
+            )

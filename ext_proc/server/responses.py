@@ -63,22 +63,32 @@ _NO_RESPONSE_BODY_MODE = processing_mode_pb2.ProcessingMode(
 )
 
 
-def error_body(message: str, *, status: int, code: str | None = None,
-               param: str | None = None, error_type: str | None = None) -> bytes:
+def error_body(
+    message: str,
+    *,
+    status: int,
+    code: str | None = None,
+    param: str | None = None,
+    error_type: str | None = None,
+) -> bytes:
     """``{"error": {"message", "type", "code", "param"}}`` as OpenAI answers errors."""
-    return orjson.dumps({
-        "error": {
-            "message": message,
-            "type": error_type or _ERROR_TYPE_BY_STATUS.get(status, "api_error"),
-            "code": code,
-            "param": param,
+    return orjson.dumps(
+        {
+            "error": {
+                "message": message,
+                "type": error_type or _ERROR_TYPE_BY_STATUS.get(status, "api_error"),
+                "code": code,
+                "param": param,
+            }
         }
-    })
+    )
 
 
 def header_options(headers: Iterable[tuple[str, str]]) -> list[base_pb2.HeaderValueOption]:
     return [
-        _HeaderValueOption(header=_HeaderValue(key=k, raw_value=v.encode()), append_action=_OVERWRITE)
+        _HeaderValueOption(
+            header=_HeaderValue(key=k, raw_value=v.encode()), append_action=_OVERWRITE
+        )
         for k, v in headers
     ]
 
@@ -87,18 +97,27 @@ def header_mutation(set_headers: Headers = (), remove: Sequence[str] = ()) -> pb
     return pb.HeaderMutation(set_headers=header_options(set_headers), remove_headers=list(remove))
 
 
-def immediate(status: int, message: str, *, code: str | None = None, param: str | None = None,
-              error_type: str | None = None, headers: Headers = ()) -> ProcessingResponse:
+def immediate(
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    param: str | None = None,
+    error_type: str | None = None,
+    headers: Headers = (),
+) -> pb.ProcessingResponse:
     """An OpenAI-shaped error answered by the gateway itself (the upstream is not called)."""
     body = error_body(message, status=status, code=code, param=param, error_type=error_type)
     all_headers = [("content-type", "application/json"), *headers]
     return immediate_raw(status, body, all_headers, details=f"gw_{code or 'error'}")
 
 
-def immediate_raw(status: int, body: bytes, headers: Headers, *, details: str = "") -> ProcessingResponse:
+def immediate_raw(
+    status: int, body: bytes, headers: Headers, *, details: str = ""
+) -> pb.ProcessingResponse:
     return ProcessingResponse(
         immediate_response=pb.ImmediateResponse(
-            status=http_status_pb2.HttpStatus(code=status),  # type: ignore[arg-type]
+            status=http_status_pb2.HttpStatus(code=status),
             headers=header_mutation(headers),
             body=body,
             details=details.replace(" ", "_")[:64],
@@ -106,32 +125,47 @@ def immediate_raw(status: int, body: bytes, headers: Headers, *, details: str = 
     )
 
 
-def continue_request_headers(set_headers: Headers = (), remove: Sequence[str] = (),
-                             clear_route_cache: bool = False) -> ProcessingResponse:
+def continue_request_headers(
+    set_headers: Headers = (), remove: Sequence[str] = (), clear_route_cache: bool = False
+) -> pb.ProcessingResponse:
     if not set_headers and not remove and not clear_route_cache:
         return CONTINUE_REQUEST_HEADERS
-    return ProcessingResponse(request_headers=pb.HeadersResponse(response=pb.CommonResponse(
-        header_mutation=header_mutation(set_headers, remove), clear_route_cache=clear_route_cache)))
+    return ProcessingResponse(
+        request_headers=pb.HeadersResponse(
+            response=pb.CommonResponse(
+                header_mutation=header_mutation(set_headers, remove),
+                clear_route_cache=clear_route_cache,
+            )
+        )
+    )
 
 
-def continue_request_body(set_headers: Headers = (), remove: Sequence[str] = (), *,
-                          body: bytes | None = None,
-                          clear_route_cache: bool = False) -> ProcessingResponse:
+def continue_request_body(
+    set_headers: Headers = (),
+    remove: Sequence[str] = (),
+    *,
+    body: bytes | None = None,
+    clear_route_cache: bool = False,
+) -> pb.ProcessingResponse:
     if not set_headers and not remove and body is None and not clear_route_cache:
         return CONTINUE_REQUEST_BODY
     common = pb.CommonResponse(
-        header_mutation=header_mutation(set_headers, remove), clear_route_cache=clear_route_cache)
+        header_mutation=header_mutation(set_headers, remove), clear_route_cache=clear_route_cache
+    )
     if body is not None:
         common.status = pb.CommonResponse.CONTINUE_AND_REPLACE
         common.body_mutation.body = body
     return ProcessingResponse(request_body=pb.BodyResponse(response=common))
 
 
-def continue_response_headers(set_headers: Headers = (), *, stream_body: bool = False,
-                              skip_body: bool = False) -> ProcessingResponse:
+def continue_response_headers(
+    set_headers: Headers = (), *, stream_body: bool = False, skip_body: bool = False
+) -> pb.ProcessingResponse:
     response = ProcessingResponse(response_headers=pb.HeadersResponse())
     if set_headers:
-        response.response_headers.response.header_mutation.set_headers.extend(header_options(set_headers))
+        response.response_headers.response.header_mutation.set_headers.extend(
+            header_options(set_headers)
+        )
     if stream_body:
         response.mode_override.CopyFrom(_STREAMED_RESPONSE_MODE)
     elif skip_body:

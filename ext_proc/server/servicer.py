@@ -32,8 +32,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         self._phase_timers = {phase: metrics.phase_duration.labels(phase) for phase in _PHASES}
         self._streams = metrics.streams_active
 
-    async def Process(  # noqa: N802 - the gRPC method name
-        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
+    async def Process(
+        self,
+        request_iterator: AsyncIterator[pb.ProcessingRequest],
+        context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ProcessingResponse]:
         proc = RequestProcessor(self._gw)
         handlers = {

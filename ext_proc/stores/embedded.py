@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ext_proc.procutil import die_with_parent
+
 
 class EmbeddedError(RuntimeError):
     pass
@@ -86,22 +88,31 @@ def start_redis(data_dir: Path, *, timeout: float = 10.0) -> EmbeddedRedis:
     process = subprocess.Popen(
         [
             _redis_server_binary(),
-            "--port", "0",
-            "--unixsocket", str(socket_path),
-            "--unixsocketperm", "700",
-            "--dir", str(data_dir),
-            "--save", "",
-            "--appendonly", "no",
+            "--port",
+            "0",
+            "--unixsocket",
+            str(socket_path),
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            str(data_dir),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
+        preexec_fn=die_with_parent,
     )
     log.close()
     deadline = time.monotonic() + timeout
     while not socket_path.exists():
         if process.poll() is not None:
-            raise EmbeddedError(f"redis-server exited with {process.returncode}; see {data_dir}/redis.log")
+            raise EmbeddedError(
+                f"redis-server exited with {process.returncode}; see {data_dir}/redis.log"
+            )
         if time.monotonic() > deadline:
             process.kill()
             raise EmbeddedError(f"redis-server did not create {socket_path} within {timeout}s")

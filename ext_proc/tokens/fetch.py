@@ -37,8 +37,18 @@ def fetch(cache_dir: Path = BUNDLED_CACHE_DIR) -> None:
         with tempfile.TemporaryDirectory(prefix="ext-proc-enc-") as tmp:
             print("fetching tiktoken encodings (litellm wheel, no install) ...", flush=True)
             subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                 "--only-binary=:all:", "--dest", tmp, "litellm"],
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--quiet",
+                    "--no-deps",
+                    "--only-binary=:all:",
+                    "--dest",
+                    tmp,
+                    "litellm",
+                ],
                 check=True,
             )
             wheels = sorted(Path(tmp).glob("litellm-*.whl"))

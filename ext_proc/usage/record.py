@@ -30,7 +30,7 @@ class UsageRecord:
     provider: str | None = None
     deployment: str | None = None
     stream: bool = False
-    status_code: int | None = None  # what the app received (0 if it went away first)
+    status_code: int | None = None  # what the app received (499 if it went away first)
     decision: Decision = "allowed"
     policy: str | None = None  # the deciding policy, if any
     prompt_tokens: int | None = None

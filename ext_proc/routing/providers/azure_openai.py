@@ -36,7 +36,11 @@ class AzureOpenAIAdapter:
             f"{OPENAI_SUFFIX[endpoint.operation]}?api-version={self._api_version}"
         )
         body_out = None
-        if self._inject_usage and endpoint.operation is not Operation.EMBEDDINGS and wants_stream_usage(body):
+        if (
+            self._inject_usage
+            and endpoint.operation is not Operation.EMBEDDINGS
+            and wants_stream_usage(body)
+        ):
             add_stream_usage(body)
             body_out = orjson.dumps(body)
         return UpstreamCall(path, self._headers, body_out)

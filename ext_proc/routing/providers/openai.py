@@ -37,7 +37,11 @@ class OpenAIAdapter:
         if body.get("model") != deployment:
             body["model"] = deployment
             changed = True
-        if self._inject_usage and endpoint.operation is not Operation.EMBEDDINGS and wants_stream_usage(body):
+        if (
+            self._inject_usage
+            and endpoint.operation is not Operation.EMBEDDINGS
+            and wants_stream_usage(body)
+        ):
             add_stream_usage(body)
             changed = True
         return UpstreamCall(

@@ -1,0 +1,219 @@
+"""The gateway config as typed, immutable objects (what gateway.yaml declares).
+
+Field names are the YAML keys. Every mapping is read-only and keeps the file's order.
+Objects are built by ``ext_proc.config.loader`` only after the whole file validated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from ext_proc.policies.base import PolicyParams
+from ext_proc.tokens.encodings import encoding_name_for_model
+
+ProviderType = Literal["openai", "azure_openai", "anthropic"]
+# Known provider types; an adapter per type lives in the routing package.
+PROVIDER_TYPES: tuple[ProviderType, ...] = ("openai", "azure_openai", "anthropic")
+# Types whose streaming requests get `stream_options.include_usage` added by default
+# (their streams carry no usage otherwise); Anthropic streams always report usage.
+STREAM_USAGE_INJECTABLE: frozenset[str] = frozenset({"openai", "azure_openai"})
+
+DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
+DEFAULT_TIMEOUT = 60.0
+DEFAULT_CONNECT_TIMEOUT = 5.0
+
+# Envoy's HTTP `retry_on` conditions a provider may list.
+RETRY_ON_CONDITIONS: frozenset[str] = frozenset(
+    {
+        "5xx",
+        "gateway-error",
+        "reset",
+        "reset-before-request",
+        "connect-failure",
+        "envoy-ratelimited",
+        "retriable-4xx",
+        "refused-stream",
+        "retriable-status-codes",
+        "retriable-headers",
+        "http3-post-connect-failure",
+    }
+)
+DEFAULT_RETRY_ON: tuple[str, ...] = ("connect-failure", "reset", "retriable-status-codes")
+DEFAULT_RETRIABLE_STATUS_CODES: tuple[int, ...] = (502, 503, 504)
+
+# When a policy's dependency (Redis for the limits) is down, or it cannot be evaluated:
+# "allow" = carry on (limits fall back to an in-process limiter), "deny" = answer 503.
+OnError = Literal["allow", "deny"]
+ON_ERROR_CHOICES: tuple[OnError, ...] = ("allow", "deny")
+
+# The environment of keys created without one; every application has it.
+DEFAULT_ENVIRONMENT = "default"
+
+
+def _empty_mapping() -> Mapping[str, Any]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    attempts: int = 1  # retries after the first try, 0..5
+    on: tuple[str, ...] = DEFAULT_RETRY_ON  # Envoy retry_on conditions
+    retriable_status_codes: tuple[int, ...] = DEFAULT_RETRIABLE_STATUS_CODES
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    name: str
+    type: ProviderType
+    base_url: str  # scheme://host[:port][/prefix], no trailing slash; request paths follow it
+    api_key_env: str | None = None  # name of the env var holding the key (never the key)
+    api_key_file: str | None = None  # or a file holding it (relative: to the config's folder)
+    api_version: str | None = None  # azure_openai: the `api-version` query parameter
+    anthropic_version: str | None = None  # anthropic: the `anthropic-version` header
+    headers: Mapping[str, str] = field(default_factory=_empty_mapping)  # lower-case names
+    timeout: float = DEFAULT_TIMEOUT  # seconds for the whole upstream response
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    retries: RetryPolicy = RetryPolicy()
+    # Add `stream_options.include_usage` to streaming requests (openai / azure_openai;
+    # always False for anthropic, whose streams report usage anyway).
+    inject_stream_usage: bool = True
+
+    @property
+    def has_credential(self) -> bool:
+        return self.api_key_env is not None or self.api_key_file is not None
+
+    @property
+    def tls(self) -> bool:
+        return self.base_url.startswith("https://")
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.base_url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.base_url)
+        return parts.port or (443 if parts.scheme == "https" else 80)
+
+    @property
+    def path_prefix(self) -> str:
+        """The path part of base_url ("" or e.g. "/proxy"), put before request paths."""
+        return urlsplit(self.base_url).path
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    name: str  # what apps send
+    provider: str  # a key of GatewayConfig.providers
+    deployment: str  # Azure deployment, or the model name sent upstream
+    encoding: str | None = None  # tiktoken encoding override
+    aliases: tuple[str, ...] = ()  # more app-facing names for the same model
+
+    @property
+    def encoding_name(self) -> str:
+        return self.encoding or encoding_name_for_model(self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    name: str
+    type: str  # a key of ext_proc.policies.POLICY_TYPES
+    params: PolicyParams  # that type's params dataclass
+    enabled: bool = True
+    on_error: OnError = "allow"
+
+
+@dataclass(frozen=True, slots=True)
+class Environment:
+    name: str
+    policies: tuple[str, ...] = ()  # applied after the application's own
+
+
+@dataclass(frozen=True, slots=True)
+class Application:
+    name: str
+    org: str
+    description: str | None = None
+    policies: tuple[str, ...] = ()  # in evaluation order
+    environments: Mapping[str, Environment] = field(
+        default_factory=lambda: MappingProxyType(
+            {DEFAULT_ENVIRONMENT: Environment(DEFAULT_ENVIRONMENT)}
+        )
+    )
+
+    def policy_names(self, environment: str = DEFAULT_ENVIRONMENT) -> tuple[str, ...]:
+        """The app's policies then the environment's (KeyError for an unknown environment)."""
+        return self.policies + self.environments[environment].policies
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    providers: Mapping[str, Provider]
+    models: Mapping[str, Model]
+    policies: Mapping[str, Policy]
+    applications: Mapping[str, Application]
+    # Every app-facing name (model names and aliases) -> its model.
+    model_index: Mapping[str, Model]
+    source: str  # the file it came from, or "<string>"
+    fingerprint: str  # sha256 of the canonical form: equal iff the content means the same
+
+    def find_model(self, name: str) -> Model | None:
+        """The model an app-facing name (or alias) stands for."""
+        return self.model_index.get(name)
+
+    def provider_of(self, model: Model) -> Provider:
+        return self.providers[model.provider]
+
+    def application_policies(
+        self, application: str, environment: str = DEFAULT_ENVIRONMENT
+    ) -> tuple[Policy, ...]:
+        """The enabled policies bound to an app in an environment, in evaluation order."""
+        names = self.applications[application].policy_names(environment)
+        return tuple(self.policies[name] for name in names if self.policies[name].enabled)
+
+    def canonical(self) -> dict[str, Any]:
+        return canonical_form(self.providers, self.models, self.policies, self.applications)
+
+
+def canonical_form(
+    providers: Mapping[str, Provider],
+    models: Mapping[str, Model],
+    policies: Mapping[str, Policy],
+    applications: Mapping[str, Application],
+) -> dict[str, Any]:
+    """Plain JSON data for the config with defaults filled in; mapping order is
+    irrelevant (keys are sorted when hashed), list order is kept (it means something)."""
+    return {
+        "providers": _plain(providers),
+        "models": _plain(models),
+        "policies": _plain(policies),
+        "applications": _plain(applications),
+    }
+
+
+def fingerprint_of(canonical: Mapping[str, Any]) -> str:
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        # Fields that are not compared (compiled CEL programs, derived lookups) are
+        # derived from the ones that are, so they add nothing to the fingerprint.
+        return {
+            f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.compare
+        }
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, tuple | list):
+        return [_plain(item) for item in value]
+    if isinstance(value, frozenset | set):
+        return sorted(_plain(item) for item in value)
+    return value

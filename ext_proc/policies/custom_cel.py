@@ -1,0 +1,211 @@
+"""``custom_cel``: operator-written CEL checks before and after the call.
+
+A pre-check that evaluates to false denies the request (``status``, 403 by default, with
+``message``). A post-check cannot recall a response already sent: a false result marks
+the usage record, counts a violation and, with ``cooldown``, blocks the application's
+next requests for that long.
+
+Expressions are compiled once per config load and the ``Program`` kept on the params.
+The ``cel`` module has no static type checker, so at load an expression is checked by
+(a) its referenced variables, which must be ones the phase provides, and (b) running it
+against sample values of every variable's type (each bool both ways): a type error or an
+unknown function is reported, and the result must be a bool. A type error on a branch
+that the samples short-circuit away (``true || model + 1 > 0``) is not caught, and errors
+that depend on values (division by zero, a missing map key) are left to run time.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import cel
+
+from ext_proc.policies.base import ParamReader, PolicyParams, PolicyType
+
+# The variables a pre-check can read, with the Python type of each value (CEL int, double,
+# string, bool). The runtime builds its evaluation context from these names.
+PRE_CHECK_VARIABLES: Mapping[str, type] = MappingProxyType(
+    {
+        "request_size_bytes": int,
+        "estimated_tokens": int,
+        "model": str,
+        "org_id": str,
+        "app_id": str,
+        "key_id": str,
+        "environment": str,
+        "endpoint": str,
+        "stream": bool,
+        "message_count": int,
+        "max_tokens": int,  # 0 when the request sets none
+    }
+)
+
+# A post-check reads everything a pre-check does, plus the outcome of the call.
+POST_CHECK_VARIABLES: Mapping[str, type] = MappingProxyType(
+    {
+        **PRE_CHECK_VARIABLES,
+        "prompt_tokens": int,
+        "completion_tokens": int,
+        "total_tokens": int,
+        "latency_ms": float,
+        "response_size_bytes": int,
+        "status": int,
+    }
+)
+
+DEFAULT_STATUS = 403
+
+_SYNTAX_ERROR = re.compile(r"<input>:(\d+):(\d+): (?:Syntax error: )?(.*)")
+_UNDEFINED = re.compile(r"Undefined variable or function: '([^']+)'")
+# Names bound by comprehension macros (`list.all(x, x > 0)`) show up as variables.
+_BOUND_NAME = re.compile(r"\.\s*(?:all|exists|exists_one|map|filter)\s*\(\s*([A-Za-z_]\w*)\s*,")
+_CEL_TYPE_NAMES: dict[type, str] = {
+    bool: "bool",
+    int: "int",
+    float: "double",
+    str: "string",
+    bytes: "bytes",
+    list: "list",
+    dict: "map",
+    type(None): "null",
+}
+_SAMPLE_VALUES: dict[type, object] = {int: 1, float: 1.0, str: "sample"}
+
+
+@dataclass(frozen=True, slots=True)
+class CustomCelParams(PolicyParams):
+    pre_check_expression: str | None
+    post_check_expression: str | None
+    message: str
+    status: int = DEFAULT_STATUS
+    cooldown: float | None = None  # seconds an app stays blocked after a post-check violation
+    # Compiled once at load; the expressions above say what they are.
+    pre_check_program: cel.Program | None = field(default=None, compare=False, repr=False)
+    post_check_program: cel.Program | None = field(default=None, compare=False, repr=False)
+
+
+def parse_params(reader: ParamReader) -> CustomCelParams | None:
+    pre = reader.get_str("pre_check_expression")
+    post = reader.get_str("post_check_expression")
+    message = reader.get_str("message") or f"denied by policy {reader.policy_name}"
+    status = reader.get_int("status", minimum=400, maximum=599) or DEFAULT_STATUS
+    cooldown = reader.get_duration("cooldown")
+    if not reader.has("pre_check_expression") and not reader.has("post_check_expression"):
+        reader.error(None, "set pre_check_expression, post_check_expression or both")
+        return None
+    if cooldown is not None and not reader.has("post_check_expression"):
+        reader.error(
+            "cooldown",
+            "cooldown applies after a post-check violation; "
+            "this policy has no post_check_expression",
+        )
+    pre_program = (
+        compile_check(reader, "pre_check_expression", pre, PRE_CHECK_VARIABLES)
+        if pre is not None
+        else None
+    )
+    post_program = (
+        compile_check(reader, "post_check_expression", post, POST_CHECK_VARIABLES)
+        if post is not None
+        else None
+    )
+    if (pre is not None and pre_program is None) or (post is not None and post_program is None):
+        return None
+    return CustomCelParams(
+        pre_check_expression=pre,
+        post_check_expression=post,
+        message=message,
+        status=status,
+        cooldown=cooldown,
+        pre_check_program=pre_program,
+        post_check_program=post_program,
+    )
+
+
+def compile_check(
+    reader: ParamReader, key: str, expression: str, variables: Mapping[str, type]
+) -> cel.Program | None:
+    """The compiled expression, or None after reporting why it cannot be used."""
+    try:
+        program = cel.compile(expression)
+    except ValueError as exc:
+        line, column, detail = _syntax_error(str(exc))
+        reader.error_in_text(key, f"CEL syntax error: {detail}", line, column)
+        return None
+    bound = set(_BOUND_NAME.findall(expression))
+    unknown = [name for name in program.variables() if name not in variables and name not in bound]
+    for name in unknown:
+        if name in POST_CHECK_VARIABLES:
+            message = f"'{name}' is only known after the call: use it in post_check_expression"
+        else:
+            message = f"unknown variable '{name}'; {key} can use: {', '.join(variables)}"
+        line, column = _first_use(expression, name)
+        reader.error_in_text(key, message, line, column)
+    if unknown:
+        return None
+    for sample in _samples(variables):
+        try:
+            result = program.execute(sample)
+        except TypeError as exc:
+            reader.error(key, f"CEL type error: {_first_line(exc)}")
+            return None
+        except RuntimeError as exc:
+            undefined = _UNDEFINED.search(str(exc))
+            if undefined:
+                reader.error(
+                    key,
+                    f"unknown function '{undefined.group(1)}' or wrong argument types for it",
+                )
+            else:
+                reader.error(key, f"CEL error: {_first_line(exc)}")
+            return None
+        except (ArithmeticError, LookupError):
+            continue  # depends on the values (x / y, m["k"]): a run-time matter
+        if not isinstance(result, bool):
+            kind = _CEL_TYPE_NAMES.get(type(result), type(result).__name__)
+            reader.error(key, f"must evaluate to a bool, but gives a {kind}")
+            return None
+    return program
+
+
+def _samples(variables: Mapping[str, type]) -> list[dict[str, object]]:
+    """Contexts with a value of every variable's type; bools true in one, false in the other."""
+    return [
+        {name: flag if kind is bool else _SAMPLE_VALUES[kind] for name, kind in variables.items()}
+        for flag in (True, False)
+    ]
+
+
+def _syntax_error(text: str) -> tuple[int, int, str]:
+    match = _SYNTAX_ERROR.search(text)
+    if match is None:
+        return 1, 1, _first_line(text)
+    return int(match.group(1)), int(match.group(2)), match.group(3).strip()
+
+
+def _first_use(expression: str, name: str) -> tuple[int, int]:
+    match = re.search(rf"(?<![\w.]){re.escape(name)}\b", expression)
+    if match is None:
+        return 1, 1
+    before = expression[: match.start()]
+    return before.count("\n") + 1, match.start() - (before.rfind("\n") + 1) + 1
+
+
+def _first_line(error: BaseException | str) -> str:
+    """The cel module's messages run to several sentences of advice; keep the first."""
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__
+    line = text.splitlines()[0]
+    return line.split(". ", 1)[0].rstrip(".")
+
+
+POLICY_TYPE = PolicyType(
+    name="custom_cel",
+    params_type=CustomCelParams,
+    fields=("pre_check_expression", "post_check_expression", "message", "status", "cooldown"),
+    parse=parse_params,
+)

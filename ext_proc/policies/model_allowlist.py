@@ -1,0 +1,51 @@
+"""``model_allowlist``: the app-facing model names an application may use.
+
+Entries are model names (or aliases) declared in the config, or fnmatch patterns such
+as ``gpt-4o*``. A plain name must be declared, so a typo cannot silently deny a model.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+
+from ext_proc.policies.base import ParamReader, PolicyParams, PolicyType
+
+_WILDCARDS = frozenset("*?[")
+
+
+def is_pattern(entry: str) -> bool:
+    return not _WILDCARDS.isdisjoint(entry)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelAllowlistParams(PolicyParams):
+    models: tuple[str, ...]
+    # The same entries split once at load, so a check is a set lookup plus the patterns.
+    names: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+    patterns: tuple[str, ...] = field(default=(), compare=False, repr=False)
+
+
+def parse_params(reader: ParamReader) -> ModelAllowlistParams | None:
+    models = reader.get_str_list("models", required=True, non_empty=True)
+    if models is None:
+        return None
+    declared = reader.declared_models
+    for index, entry in enumerate(models):
+        if not is_pattern(entry) and entry not in declared:
+            close = difflib.get_close_matches(entry, list(declared), n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            reader.error("models", f"'{entry}' is not a declared model or alias{hint}", index=index)
+    return ModelAllowlistParams(
+        models=tuple(models),
+        names=frozenset(entry for entry in models if not is_pattern(entry)),
+        patterns=tuple(entry for entry in models if is_pattern(entry)),
+    )
+
+
+POLICY_TYPE = PolicyType(
+    name="model_allowlist",
+    params_type=ModelAllowlistParams,
+    fields=("models",),
+    parse=parse_params,
+)

@@ -1,0 +1,152 @@
+"""The interface every provider response parser implements, and what they share.
+
+A format module (``openai.py``, ``anthropic.py``, ...) exposes ``FORMAT``: a
+``ResponseFormat`` holding its JSON-body parser and its stream-parser factory.
+``parsers/__init__.py`` registers it under the format's name.
+
+Parsers see bodies from outside: they never raise on bad bytes. A body that is not the
+JSON they expect yields a summary with ``usage=None`` and ``complete=False``; a stream
+event that does not parse is skipped (counted, and logged once at ``finish``).
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+
+from ext_proc.tokens.sse import SSEDecoder
+from ext_proc.tokens.types import ResponseSummary, Usage
+
+logger = logging.getLogger(__name__)
+
+_loads = orjson.loads
+_JSONDecodeError = orjson.JSONDecodeError
+
+
+class StreamParser(Protocol):
+    def feed(self, chunk: bytes) -> None:
+        """Raw response body bytes, as they arrive (any split)."""
+
+    def finish(self) -> ResponseSummary:
+        """At end of stream or on cancel: what the stream delivered so far."""
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseFormat:
+    name: str
+    parse_json: Callable[[bytes], ResponseSummary]
+    new_stream_parser: Callable[[], StreamParser]
+
+
+def as_int(value: Any) -> int | None:
+    """A token count from a provider field: an int (not a bool), else None."""
+    if type(value) is int:
+        return value
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return None
+
+
+def load_json(body: bytes | str) -> Any:
+    """The parsed body, or None when it is not JSON."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def sum_known(*values: int | None) -> int | None:
+    """Sum of the values, or None when any is unknown."""
+    total = 0
+    for value in values:
+        if value is None:
+            return None
+        total += value
+    return total
+
+
+def dumps_text(value: Any) -> str:
+    """Compact JSON of a structured value the app received (tool-call input), for counting."""
+    if type(value) is str:
+        return value
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # orjson's error for what it cannot serialise (huge ints, ...)
+        return ""
+
+
+def usage_has_completion(usage: Usage | None) -> bool:
+    return usage is not None and usage.completion_tokens is not None
+
+
+class SSEStreamParser(ABC):
+    """Base for SSE formats: decodes events, hands each parsed JSON object to ``_on``.
+
+    Subclasses set ``complete`` / ``failed`` and fill ``text``, ``finish_reason``,
+    ``response_model``; ``_usage`` builds the final ``Usage`` (or None).
+    """
+
+    format_name = "sse"
+
+    def __init__(self) -> None:
+        self._decoder = SSEDecoder()
+        self.events = 0
+        self.malformed = 0
+        self.complete = False
+        self.failed = False  # an error event arrived: never complete
+        self.text: list[str] = []
+        self.finish_reason: str | None = None
+        self.response_model: str | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        for _, data in self._decoder.feed_bytes(chunk):
+            self._data(data)
+
+    def finish(self) -> ResponseSummary:
+        for _, data in self._decoder.flush_bytes():
+            self._data(data)
+        if self.malformed:
+            logger.warning(
+                "%s stream: skipped %d event(s) whose data was not JSON",
+                self.format_name,
+                self.malformed,
+            )
+            self.malformed = 0
+        return ResponseSummary(
+            usage=self._usage(),
+            response_model=self.response_model,
+            finish_reason=self.finish_reason,
+            complete=self.complete and not self.failed,
+            events=self.events,
+            delivered_text=self.text,
+        )
+
+    def _data(self, data: bytes) -> None:
+        # Every format we parse names its events inside the JSON ("type"), so the SSE
+        # ``event:`` field is not needed.
+        self.events += 1
+        try:
+            obj = _loads(data)
+        except _JSONDecodeError:
+            obj = None
+        if type(obj) is dict:
+            self._on(obj)
+        else:
+            self._on_other(data)
+
+    @abstractmethod
+    def _on(self, obj: dict[str, Any]) -> None:
+        """One event whose data is a JSON object."""
+
+    def _on_other(self, data: bytes) -> None:
+        """Data that is not a JSON object (``[DONE]`` for OpenAI)."""
+        self.malformed += 1
+
+    @abstractmethod
+    def _usage(self) -> Usage | None:
+        """The usage the stream reported, or None when it reported none."""

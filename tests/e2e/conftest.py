@@ -1,0 +1,144 @@
+"""End-to-end fixtures: the real stack (mock upstream, ext_proc server, Envoy) started
+once per test session with the project's own Envoy renderer, on free ports, against a
+database of its own on the real Postgres and a private Redis key prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from ext_proc.dev import Stack, StackOptions, free_port
+from tests.conftest import DatabaseFactory
+
+E2E_CONFIG = """
+providers:
+  mock:  {{type: openai, base_url: "http://127.0.0.1:{mock}", timeout: 30s, retries: {{attempts: 0}}}}
+  azure-mock: {{type: azure_openai, base_url: "http://127.0.0.1:{mock}", api_version: "2024-10-21",
+               api_key_env: E2E_AZURE_KEY, retries: {{attempts: 0}}}}
+  keyed-mock: {{type: openai, base_url: "http://127.0.0.1:{mock}/v1", api_key_env: E2E_OPENAI_KEY,
+               retries: {{attempts: 0}}}}
+models:
+  gpt-4o-mini: {{provider: mock}}
+  gpt-4o: {{provider: mock}}
+  gpt-4: {{provider: mock}}
+  text-embedding-3-small: {{provider: mock}}
+  azure-4o: {{provider: azure-mock, deployment: gpt-4o-prod}}
+  renamed: {{provider: keyed-mock, deployment: gpt-4o-mini}}
+applications:
+  e2e-app: {{org: e2e}}
+"""
+
+AZURE_KEY = "azure-provider-key-" + uuid.uuid4().hex[:8]
+OPENAI_KEY = "openai-provider-key-" + uuid.uuid4().hex[:8]
+
+
+class E2E:
+    """Handles for a running stack: URLs, the database, and helpers tests share."""
+
+    def __init__(self, stack: Stack, database_url: str, mock_port: int) -> None:
+        self.stack = stack
+        self.database_url = database_url
+        self.mock_port = mock_port
+        self.base_url = stack.listener_url
+        self.metrics_url = f"http://127.0.0.1:{stack.options.metrics_port}/metrics"
+        self.mock_url = f"http://127.0.0.1:{mock_port}"
+
+    async def usage_row(self, request_id: str, timeout: float = 15.0) -> dict[str, Any]:
+        """The usage row for a request, polling (bounded) until the writer has flushed it."""
+        conn = await asyncpg.connect(self.database_url)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                row = await conn.fetchrow(
+                    "SELECT * FROM usage_records WHERE request_id = $1", request_id
+                )
+                if row is not None:
+                    return dict(row)
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"no usage row for request {request_id} after {timeout}s")
+                await asyncio.sleep(0.05)
+        finally:
+            await conn.close()
+
+    async def count_rows(self, request_id: str) -> int:
+        conn = await asyncpg.connect(self.database_url)
+        try:
+            return int(
+                await conn.fetchval(
+                    "SELECT count(*) FROM usage_records WHERE request_id = $1", request_id
+                )
+            )
+        finally:
+            await conn.close()
+
+    def mock_requests(self, marker: str) -> list[dict[str, Any]]:
+        """What the mock upstream received for requests carrying ``x-test-id: marker``."""
+        response = httpx.get(
+            f"{self.mock_url}/_mock/requests", params={"header": f"x-test-id:{marker}"}, timeout=5
+        )
+        response.raise_for_status()
+        data = response.json()
+        return list(data["requests"] if isinstance(data, dict) else data)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of a Prometheus sample (by exact name) over series matching ``labels``."""
+        text = httpx.get(self.metrics_url, timeout=5).text
+        total = 0.0
+        for line in text.splitlines():
+            if not line.startswith(name) or line.startswith("#"):
+                continue
+            series, _, value = line.rpartition(" ")
+            metric_name, _, label_text = series.partition("{")
+            if metric_name != name:
+                continue
+            if all(f'{k}="{v}"' in label_text for k, v in labels.items()):
+                total += float(value)
+        return total
+
+
+@pytest.fixture(scope="session")
+async def e2e(
+    databases: DatabaseFactory, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[E2E]:
+    database_url = await databases.create("e2e")
+    tmp = Path(tmp_path_factory.mktemp("e2e"))
+    mock_port = free_port()
+    config_path = tmp / "gateway.yaml"
+    config_path.write_text(E2E_CONFIG.format(mock=mock_port))
+    options = StackOptions(
+        config_path=config_path,
+        data_dir=tmp / "data",
+        listener_port=free_port(),
+        envoy_admin_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        admin_port=free_port(),
+        mock_port=mock_port,
+        start_mock=True,
+        database_url=database_url,
+        redis_url=redis_url,
+        redis_prefix=f"gwtest:e2e:{uuid.uuid4().hex[:8]}:",
+        extra_env={"E2E_AZURE_KEY": AZURE_KEY, "E2E_OPENAI_KEY": OPENAI_KEY},
+        quiet=True,
+    )
+    stack = Stack(options)
+    await asyncio.to_thread(stack.start)
+    try:
+        yield E2E(stack, database_url, mock_port)
+    finally:
+        await asyncio.to_thread(stack.stop)
+
+
+@pytest.fixture
+def marker() -> Iterator[str]:
+    """A unique value for the ``x-test-id`` header, to find this test's upstream calls."""
+    yield uuid.uuid4().hex

@@ -1,0 +1,89 @@
+"""Every Envoy config we ship or render passes ``envoy --mode validate``."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ext_proc.config.loader import load_config, parse_config
+from ext_proc.dev import envoy_binary
+from ext_proc.envoy_config import EnvoyOptions, render, render_yaml
+
+PRODUCTION_LIKE = """
+providers:
+  openai:       {type: openai, base_url: "https://api.openai.com", api_key_env: OPENAI_API_KEY}
+  azure-eastus: {type: azure_openai, base_url: "https://contoso.openai.azure.com",
+                 api_version: "2024-10-21", api_key_env: AZURE_OPENAI_API_KEY,
+                 timeout: 120s, retries: {attempts: 2, on: [connect-failure, reset]}}
+  local-vllm:   {type: openai, base_url: "http://10.0.0.7:8000/v1"}
+models:
+  gpt-4o-mini: {provider: azure-eastus, deployment: gpt-4o-mini-prod}
+  gpt-4.1:     {provider: openai}
+  llama:       {provider: local-vllm, deployment: meta/llama-3.1-8b}
+applications:
+  support-bot: {org: acme}
+"""
+
+
+def validate(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(path), "--disable-hot-restart",
+         "--log-level", "error"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+
+
+def test_checked_in_dev_config_is_current(repo_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(repo_root)
+    config = load_config(Path("examples/gateway.yaml"))
+    expected = render_yaml(config, EnvoyOptions.dev())
+    assert (repo_root / "envoy/dev.yaml").read_text() == expected, (
+        "envoy/dev.yaml is stale: run `ext-proc envoy-config --dev -c examples/gateway.yaml "
+        "-o envoy/dev.yaml`"
+    )
+
+
+@pytest.mark.parametrize("name", ["dev.yaml"])
+def test_shipped_envoy_configs_validate(repo_root: Path, name: str) -> None:
+    result = validate(repo_root / "envoy" / name)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in result.stdout + result.stderr
+
+
+def test_rendered_production_like_config_validates(tmp_path: Path) -> None:
+    config = parse_config(PRODUCTION_LIKE)
+    path = tmp_path / "envoy.yaml"
+    path.write_text(render_yaml(config, EnvoyOptions()))
+    result = validate(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_rendered_shape() -> None:
+    config = parse_config(PRODUCTION_LIKE)
+    bootstrap = render(config, EnvoyOptions(max_request_bytes=2048, max_response_bytes=1024))
+    listener = bootstrap["static_resources"]["listeners"][0]
+    assert listener["per_connection_buffer_limit_bytes"] == 2048
+    clusters = {c["name"]: c for c in bootstrap["static_resources"]["clusters"]}
+    assert set(clusters) == {"ext_proc", "provider_openai", "provider_azure-eastus",
+                             "provider_local-vllm"}
+    tls = clusters["provider_openai"]["transport_socket"]["typed_config"]
+    assert tls["sni"] == "api.openai.com"
+    assert "transport_socket" not in clusters["provider_local-vllm"]
+    assert clusters["provider_local-vllm"]["type"] == "STATIC"
+    assert clusters["provider_openai"]["type"] == "STRICT_DNS"
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    routes = {r["name"]: r for r in hcm["route_config"]["virtual_hosts"][0]["routes"]}
+    azure = routes["to_azure-eastus"]["route"]
+    assert azure["timeout"] == "120s"
+    assert azure["host_rewrite_literal"] == "contoso.openai.azure.com"
+    assert azure["retry_policy"]["num_retries"] == 2
+    assert routes["to_local-vllm"]["route"]["host_rewrite_literal"] == "10.0.0.7:8000"
+    ext_proc = hcm["http_filters"][0]["typed_config"]
+    assert ext_proc["failure_mode_allow"] is False
+    assert ext_proc["status_on_error"] == {"code": "ServiceUnavailable"}
+    assert ext_proc["allow_mode_override"] is True
+    # round-trips as YAML
+    assert yaml.safe_load(render_yaml(config)) == render(config)

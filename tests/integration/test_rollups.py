@@ -1,0 +1,304 @@
+"""Usage rollups and ``ext-proc usage`` against the real Postgres."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+
+from ext_proc.stores.postgres import create_pool, migrate
+from ext_proc.usage.cli import add_usage_arguments, parse_time, run_usage
+from ext_proc.usage.record import COLUMNS, UsageRecord, record_row
+from ext_proc.usage.rollups import RollupRow, format_table, rollup
+
+pytestmark = pytest.mark.integration
+
+DAY1 = datetime(2025, 5, 1, tzinfo=UTC)
+DAY2 = datetime(2025, 5, 2, tzinfo=UTC)
+_INSERT = (
+    f"INSERT INTO usage_records ({', '.join(COLUMNS)}) "
+    f"VALUES ({', '.join(f'${i}' for i in range(1, len(COLUMNS) + 1))})"
+)
+
+
+def _records() -> list[UsageRecord]:
+    # acme / support-bot / gpt-4o-mini: 100 requests on day 1, 10:00-10:59 UTC,
+    # latencies 1..100 ms, 10 prompt + 5 completion tokens each.
+    bot = [
+        UsageRecord(
+            request_id=f"a-{i}",
+            created_at=DAY1 + timedelta(hours=10, seconds=30 * i),
+            org_id="acme",
+            app_id="support-bot",
+            model="gpt-4o-mini",
+            provider="azure-eastus",
+            prompt_tokens=10,
+            completion_tokens=5,
+            total_tokens=15,
+            tokens_estimated=i < 3,
+            latency_ms=float(i + 1),
+        )
+        for i in range(100)
+    ]
+    # acme / search / gpt-4.1: 10 requests at 11:xx on day 1; 2 denied (no tokens, no
+    # latency), 1 error; prompt 100, completion 50.
+    decisions = ["denied", "denied", "error", *["allowed"] * 7]
+    search = [
+        UsageRecord(
+            request_id=f"b-{i}",
+            created_at=DAY1 + timedelta(hours=11, minutes=i),
+            org_id="acme",
+            app_id="search",
+            model="gpt-4.1",
+            provider="openai",
+            decision=decision,  # type: ignore[arg-type]
+            prompt_tokens=None if decision == "denied" else 100,
+            completion_tokens=None if decision == "denied" else 50,
+            total_tokens=None if decision == "denied" else 150,
+            latency_ms=None if decision == "denied" else 200.0,
+        )
+        for i, decision in enumerate(decisions)
+    ]
+    # globex / other / gpt-4o-mini: 5 requests on day 2, no latency known.
+    other = [
+        UsageRecord(
+            request_id=f"c-{i}",
+            created_at=DAY2 + timedelta(hours=3, minutes=i),
+            org_id="globex",
+            app_id="other",
+            model="gpt-4o-mini",
+            provider="azure-eastus",
+            prompt_tokens=1,
+            completion_tokens=1,
+            total_tokens=2,
+        )
+        for i in range(5)
+    ]
+    return bot + search + other
+
+
+@pytest.fixture
+async def seeded_url(database_url: str) -> str:
+    await migrate(database_url)
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.executemany(_INSERT, [record_row(r) for r in _records()])
+    finally:
+        await conn.close()
+    return database_url
+
+
+@pytest.fixture
+async def pool(seeded_url: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await create_pool(seeded_url)
+    yield pool
+    await pool.close()
+
+
+def _by(rows: list[RollupRow], *keys: str) -> dict[tuple[Any, ...], RollupRow]:
+    return {tuple(row.keys[k] for k in keys): row for row in rows}
+
+
+async def test_sums_counts_and_latency_percentiles_by_app_and_model(pool: asyncpg.Pool) -> None:
+    rows = await rollup(pool, group_by=["app_id", "model"])
+    assert [tuple(r.keys.values()) for r in rows] == [
+        ("support-bot", "gpt-4o-mini"),  # most tokens first
+        ("search", "gpt-4.1"),
+        ("other", "gpt-4o-mini"),
+    ]
+    bot = _by(rows, "app_id", "model")[("support-bot", "gpt-4o-mini")]
+    assert (bot.requests, bot.prompt_tokens, bot.completion_tokens, bot.total_tokens) == (
+        100,
+        1000,
+        500,
+        1500,
+    )
+    assert bot.estimated_rows == 3 and bot.errors == 0 and bot.denied == 0
+    assert bot.avg_latency_ms == pytest.approx(50.5)
+    assert bot.p95_latency_ms == pytest.approx(95.05)  # continuous percentile of 1..100
+
+    search = _by(rows, "app_id", "model")[("search", "gpt-4.1")]
+    assert (search.requests, search.denied, search.errors) == (10, 2, 1)
+    assert search.prompt_tokens == 800 and search.total_tokens == 1200  # NULLs add nothing
+    assert search.avg_latency_ms == pytest.approx(200.0)
+
+    other = _by(rows, "app_id", "model")[("other", "gpt-4o-mini")]
+    assert other.avg_latency_ms is None and other.p95_latency_ms is None
+
+
+async def test_grouping_by_hour_and_day_in_utc(pool: asyncpg.Pool) -> None:
+    hours = await rollup(pool, group_by=["hour"])
+    assert [(r.keys["hour"], r.requests) for r in hours] == [
+        (DAY1 + timedelta(hours=10), 100),
+        (DAY1 + timedelta(hours=11), 10),
+        (DAY2 + timedelta(hours=3), 5),
+    ]
+    days = await rollup(pool, group_by=["day", "org_id"])
+    assert [(r.keys["day"], r.keys["org_id"], r.requests, r.total_tokens) for r in days] == [
+        (DAY1, "acme", 110, 2700),
+        (DAY2, "globex", 5, 10),
+    ]
+    assert all(r.keys["day"].tzinfo is not None for r in days)
+    totals = await rollup(pool, group_by=[])
+    assert len(totals) == 1 and totals[0].requests == 115 and totals[0].keys == {}
+
+
+async def test_filters_and_time_range(pool: asyncpg.Pool) -> None:
+    acme = await rollup(pool, group_by=["org_id"], org_id="acme")
+    assert [(r.keys["org_id"], r.requests) for r in acme] == [("acme", 110)]
+
+    mini = await rollup(pool, group_by=["org_id", "provider"], model="gpt-4o-mini")
+    assert {(r.keys["org_id"], r.keys["provider"]): r.requests for r in mini} == {
+        ("acme", "azure-eastus"): 100,
+        ("globex", "azure-eastus"): 5,
+    }
+    assert await rollup(pool, group_by=["app_id"], app_id="search", model="gpt-4o-mini") == []
+
+    # until is exclusive, since inclusive: exactly the 11:00 hour of day 1.
+    hour = await rollup(
+        pool,
+        group_by=["decision"],
+        since=DAY1 + timedelta(hours=11),
+        until=DAY1 + timedelta(hours=12),
+    )
+    assert {r.keys["decision"]: r.requests for r in hour} == {
+        "allowed": 7,
+        "denied": 2,
+        "error": 1,
+    }
+    assert len(await rollup(pool, group_by=["app_id", "model"], limit=2)) == 2
+
+
+async def test_filter_values_are_parameters_not_sql(pool: asyncpg.Pool) -> None:
+    rows = await rollup(pool, group_by=["org_id"], org_id="acme' OR '1'='1")
+    assert rows == []
+
+
+async def test_invalid_arguments_are_refused(pool: asyncpg.Pool) -> None:
+    with pytest.raises(ValueError, match=r"'org_id; DROP TABLE x'.*allowed: org_id, app_id"):
+        await rollup(pool, group_by=["org_id; DROP TABLE x"])
+    with pytest.raises(ValueError, match="twice"):
+        await rollup(pool, group_by=["model", "model"])
+    with pytest.raises(ValueError, match="sequence of key names"):
+        await rollup(pool, group_by="model")
+    with pytest.raises(ValueError, match="limit"):
+        await rollup(pool, group_by=["model"], limit=0)
+    with pytest.raises(ValueError, match="must be before"):
+        await rollup(pool, group_by=["model"], since=DAY2, until=DAY1)
+
+
+async def test_format_table_aligns_and_totals(pool: asyncpg.Pool) -> None:
+    rows = await rollup(pool, group_by=["day", "app_id"])
+    lines = format_table(rows, ["day", "app_id"]).splitlines()
+    assert lines[0].split() == [
+        "day",
+        "app_id",
+        "requests",
+        "prompt",
+        "completion",
+        "total",
+        "estimated",
+        "errors",
+        "denied",
+        "avg",
+        "ms",
+        "p95",
+        "ms",
+    ]
+    assert lines[2].split()[:6] == ["2025-05-01", "support-bot", "100", "1,000", "500", "1,500"]
+    assert lines[2].split()[-2:] == ["50.5", "95.0"]  # 95.05 shown with one decimal
+    assert lines[4].split()[:2] == ["2025-05-02", "other"]
+    assert lines[4].split()[-2:] == ["-", "-"]  # no latency known
+    assert lines[-1].split() == ["total", "115", "1,805", "905", "2,710", "3", "1", "2"]
+    # Columns line up: every line has the "requests" column ending at the same place.
+    end = lines[0].index("requests") + len("requests")
+    assert all(line[end - 1] != " " for line in lines[2:5])
+    assert lines[1].startswith("----------")
+
+    empty = format_table([], ["model"]).splitlines()
+    assert empty[0].split()[0] == "model" and empty[-1].split() == ["total", *["0"] * 7]
+
+
+# --- ext-proc usage ---
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="ext-proc usage")
+    add_usage_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+async def test_cli_prints_json(seeded_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    ns = _parse("--by", "org_id,day", "--since", "2025-05-01", "--until", "2025-05-03", "--json")
+    assert await asyncio.to_thread(run_usage, ns, seeded_url) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["group_by"] == ["org_id", "day"]
+    assert document["since"] == "2025-05-01T00:00:00+00:00"
+    assert [(r["org_id"], r["day"], r["requests"]) for r in document["rows"]] == [
+        ("acme", "2025-05-01T00:00:00+00:00", 110),
+        ("globex", "2025-05-02T00:00:00+00:00", 5),
+    ]
+    assert document["rows"][0]["p95_latency_ms"] == 200.0  # 8 of 108 latencies are 200
+
+
+async def test_cli_prints_a_table_with_filters(
+    seeded_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ns = _parse("--since", "2025-04-30", "--until", "2025-05-05", "--app", "search")
+    assert ns.by == ["app_id", "model"]  # the default grouping
+    assert await asyncio.to_thread(run_usage, ns, seeded_url) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "usage from 2025-04-30 00:00 to 2025-05-05 00:00 UTC"
+    assert out[3].split()[:3] == ["search", "gpt-4.1", "10"]
+    assert out[-1].split()[:2] == ["total", "10"]
+
+
+async def test_cli_default_window_is_the_last_24h(
+    seeded_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert await asyncio.to_thread(run_usage, _parse("--json"), seeded_url) == 0
+    document = json.loads(capsys.readouterr().out)
+    since = datetime.fromisoformat(document["since"])
+    until = datetime.fromisoformat(document["until"])
+    assert until - since == timedelta(hours=24)
+    assert document["rows"] == []  # the seeded rows are from 2025
+
+
+async def test_cli_unmigrated_or_unreachable_database_exits_2(
+    database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert await asyncio.to_thread(run_usage, _parse(), database_url) == 2
+    assert "run `ext-proc migrate`" in capsys.readouterr().err
+
+    closed = "postgresql://postgres:hunter2@127.0.0.1:1/nowhere"
+    assert await asyncio.to_thread(run_usage, _parse(), closed) == 2
+    err = capsys.readouterr().err
+    assert "cannot query the database at postgresql://postgres:***@127.0.0.1:1/nowhere" in err
+    assert "ext-proc migrate" in err and "hunter2" not in err
+
+
+def test_cli_time_and_grouping_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    now = datetime(2025, 5, 10, 12, 0, tzinfo=UTC)
+    assert parse_time("24h", now=now) == now - timedelta(hours=24)
+    assert parse_time("7d", now=now) == now - timedelta(days=7)
+    assert parse_time("90m", now=now) == now - timedelta(minutes=90)
+    assert parse_time("now", now=now) == now
+    assert parse_time("2025-05-01") == DAY1
+    assert parse_time("2025-05-01T10:30") == DAY1 + timedelta(hours=10, minutes=30)
+    assert parse_time("2025-05-01T12:00+02:00") == DAY1 + timedelta(hours=10)
+    assert parse_time("2025-05-01T10:00Z") == DAY1 + timedelta(hours=10)
+    with pytest.raises(argparse.ArgumentTypeError, match="24h, 7d"):
+        parse_time("yesterday")
+
+    assert _parse("--by", " model , hour ").by == ["model", "hour"]
+    with pytest.raises(SystemExit):
+        _parse("--by", "model,colour")
+    assert "allowed: org_id, app_id, model, provider, decision, hour, day" in (
+        capsys.readouterr().err
+    )
