@@ -41,8 +41,11 @@ def cmd_serve(ns: argparse.Namespace, settings: Settings) -> int:
     from ext_proc.config.errors import ConfigError
     from ext_proc.server.app import ServeOptions, serve
 
+    # Postgres (what `apply` wrote) is the runtime truth; a file given here or in
+    # EXT_PROC_CONFIG is served only until something is applied.
+    config_path = Path(ns.config) if ns.config else settings.config_path
     options = ServeOptions(
-        config_path=_config_path(ns, settings),
+        config_path=config_path,
         grpc_host=ns.grpc_host,
         metrics_host=ns.metrics_host,
         admin_host=ns.admin_host,
@@ -51,6 +54,9 @@ def cmd_serve(ns: argparse.Namespace, settings: Settings) -> int:
         uvloop.run(serve(settings, options))
     except ConfigError as exc:
         print(f"error: invalid gateway config:\n{exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
 
@@ -73,6 +79,7 @@ def cmd_dev(ns: argparse.Namespace, settings: Settings) -> int:
             redis_prefix=settings.redis_prefix,
             admin_token=settings.admin_token,
             log_level=ns.log_level,
+            key_file=Path(ns.data_dir) / "dev-api-key",
         )
         return run_dev(options)
     except ConfigError as exc:
@@ -113,12 +120,17 @@ def cmd_envoy_config(ns: argparse.Namespace, settings: Settings) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
-    options = EnvoyOptions.dev() if ns.dev else EnvoyOptions(
-        listener_host=ns.listener_host,
-        listener_port=ns.listener_port,
-        admin_port=ns.admin_port,
-        ext_proc_host=ns.ext_proc_host,
-        ext_proc_port=ns.ext_proc_port or settings.grpc_port,
+    options = (
+        EnvoyOptions.dev()
+        if ns.dev
+        else EnvoyOptions(
+            listener_host=ns.listener_host,
+            listener_port=ns.listener_port,
+            admin_port=ns.admin_port,
+            ext_proc_host=ns.ext_proc_host,
+            ext_proc_port=ns.ext_proc_port or settings.grpc_port,
+            stats_port=ns.stats_port,
+        )
     )
     text = render_yaml(config, options)
     if ns.output and ns.output != "-":
@@ -132,6 +144,20 @@ def cmd_usage(ns: argparse.Namespace, settings: Settings) -> int:
     from ext_proc.usage.cli import run_usage
 
     return run_usage(ns, _need_database(settings))
+
+
+def cmd_apply(ns: argparse.Namespace, settings: Settings) -> int:
+    from ext_proc.apply import run_apply
+
+    _need_database(settings)
+    return run_apply(ns, settings)
+
+
+def cmd_keys(ns: argparse.Namespace, settings: Settings) -> int:
+    from ext_proc.auth.cli import run_keys
+
+    _need_database(settings)
+    return run_keys(ns, settings)
 
 
 def cmd_mock_upstream(ns: argparse.Namespace, settings: Settings) -> int:
@@ -195,8 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("envoy-config", cmd_envoy_config, "render an Envoy bootstrap from the gateway config")
     config_flag(p)
     p.add_argument("-o", "--output", help="write here instead of stdout")
-    p.add_argument("--dev", action="store_true",
-                   help="the dev bootstrap (loopback listener, contract ports): envoy/dev.yaml")
+    p.add_argument(
+        "--dev",
+        action="store_true",
+        help="the dev bootstrap (loopback listener, contract ports): envoy/dev.yaml",
+    )
     p.add_argument("--listener-host", default="0.0.0.0")
     p.add_argument("--listener-port", type=int, default=10000)
     p.add_argument("--admin-port", type=int, default=9901)
@@ -204,11 +233,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ext-proc-port", type=int, default=None, help="default: $EXT_PROC_GRPC_PORT or 50051"
     )
+    p.add_argument(
+        "--stats-port",
+        type=int,
+        default=None,
+        help="also serve GET /stats/prometheus and /ready (only) on 0.0.0.0:PORT, for "
+        "Prometheus and probes; the admin interface stays on loopback",
+    )
 
     from ext_proc.usage.cli import add_usage_arguments
 
     p = add("usage", cmd_usage, "usage rollup table (tokens, requests, latency) from Postgres")
     add_usage_arguments(p)
+
+    from ext_proc.apply import add_apply_arguments
+
+    p = add("apply", cmd_apply, "make the database catalog match a gateway.yaml (idempotent)")
+    add_apply_arguments(p)
+
+    from ext_proc.auth.cli import add_keys_arguments
+
+    p = add("keys", cmd_keys, "create, list, revoke and rotate gateway API keys")
+    add_keys_arguments(p)
 
     from ext_proc.mock.upstream import add_arguments as add_mock_arguments
 

@@ -10,6 +10,8 @@ ext_proc server first flushing its usage records. The end-to-end tests use the s
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import contextlib
 import logging
 import os
@@ -25,9 +27,10 @@ from pathlib import Path
 from typing import IO
 
 from ext_proc.config.loader import load_config
-from ext_proc.config.model import GatewayConfig
+from ext_proc.config.model import DEFAULT_ENVIRONMENT, GatewayConfig
 from ext_proc.envoy_config import EnvoyOptions, render_yaml
 from ext_proc.procutil import die_with_parent
+from ext_proc.settings import Settings
 from ext_proc.stores import embedded
 
 MOCK_PORT = 8001
@@ -88,6 +91,11 @@ class StackOptions:
     extra_env: dict[str, str] = field(default_factory=dict)
     log_level: str = "info"
     quiet: bool = False  # send children's output to log files only
+    envoy_direct_provider: str | None = None  # benchmarks: /__direct/ skips ext_proc
+    apply_config: bool = True  # `ext-proc apply` the config before starting ext_proc
+    key_app: str | None = None  # make an API key for this app (None: the first app)
+    key_file: Path | None = None  # reuse the key kept here across runs (make run)
+    ext_proc_processes: int = 1  # more than one: each its own endpoint in Envoy's cluster
 
 
 class Stack:
@@ -101,6 +109,11 @@ class Stack:
         self.database_url = options.database_url
         self.redis_url = options.redis_url
         self.mock_port: int | None = None
+        self.api_key: str | None = None
+        # (grpc, metrics, admin) ports of each ext_proc process; the first are the options'.
+        self.ext_proc_ports: list[tuple[int, int, int]] = [
+            (options.grpc_port, options.metrics_port, options.admin_port)
+        ] + [(free_port(), free_port(), free_port()) for _ in range(options.ext_proc_processes - 1)]
         data = options.data_dir
         self.log_dir = data / "logs"
         self.envoy_config_path = data / "envoy.yaml"
@@ -114,6 +127,9 @@ class Stack:
         try:
             self._start_databases()
             self._migrate()
+            if self.options.apply_config:
+                self._apply()
+                self.api_key = self._api_key()
             self._start_mock()
             self._start_ext_proc()
             self._start_envoy()
@@ -145,6 +161,75 @@ class Stack:
         if run_migrate(self.database_url) != 0:
             raise StackError("database migration failed")
 
+    def _settings(self) -> Settings:
+        return Settings(
+            database_url=self.database_url,
+            redis_url=self.redis_url,
+            redis_prefix=self.options.redis_prefix,
+        )
+
+    def _apply(self) -> None:
+        from ext_proc.apply import run_apply
+
+        ns = argparse.Namespace(file=str(self.options.config_path), dry_run=False, prune=False)
+        if run_apply(ns, self._settings()) != 0:
+            raise StackError(f"`ext-proc apply -f {self.options.config_path}` failed (see above)")
+
+    def create_key(self, app: str, environment: str = DEFAULT_ENVIRONMENT) -> str:
+        """A new API key for ``app`` (what ``ext-proc keys create`` does)."""
+        from ext_proc.auth.store import create_key
+        from ext_proc.stores.postgres import create_pool
+
+        async def make() -> str:
+            assert self.database_url is not None
+            pool = await create_pool(self.database_url, min_size=1, max_size=1)
+            try:
+                return (
+                    await create_key(pool, app, environment=environment, description="ext-proc dev")
+                ).key
+            finally:
+                await pool.close()
+
+        return asyncio.run(make())
+
+    def _api_key(self) -> str | None:
+        """The key `make run` prints: kept in the data dir and reused while it is valid."""
+        app = self.options.key_app or next(iter(self.config.applications), None)
+        if app is None:
+            return None
+        key_file = self.options.key_file
+        if key_file is not None and key_file.is_file():
+            key = key_file.read_text().strip()
+            if key and self._key_is_active(key, app):
+                return key
+        key = self.create_key(app)
+        if key_file is not None:
+            key_file.write_text(key + "\n")
+            key_file.chmod(0o600)
+        return key
+
+    def _key_is_active(self, key: str, app: str) -> bool:
+        from datetime import UTC, datetime
+
+        from ext_proc.auth.keys import hash_key
+        from ext_proc.auth.store import lookup_key
+        from ext_proc.stores.postgres import create_pool
+
+        async def check() -> bool:
+            assert self.database_url is not None
+            pool = await create_pool(self.database_url, min_size=1, max_size=1)
+            try:
+                record = await lookup_key(pool, hash_key(key))
+            finally:
+                await pool.close()
+            return (
+                record is not None
+                and record.app == app
+                and record.status(datetime.now(UTC)) == "active"
+            )
+
+        return asyncio.run(check())
+
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(self.options.extra_env)
@@ -165,7 +250,9 @@ class Stack:
             env["EXT_PROC_ADMIN_TOKEN"] = self.options.admin_token
         return env
 
-    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, name: str, argv: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the stack
         self._logs.append(log)
         process = subprocess.Popen(
@@ -173,7 +260,7 @@ class Stack:
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=self._child_env(),
+            env={**self._child_env(), **(env or {})},
             preexec_fn=die_with_parent,
         )
         self.processes.append((name, process))
@@ -194,17 +281,24 @@ class Stack:
         self.mock_port = port
 
     def _start_ext_proc(self) -> None:
-        self._say(
-            f"starting the ext_proc server (gRPC :{self.options.grpc_port}, metrics "
-            f":{self.options.metrics_port}, admin :{self.options.admin_port}) ..."
-        )
-        process = self._spawn("ext-proc", self._cli("serve", "-c", str(self.options.config_path)))
-        _wait_http(
-            f"http://127.0.0.1:{self.options.admin_port}/readyz",
-            process,
-            "ext_proc server",
-            self.log_dir,
-        )
+        for index, (grpc_port, metrics_port, admin_port) in enumerate(self.ext_proc_ports):
+            name = "ext-proc" if index == 0 else f"ext-proc-{index + 1}"
+            self._say(
+                f"starting the ext_proc server (gRPC :{grpc_port}, metrics :{metrics_port}, "
+                f"admin :{admin_port}) ..."
+            )
+            process = self._spawn(
+                name,
+                self._cli("serve", "-c", str(self.options.config_path)),
+                {
+                    "EXT_PROC_GRPC_PORT": str(grpc_port),
+                    "EXT_PROC_METRICS_PORT": str(metrics_port),
+                    "EXT_PROC_ADMIN_PORT": str(admin_port),
+                },
+            )
+            _wait_http(
+                f"http://127.0.0.1:{admin_port}/readyz", process, "ext_proc server", self.log_dir
+            )
 
     def _start_envoy(self) -> None:
         options = EnvoyOptions(
@@ -212,7 +306,10 @@ class Stack:
             listener_port=self.options.listener_port,
             admin_port=self.options.envoy_admin_port,
             ext_proc_port=self.options.grpc_port,
+            ext_proc_ports=tuple(ports[0] for ports in self.ext_proc_ports),
             access_log_path=str((self.log_dir / "envoy-access.log").resolve()),
+            direct_prefix="/__direct/" if self.options.envoy_direct_provider else None,
+            direct_provider=self.options.envoy_direct_provider,
         )
         self.envoy_config_path.write_text(render_yaml(self.config, options))
         self._say(
@@ -314,7 +411,7 @@ def run_dev(options: StackOptions, *, api_key: str | None = None) -> int:
     except StackError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    key = api_key or "any-key-works-until-keys-are-configured"
+    key = api_key or stack.api_key or "<no application declared: no key>"
     model = next(iter(stack.config.models), "gpt-4o-mini")
     url = stack.listener_url
     print(

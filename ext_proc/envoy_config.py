@@ -40,11 +40,23 @@ class EnvoyOptions:
     admin_port: int = 9901
     ext_proc_host: str = "127.0.0.1"
     ext_proc_port: int = 50051
+    # Several ext_proc processes on one host: one endpoint each (HTTP/2 pins Envoy's
+    # connection, so SO_REUSEPORT alone would send every stream to one process).
+    ext_proc_ports: tuple[int, ...] = ()
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
     message_timeout_ms: int = 2000
     ca_bundle: str = SYSTEM_CA_BUNDLE
     access_log_path: str | None = None  # None: no access log file
+    # A second listener serving only GET /stats/prometheus and GET /ready from the admin
+    # interface, for Prometheus and kubelet probes from outside the pod; the admin
+    # interface itself stays on loopback (it can stop or reconfigure Envoy). None: none.
+    stats_host: str = "0.0.0.0"
+    stats_port: int | None = None
+    # Benchmarks only: requests under this path prefix skip ext_proc and go straight to
+    # this provider (the "Envoy alone" floor, measured on the same Envoy and upstream).
+    direct_prefix: str | None = None
+    direct_provider: str | None = None
 
     @classmethod
     def dev(cls) -> EnvoyOptions:
@@ -212,10 +224,99 @@ def _local_reply_config() -> dict[str, Any]:
     }
 
 
+def _stats_listener(options: EnvoyOptions) -> dict[str, Any]:
+    assert options.stats_port is not None
+    get_only = [{"name": ":method", "string_match": {"exact": "GET"}}]
+    return {
+        "name": "envoy_stats",
+        "address": _socket_address(options.stats_host, options.stats_port),
+        "filter_chains": [
+            {
+                "filters": [
+                    {
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                            "stat_prefix": "envoy_stats",
+                            "codec_type": "AUTO",
+                            "route_config": {
+                                "name": "envoy_stats",
+                                "virtual_hosts": [
+                                    {
+                                        "name": "envoy_stats",
+                                        "domains": ["*"],
+                                        "routes": [
+                                            {
+                                                "match": {"path": path, "headers": get_only},
+                                                "route": {"cluster": "envoy_admin"},
+                                            }
+                                            for path in ("/stats/prometheus", "/ready")
+                                        ],
+                                    }
+                                ],
+                            },
+                            "http_filters": [
+                                {
+                                    "name": "envoy.filters.http.router",
+                                    "typed_config": {
+                                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                                    },
+                                }
+                            ],
+                        },
+                    }
+                ]
+            }
+        ],
+    }
+
+
+def _admin_cluster(options: EnvoyOptions) -> dict[str, Any]:
+    return {
+        "name": "envoy_admin",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": "envoy_admin",
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": _socket_address(options.admin_host, options.admin_port)
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
+    }
+
+
 def render(config: GatewayConfig, options: EnvoyOptions = EnvoyOptions()) -> dict[str, Any]:
     """The Envoy bootstrap as a dict (``render_yaml`` for text)."""
     providers = list(config.providers.values())
     routes = [_provider_route(p) for p in providers]
+    if options.direct_prefix and options.direct_provider:
+        direct = config.providers[options.direct_provider]
+        routes.insert(
+            0,
+            {
+                "name": "direct_without_ext_proc",
+                "match": {"prefix": options.direct_prefix},
+                "route": {
+                    "cluster": cluster_name(direct),
+                    "prefix_rewrite": "/",
+                    "timeout": _duration(direct.timeout),
+                },
+                "typed_per_filter_config": {
+                    "envoy.filters.http.ext_proc": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+                        "disabled": True,
+                    }
+                },
+            },
+        )
     routes.append(
         {
             "name": "no_provider_selected",
@@ -282,10 +383,13 @@ def render(config: GatewayConfig, options: EnvoyOptions = EnvoyOptions()) -> dic
                 },
             }
         ]
+    ext_proc_is_ip = _is_ip(options.ext_proc_host)
     clusters = [
         {
             "name": "ext_proc",
-            "type": "STATIC",
+            # A name (docker compose's `ext-proc`) needs DNS; STRICT_DNS makes every address
+            # it resolves to an endpoint, so `--scale ext-proc=N` spreads the streams.
+            "type": "STATIC" if ext_proc_is_ip else "STRICT_DNS",
             "connect_timeout": "1s",
             "circuit_breakers": {
                 "thresholds": [
@@ -303,42 +407,39 @@ def render(config: GatewayConfig, options: EnvoyOptions = EnvoyOptions()) -> dic
                 "endpoints": [
                     {
                         "lb_endpoints": [
-                            {
-                                "endpoint": {
-                                    "address": _socket_address(
-                                        options.ext_proc_host, options.ext_proc_port
-                                    )
-                                }
-                            }
+                            {"endpoint": {"address": _socket_address(options.ext_proc_host, port)}}
+                            for port in (options.ext_proc_ports or (options.ext_proc_port,))
                         ]
                     }
                 ],
             },
+            **({} if ext_proc_is_ip else {"dns_lookup_family": "V4_PREFERRED"}),
         },
         *(_provider_cluster(p, options) for p in providers),
     ]
-    return {
-        "admin": {"address": _socket_address(options.admin_host, options.admin_port)},
-        "static_resources": {
-            "listeners": [
+    listeners: list[dict[str, Any]] = [
+        {
+            "name": "llm_listener",
+            "address": _socket_address(options.listener_host, options.listener_port),
+            "per_connection_buffer_limit_bytes": buffer_limit,
+            "filter_chains": [
                 {
-                    "name": "llm_listener",
-                    "address": _socket_address(options.listener_host, options.listener_port),
-                    "per_connection_buffer_limit_bytes": buffer_limit,
-                    "filter_chains": [
+                    "filters": [
                         {
-                            "filters": [
-                                {
-                                    "name": "envoy.filters.network.http_connection_manager",
-                                    "typed_config": hcm,
-                                }
-                            ]
+                            "name": "envoy.filters.network.http_connection_manager",
+                            "typed_config": hcm,
                         }
-                    ],
+                    ]
                 }
             ],
-            "clusters": clusters,
-        },
+        }
+    ]
+    if options.stats_port is not None:
+        listeners.append(_stats_listener(options))
+        clusters.append(_admin_cluster(options))
+    return {
+        "admin": {"address": _socket_address(options.admin_host, options.admin_port)},
+        "static_resources": {"listeners": listeners, "clusters": clusters},
     }
 
 

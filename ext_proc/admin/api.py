@@ -63,7 +63,7 @@ class AdminApi:
                 return await self._usage(request)
             if route == ("POST", "/v1/reload"):
                 denied = self._authorize(request)
-                return denied or self._reload()
+                return denied or await self._reload()
         except ValueError as exc:
             return _error(400, str(exc), "invalid_parameter")
         return _error(404, f"no admin endpoint {request.method} {request.path}", "not_found")
@@ -86,6 +86,7 @@ class AdminApi:
             "ready": ready,
             "grpc_port": service.grpc_port,
             "postgres": service.postgres_ready,
+            "config_source": service.config_source,
         }
         return _json(200 if ready else 503, payload)
 
@@ -117,9 +118,9 @@ class AdminApi:
             },
         )
 
-    def _reload(self) -> Response:
+    async def _reload(self) -> Response:
         try:
-            fingerprint = self._service.reload()
+            fingerprint = await self._service.reload()
         except ConfigError as exc:
             return _json(
                 422,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Generic, Literal, Protocol, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 # Whose counter a limit draws from: the application's (default), the API key's or the org's.
 Scope = Literal["app", "key", "org"]
@@ -102,3 +102,128 @@ class PolicyType(Generic[_Params]):
     params_type: type[_Params]
     fields: tuple[str, ...]  # YAML fields beyond COMMON_FIELDS
     parse: Callable[[ParamReader], _Params | None]  # None when a required field is unusable
+    # Builds the enforcer for one configured policy: (policy name, params, on_error).
+    enforcer: Callable[[str, _Params, str], Enforcer] | None = None
+
+
+# --------------------------------------------------------------------- enforcement
+#
+# A policy is enforced at up to three points of a request, and declares which:
+#   headers: before the body arrives (request-rate limits, cooldowns) - the cheapest place
+#            to refuse, and the only checks that run for a request with no body;
+#   body:    checks on the parsed request (allowlist, size, CEL pre-check) and, after
+#            them, limit reservations (token limits);
+#   after:   once the response is over (settle token reservations, CEL post-checks).
+# Within a phase, checks that need no shared state run first, in bound order (first
+# denial wins); limits are then taken together in one Redis call, all-or-nothing, so a
+# request refused by a check never consumes a limit.
+
+Phase = Literal["headers", "body"]
+
+
+@dataclass(slots=True)
+class RequestFacts:
+    """What policies see about a request (the CEL variables are these names)."""
+
+    request_id: str
+    key_id: str
+    app_id: str
+    org_id: str
+    environment: str
+    endpoint: str = ""
+    model: str = ""  # as the app named it (model, alias or Azure deployment)
+    catalog_model: str = ""  # the catalog's name for it
+    stream: bool = False
+    request_size_bytes: int = 0
+    message_count: int = 0
+    max_tokens: int = 0  # max_tokens / max_completion_tokens, 0 when the request sets none
+    estimated_tokens: int = 0  # filled before body checks when a bound policy needs it
+    generates: bool = True  # False for embeddings: no completion tokens to reserve
+
+    def scope_id(self, scope: Scope) -> str:
+        if scope == "key":
+            return self.key_id
+        if scope == "org":
+            return self.org_id
+        return self.app_id
+
+    def cel_vars(self) -> dict[str, Any]:
+        return {
+            "request_size_bytes": self.request_size_bytes,
+            "estimated_tokens": self.estimated_tokens,
+            "model": self.model,
+            "org_id": self.org_id,
+            "app_id": self.app_id,
+            "key_id": self.key_id,
+            "environment": self.environment,
+            "endpoint": self.endpoint,
+            "stream": self.stream,
+            "message_count": self.message_count,
+            "max_tokens": self.max_tokens,
+        }
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How the call ended (post-checks and limit settlement read it)."""
+
+    status: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    latency_ms: float
+    response_size_bytes: int
+    failed: bool  # no usable answer: the provider erred, or nothing was generated
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    """A policy's refusal, answered to the app as an OpenAI-shaped error."""
+
+    policy: str
+    status: int
+    code: str
+    message: str
+    retry_after: float | None = None
+
+
+class Enforcer:
+    """Base of every policy type's enforcer; each type overrides what it enforces."""
+
+    phase: Phase = "body"
+    needs_estimate = False  # reads RequestFacts.estimated_tokens
+    is_limit = False  # provides limit_spec() (taken together, all-or-nothing)
+    has_post_check = False
+    cooldown: float | None = None  # after a post-check violation, block the app this long
+
+    def __init__(self, name: str, on_error: str) -> None:
+        self.name = name
+        self.on_error = on_error
+
+    @property
+    def type_name(self) -> str:
+        raise NotImplementedError
+
+    def check(self, facts: RequestFacts) -> Denial | None:
+        """A check on the request (no shared state); None lets it pass."""
+        return None
+
+    def limit_cost(self, facts: RequestFacts) -> int:
+        """Units this request takes from the limit (limits only)."""
+        raise NotImplementedError
+
+    def limit_params(self) -> tuple[int, float, Scope, str]:
+        """(limit, window seconds, scope, kind) of a limit policy."""
+        raise NotImplementedError
+
+    def settle_delta(self, reserved: int, outcome: Outcome) -> int:
+        """After the call: units to add (or, negative, give back) to the reservation."""
+        return 0
+
+    def post_check(self, facts: RequestFacts, outcome: Outcome) -> bool:
+        """True when the finished call violates the policy."""
+        return False
+
+    def allows_model(self, model: str) -> bool:
+        """For GET /v1/models: would this policy let the app use ``model``?"""
+        return True

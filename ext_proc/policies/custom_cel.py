@@ -16,6 +16,7 @@ that depend on values (division by zero, a missing map key) are left to run time
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,7 +24,17 @@ from types import MappingProxyType
 
 import cel
 
-from ext_proc.policies.base import ParamReader, PolicyParams, PolicyType
+from ext_proc.policies.base import (
+    Denial,
+    Enforcer,
+    Outcome,
+    ParamReader,
+    PolicyParams,
+    PolicyType,
+    RequestFacts,
+)
+
+log = logging.getLogger(__name__)
 
 # The variables a pre-check can read, with the Python type of each value (CEL int, double,
 # string, bool). The runtime builds its evaluation context from these names.
@@ -203,9 +214,62 @@ def _first_line(error: BaseException | str) -> str:
     return line.split(". ", 1)[0].rstrip(".")
 
 
+class CelEvaluationError(RuntimeError):
+    """The expression could not be evaluated for this request (e.g. division by zero)."""
+
+
+class CustomCelEnforcer(Enforcer):
+    def __init__(self, name: str, params: CustomCelParams, on_error: str) -> None:
+        super().__init__(name, on_error)
+        self.params = params
+        pre = params.pre_check_program
+        self.has_pre_check = pre is not None
+        self.needs_estimate = pre is not None and "estimated_tokens" in pre.variables()
+        self.has_post_check = params.post_check_program is not None
+        self.cooldown = params.cooldown
+
+    @property
+    def type_name(self) -> str:
+        return "custom_cel"
+
+    def check(self, facts: RequestFacts) -> Denial | None:
+        program = self.params.pre_check_program
+        if program is None:
+            return None
+        if _run(program, facts.cel_vars(), self.name):
+            return None
+        return Denial(self.name, self.params.status, "policy_violation", self.params.message)
+
+    def post_check(self, facts: RequestFacts, outcome: Outcome) -> bool:
+        program = self.params.post_check_program
+        if program is None:
+            return False
+        context = facts.cel_vars()
+        context.update(
+            prompt_tokens=outcome.prompt_tokens,
+            completion_tokens=outcome.completion_tokens,
+            total_tokens=outcome.total_tokens,
+            latency_ms=float(outcome.latency_ms),
+            response_size_bytes=outcome.response_size_bytes,
+            status=outcome.status,
+        )
+        return not _run(program, context, self.name)
+
+
+def _run(program: cel.Program, context: dict[str, object], policy: str) -> bool:
+    try:
+        result = program.execute(context)
+    except (TypeError, RuntimeError, ArithmeticError, LookupError, ValueError) as exc:
+        raise CelEvaluationError(f"policy {policy}: {_first_line(exc)}") from exc
+    if not isinstance(result, bool):
+        raise CelEvaluationError(f"policy {policy}: the expression gave {result!r}, not a bool")
+    return result
+
+
 POLICY_TYPE = PolicyType(
     name="custom_cel",
     params_type=CustomCelParams,
     fields=("pre_check_expression", "post_check_expression", "message", "status", "cooldown"),
     parse=parse_params,
+    enforcer=CustomCelEnforcer,
 )

@@ -8,8 +8,16 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 
-from ext_proc.policies.base import ParamReader, PolicyParams, PolicyType
+from ext_proc.policies.base import (
+    Denial,
+    Enforcer,
+    ParamReader,
+    PolicyParams,
+    PolicyType,
+    RequestFacts,
+)
 
 _WILDCARDS = frozenset("*?[")
 
@@ -43,9 +51,39 @@ def parse_params(reader: ParamReader) -> ModelAllowlistParams | None:
     )
 
 
+class ModelAllowlistEnforcer(Enforcer):
+    def __init__(self, name: str, params: ModelAllowlistParams, on_error: str) -> None:
+        super().__init__(name, on_error)
+        self.params = params
+
+    @property
+    def type_name(self) -> str:
+        return "model_allowlist"
+
+    def allows_model(self, model: str) -> bool:
+        if model in self.params.names:
+            return True
+        return any(fnmatchcase(model, pattern) for pattern in self.params.patterns)
+
+    def check(self, facts: RequestFacts) -> Denial | None:
+        # The app may name a model by alias (or Azure deployment): either name allowed counts.
+        if self.allows_model(facts.model) or (
+            facts.catalog_model and self.allows_model(facts.catalog_model)
+        ):
+            return None
+        return Denial(
+            self.name,
+            403,
+            "model_not_allowed",
+            f"The model `{facts.model}` is not allowed for application {facts.app_id} "
+            f"(policy {self.name}).",
+        )
+
+
 POLICY_TYPE = PolicyType(
     name="model_allowlist",
     params_type=ModelAllowlistParams,
     fields=("models",),
     parse=parse_params,
+    enforcer=ModelAllowlistEnforcer,
 )

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ext_proc.policies.base import SCOPES, ParamReader, PolicyParams, PolicyType, Scope
+from ext_proc.policies.base import (
+    SCOPES,
+    Enforcer,
+    ParamReader,
+    PolicyParams,
+    PolicyType,
+    RequestFacts,
+    Scope,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,9 +31,31 @@ def parse_params(reader: ParamReader) -> RateLimitParams | None:
     return RateLimitParams(requests=requests, window=window, scope=scope)
 
 
+class RateLimitEnforcer(Enforcer):
+    """Counts requests in the headers phase: a flood is refused before its body is read."""
+
+    phase = "headers"
+    is_limit = True
+
+    def __init__(self, name: str, params: RateLimitParams, on_error: str) -> None:
+        super().__init__(name, on_error)
+        self.params = params
+
+    @property
+    def type_name(self) -> str:
+        return "rate_limit"
+
+    def limit_cost(self, facts: RequestFacts) -> int:
+        return 1
+
+    def limit_params(self) -> tuple[int, float, Scope, str]:
+        return self.params.requests, self.params.window, self.params.scope, "requests"
+
+
 POLICY_TYPE = PolicyType(
     name="rate_limit",
     params_type=RateLimitParams,
     fields=("requests", "window", "scope"),
     parse=parse_params,
+    enforcer=RateLimitEnforcer,
 )

@@ -10,7 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ext_proc.policies.base import SCOPES, ParamReader, PolicyParams, PolicyType, Scope
+from ext_proc.policies.base import (
+    SCOPES,
+    Enforcer,
+    Outcome,
+    ParamReader,
+    PolicyParams,
+    PolicyType,
+    RequestFacts,
+    Scope,
+)
 
 DEFAULT_MAX_TOKENS = 4096
 
@@ -36,9 +45,42 @@ def parse_params(reader: ParamReader) -> TokenLimitParams | None:
     )
 
 
+class TokenLimitEnforcer(Enforcer):
+    """Reserve before the call, settle after: concurrent requests cannot overshoot."""
+
+    phase = "body"
+    is_limit = True
+    needs_estimate = True
+
+    def __init__(self, name: str, params: TokenLimitParams, on_error: str) -> None:
+        super().__init__(name, on_error)
+        self.params = params
+
+    @property
+    def type_name(self) -> str:
+        return "token_limit"
+
+    def limit_cost(self, facts: RequestFacts) -> int:
+        completion = 0
+        if facts.generates:
+            completion = facts.max_tokens or self.params.default_max_tokens
+        return max(1, facts.estimated_tokens + completion)
+
+    def limit_params(self) -> tuple[int, float, Scope, str]:
+        return self.params.tokens, self.params.window, self.params.scope, "tokens"
+
+    def settle_delta(self, reserved: int, outcome: Outcome) -> int:
+        # A failed call gives everything back; otherwise the real total replaces the
+        # reservation (more when the completion ran past the estimate, less usually).
+        if outcome.failed:
+            return -reserved
+        return outcome.total_tokens - reserved
+
+
 POLICY_TYPE = PolicyType(
     name="token_limit",
     params_type=TokenLimitParams,
     fields=("tokens", "window", "scope", "default_max_tokens"),
     parse=parse_params,
+    enforcer=TokenLimitEnforcer,
 )

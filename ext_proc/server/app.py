@@ -3,7 +3,9 @@
 gRPC ext_proc (+ the standard gRPC health service) on EXT_PROC_GRPC_PORT, Prometheus
 metrics on EXT_PROC_METRICS_PORT, the admin API on EXT_PROC_ADMIN_PORT. Envoy and the
 databases run elsewhere. SIGTERM/SIGINT: stop taking streams, let open ones finish
-(bounded), then flush usage records. SIGHUP: reload gateway.yaml and credentials.
+(bounded), then flush usage records. SIGHUP: reload the config and the provider
+credentials. A catalog change (``ext-proc apply``) is picked up through Redis pub/sub
+at once, and by polling its version every few seconds as a safety net.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import grpc
@@ -21,16 +25,28 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ext_proc.auth.authenticator import Authenticator
+from ext_proc.auth.keys import KeyRecord, KeyRecordCodec
+from ext_proc.auth.store import DEFAULT_KEY_TTL, KEY_CACHE_NAME, KEY_KIND, lookup_key
 from ext_proc.config.loader import load_config
 from ext_proc.config.model import GatewayConfig
 from ext_proc.http.server import HttpServer, Request, Response
 from ext_proc.metrics import Metrics
+from ext_proc.policies.engine import PolicyEngine
+from ext_proc.policies.limits import Limits
+from ext_proc.policies.local_limiter import LocalLimits
 from ext_proc.routing.catalog import Catalog
 from ext_proc.routing.credentials import load_credentials
 from ext_proc.server.context import Gateway, Runtime
 from ext_proc.server.servicer import ExternalProcessor
 from ext_proc.settings import Settings
+from ext_proc.stores import catalog as catalog_store
+from ext_proc.stores.cache import TieredCache
+from ext_proc.stores.circuit import CircuitBreaker
+from ext_proc.stores.invalidation import InvalidationListener
 from ext_proc.stores.postgres import create_pool
+from ext_proc.stores.redis import create_redis
+from ext_proc.stores.redis_limits import RedisLimits
 from ext_proc.usage.recorder import UsageRecorder
 from ext_proc.usage.spool import Spool
 
@@ -38,17 +54,27 @@ log = logging.getLogger(__name__)
 
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 GRACE_SECONDS = 10.0
+# How long start-up waits for Postgres before serving from the config file alone.
+STARTUP_POSTGRES_WAIT = 10.0
+# Safety net beside pub/sub: how often the applied catalog's version is polled.
+CONFIG_POLL_SECONDS = 5.0
 
 
-def build_runtime(config: GatewayConfig) -> Runtime:
-    base_dir = Path(config.source).parent if config.source else None
+def build_runtime(
+    config: GatewayConfig, limits: Limits, metrics: Metrics, base_dir: Path | None = None
+) -> Runtime:
+    """Everything derived from one config version (credentials are re-read here)."""
     credentials = load_credentials(config, base_dir=base_dir)
-    return Runtime(config=config, catalog=Catalog.build(config, credentials))
+    return Runtime(
+        config=config,
+        catalog=Catalog.build(config, credentials),
+        engine=PolicyEngine(config, limits, metrics),
+    )
 
 
 @dataclass
 class ServeOptions:
-    config_path: Path
+    config_path: Path | None
     grpc_host: str = "127.0.0.1"
     metrics_host: str = "127.0.0.1"
     admin_host: str = "127.0.0.1"
@@ -56,7 +82,12 @@ class ServeOptions:
 
 
 class Service:
-    """The running process: owns the servers, the usage recorder and the pool."""
+    """The running process: owns the servers, the stores and the current runtime.
+
+    Configuration: Postgres (what ``ext-proc apply`` wrote) is the runtime truth. The
+    config file is used only while Postgres cannot be read at start-up or holds nothing
+    applied yet, and the switch to Postgres happens as soon as it can.
+    """
 
     def __init__(self, settings: Settings, options: ServeOptions) -> None:
         self.settings = settings
@@ -64,32 +95,78 @@ class Service:
         self.metrics = Metrics()
         self.gateway: Gateway | None = None
         self.recorder: UsageRecorder | None = None
+        self.config_source = "none"
         self._pool: asyncpg.Pool | None = None
+        self._redis: Any = None
+        self._limits: Limits | None = None
+        self._listener: InvalidationListener | None = None
         self._grpc: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._http: list[HttpServer] = []
         self._stopping = asyncio.Event()
-        self._pool_task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._version: str | None = None
+        self._reload_lock = asyncio.Lock()
         self.grpc_port = 0
         self.metrics_port = 0
         self.admin_port = 0
 
+    # ------------------------------------------------------------------ start
+
     async def start(self) -> None:
-        config = load_config(self.options.config_path)
-        runtime = build_runtime(config)
-        spool = Spool(self.settings.spool_dir)
-        self.recorder = UsageRecorder(None, self.metrics, spool)
+        settings = self.settings
+        self.recorder = UsageRecorder(None, self.metrics, Spool(settings.spool_dir))
         await self.recorder.start()
-        if self.settings.database_url:
-            self._pool_task = asyncio.create_task(
-                self._connect_postgres(self.settings.database_url)
-            )
+        if settings.database_url:
+            await self._connect_postgres(settings.database_url, STARTUP_POSTGRES_WAIT)
+            if self._pool is None:
+                self._tasks.append(
+                    asyncio.create_task(self._connect_postgres(settings.database_url, None))
+                )
         else:
             log.warning(
-                "DATABASE_URL is not set: usage records are kept in %s until it is",
-                self.settings.spool_dir,
+                "DATABASE_URL is not set: serving from the config file; usage records "
+                "are kept in %s",
+                settings.spool_dir,
             )
-        self.gateway = Gateway(runtime, self.recorder, self.metrics)
+
+        breaker = CircuitBreaker("redis", self.metrics)
+        if settings.redis_url:
+            self._redis = create_redis(settings.redis_url)
+        else:
+            log.warning(
+                "REDIS_URL is not set: limits are per process, key revocations are "
+                "seen within %ss (cache TTL)",
+                DEFAULT_KEY_TTL,
+            )
+        self._limits = Limits(
+            RedisLimits(self._redis) if self._redis is not None else None,
+            LocalLimits(),
+            breaker,
+            self.metrics,
+            settings.redis_prefix,
+        )
+        keys: TieredCache[KeyRecord] = TieredCache(
+            KEY_CACHE_NAME,
+            self._lookup_key,
+            codec=KeyRecordCodec(),
+            redis=self._redis,
+            prefix=settings.redis_prefix,
+            kind=KEY_KIND,
+            ttl=DEFAULT_KEY_TTL,
+            breaker=breaker,
+            metrics=self.metrics,
+        )
+        config = await self._load_config()
+        self.gateway = Gateway(
+            self._build(config), self.recorder, self.metrics, Authenticator(keys)
+        )
+        if settings.redis_url:
+            self._listener = InvalidationListener(settings.redis_url, settings.redis_prefix)
+            self._listener.subscribe(KEY_KIND, keys.invalidate)
+            self._listener.subscribe("config", lambda _id: self.schedule_reload())
+            await self._listener.start()
+        self._tasks.append(asyncio.create_task(self._poll_config()))
 
         self._grpc = grpc.aio.server(
             options=[
@@ -102,7 +179,7 @@ class Service:
         )
         pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(self.gateway), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
-        bind = f"{self.options.grpc_host}:{self.settings.grpc_port}"
+        bind = f"{self.options.grpc_host}:{settings.grpc_port}"
         self.grpc_port = self._grpc.add_insecure_port(bind)
         if self.grpc_port == 0:
             raise OSError(f"cannot bind the gRPC port {bind}")
@@ -112,46 +189,133 @@ class Service:
 
         metrics_server = HttpServer(self._metrics_handler)
         self.metrics_port = await metrics_server.start(
-            self.options.metrics_host, self.settings.metrics_port
+            self.options.metrics_host, settings.metrics_port
         )
         self._http.append(metrics_server)
         from ext_proc.admin.api import AdminApi  # local: the admin API imports the stores
 
-        admin = AdminApi(self)
-        admin_server = HttpServer(admin.handle)
-        self.admin_port = await admin_server.start(
-            self.options.admin_host, self.settings.admin_port
-        )
+        admin_server = HttpServer(AdminApi(self).handle)
+        self.admin_port = await admin_server.start(self.options.admin_host, settings.admin_port)
         self._http.append(admin_server)
         log.info(
-            "ext_proc serving: grpc %s:%d, metrics :%d, admin :%d, config %s",
+            "ext_proc serving: grpc %s:%d, metrics :%d, admin :%d, config from %s",
             self.options.grpc_host,
             self.grpc_port,
             self.metrics_port,
             self.admin_port,
-            self.options.config_path,
+            self.config_source,
         )
         self.options.ready.set()
 
-    async def _connect_postgres(self, url: str) -> None:
-        delay = 0.5
+    async def _lookup_key(self, key_hash: str) -> KeyRecord | None:
+        pool = self._pool
+        if pool is None:
+            raise ConnectionError("Postgres is not connected")
+        return await lookup_key(pool, key_hash)
+
+    async def _connect_postgres(self, url: str, budget: float | None) -> None:
+        """Connect, retrying with backoff, for ``budget`` seconds (None: until stopped)."""
+        deadline = None if budget is None else time.monotonic() + budget
+        delay = 0.25
         while not self._stopping.is_set():
             try:
                 self._pool = await create_pool(url)
-            except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                 self.metrics.dependency_up.labels("postgres").set(0)
-                log.warning(
-                    "Postgres unreachable (%s); usage records are spooled; retrying in %.1fs",
-                    exc,
-                    delay,
-                )
-                with contextlib.suppress(asyncio.TimeoutError):
+                if deadline is not None and time.monotonic() + delay > deadline:
+                    log.warning("Postgres unreachable (%s); starting without it, still trying", exc)
+                    return
+                log.warning("Postgres unreachable (%s); retrying in %.1fs", exc, delay)
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), delay)
                 delay = min(delay * 2, 30.0)
                 continue
             assert self.recorder is not None
             self.recorder.attach_pool(self._pool)
+            if budget is None:  # connected late: switch to the applied catalog
+                self.schedule_reload()
             return
+
+    async def _load_config(self) -> GatewayConfig:
+        """The config to serve: the applied catalog, else the file (with a warning)."""
+        pool = self._pool
+        if pool is not None:
+            try:
+                config = await catalog_store.load_config(pool)
+                version = await catalog_store.config_version(pool)
+            except catalog_store.CatalogNotMigrated:
+                log.error(
+                    "the database is not migrated: run `ext-proc migrate`, then "
+                    "`ext-proc apply -f gateway.yaml`"
+                )
+                config, version = None, None
+            if config is not None:
+                self.config_source = "postgres"
+                self._version = version
+                return config
+            log.warning(
+                "nothing applied to the database yet: run `ext-proc apply -f FILE`; "
+                "until then serving the config file, and no API key can exist"
+            )
+        path = self.options.config_path
+        if path is None:
+            raise RuntimeError(
+                "no configuration: nothing applied to Postgres and no config file given "
+                "(-c or EXT_PROC_CONFIG)"
+            )
+        self.config_source = str(path)
+        return load_config(path)
+
+    def _build(self, config: GatewayConfig) -> Runtime:
+        assert self._limits is not None
+        base_dir = None
+        if self.options.config_path is not None:
+            base_dir = self.options.config_path.resolve().parent
+        return build_runtime(config, self._limits, self.metrics, base_dir)
+
+    # ----------------------------------------------------------------- reload
+
+    def schedule_reload(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._reload_logged())
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    async def _reload_logged(self) -> None:
+        try:
+            await self.reload()
+        except Exception as exc:  # a bad catalog or file: keep serving the running one
+            log.error("reload refused, keeping the running configuration: %s", exc)
+
+    async def reload(self) -> str:
+        """Re-read the config (Postgres, else the file) and the provider credentials; the
+        running runtime stays if the new one cannot be built."""
+        async with self._reload_lock:
+            assert self.gateway is not None
+            config = await self._load_config()
+            self.gateway.swap_runtime(self._build(config))
+            log.info(
+                "configuration loaded from %s (fingerprint %s)",
+                self.config_source,
+                config.fingerprint[:12],
+            )
+            return config.fingerprint
+
+    async def _poll_config(self) -> None:
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), CONFIG_POLL_SECONDS)
+            pool = self._pool
+            if pool is None or self._stopping.is_set():
+                continue
+            try:
+                version = await catalog_store.config_version(pool)
+            except Exception as exc:  # Postgres trouble: the next poll tries again
+                log.debug("config version poll failed: %s", exc)
+                continue
+            if version != self._version:
+                await self._reload_logged()
+
+    # ---------------------------------------------------------------- serving
 
     async def _metrics_handler(self, request: Request) -> Response:
         if request.path != "/metrics":
@@ -167,18 +331,6 @@ class Service:
     @property
     def postgres_ready(self) -> bool:
         return self._pool is not None
-
-    def reload(self) -> str:
-        """Re-read gateway.yaml and credentials; keep the old runtime if the file is bad."""
-        assert self.gateway is not None
-        config = load_config(self.options.config_path)
-        self.gateway.swap_runtime(build_runtime(config))
-        log.info(
-            "configuration reloaded from %s (fingerprint %s)",
-            self.options.config_path,
-            config.fingerprint[:12],
-        )
-        return config.fingerprint
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -197,10 +349,14 @@ class Service:
             await self.recorder.close()
         for server in self._http:
             await server.close()
-        if self._pool_task is not None:
-            self._pool_task.cancel()
+        if self._listener is not None:
+            await self._listener.close()
+        for task in list(self._tasks):
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._pool_task
+                await task
+        if self._redis is not None:
+            await self._redis.aclose()
         if self._pool is not None:
             await self._pool.close()
 
@@ -211,13 +367,8 @@ async def serve(settings: Settings, options: ServeOptions) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.request_stop)
 
-    def _reload() -> None:
-        try:
-            service.reload()
-        except Exception as exc:  # a bad file keeps the running config
-            log.error("reload refused, keeping the running configuration:\n%s", exc)
-
-    loop.add_signal_handler(signal.SIGHUP, _reload)
+    # SIGHUP: re-read the config and the provider credentials (rotated keys).
+    loop.add_signal_handler(signal.SIGHUP, service.schedule_reload)
     try:
         await service.start()
         await service.wait()

@@ -13,8 +13,10 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ext_proc.auth.authenticator import Authenticator
 from ext_proc.config.model import GatewayConfig
 from ext_proc.metrics import Metrics
+from ext_proc.policies.engine import PolicyEngine
 from ext_proc.routing.catalog import Catalog
 from ext_proc.usage.record import UsageRecord
 
@@ -30,7 +32,7 @@ class UsageSink(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class Limits:
+class RequestLimits:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
 
 
@@ -38,16 +40,20 @@ class Limits:
 class Runtime:
     config: GatewayConfig
     catalog: Catalog
-    limits: Limits = Limits()
+    engine: PolicyEngine
+    limits: RequestLimits = RequestLimits()
 
 
 class Gateway:
     """Process-wide collaborators of the request processors."""
 
-    def __init__(self, runtime: Runtime, usage: UsageSink, metrics: Metrics) -> None:
+    def __init__(
+        self, runtime: Runtime, usage: UsageSink, metrics: Metrics, auth: Authenticator
+    ) -> None:
         self.runtime = runtime
         self.usage = usage
         self.metrics = metrics
+        self.auth = auth
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def swap_runtime(self, runtime: Runtime) -> None:

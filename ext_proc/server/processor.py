@@ -10,16 +10,21 @@ after the response runs once the response has been passed on.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
 import orjson
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
+from ext_proc.auth.authenticator import KEY_HEADERS, AuthError
+from ext_proc.policies.base import Denial, Outcome, RequestFacts
+from ext_proc.policies.engine import NO_POLICIES, BoundPolicies, LimitState, PolicyEngine
 from ext_proc.routing.catalog import Route
 from ext_proc.routing.endpoints import SUPPORTED_PATHS, Endpoint, Operation, classify
 from ext_proc.server import responses as r
 from ext_proc.server.context import Gateway, Runtime
+from ext_proc.stores.cache import CacheUnavailable
 from ext_proc.tokens import estimator
 from ext_proc.tokens.parsers import new_stream_parser, parse_json
 from ext_proc.tokens.parsers.base import StreamParser
@@ -29,7 +34,13 @@ from ext_proc.usage.record import UsageRecord
 log = logging.getLogger(__name__)
 
 # Headers that carry the app's gateway key: removed before anything goes upstream.
-CLIENT_KEY_HEADERS = ("authorization", "api-key", "x-api-key")
+CLIENT_KEY_HEADERS = KEY_HEADERS
+_AUTH_CODES = {
+    "missing": "missing_api_key",
+    "unknown": "invalid_api_key",
+    "expired": "expired_api_key",
+    "revoked": "revoked_api_key",
+}
 # The route header Envoy matches to pick the provider cluster (set only by us).
 PROVIDER_HEADER = "x-gateway-provider"
 # Status recorded when the app went away before any response reached it (nginx's code).
@@ -80,10 +91,14 @@ class RequestError(Exception):
 class RequestProcessor:
     __slots__ = (
         "_body",
+        "_bound",
         "_endpoint",
+        "_facts",
         "_finished",
         "_gw",
         "_json_body",
+        "_limit_state",
+        "_response_bytes",
         "_route",
         "_rt",
         "_stream_parser",
@@ -105,6 +120,10 @@ class RequestProcessor:
         self._stream_parser: StreamParser | None = None
         self._json_body: bytearray | None = None
         self._finished = False
+        self._facts: RequestFacts | None = None
+        self._bound: BoundPolicies = NO_POLICIES
+        self._limit_state = LimitState()
+        self._response_bytes = 0
         self.record = UsageRecord(request_id="")
 
     @property
@@ -131,6 +150,7 @@ class RequestProcessor:
             )
         self._endpoint = endpoint
         rec.endpoint = endpoint.path
+        await self._authorize(headers, endpoint)
         if endpoint.operation is Operation.LIST_MODELS:
             if method != "GET":
                 raise RequestError(
@@ -164,6 +184,62 @@ class RequestProcessor:
         # The app's key is dropped here, before anything can go upstream; a provider
         # route header sent by the app is never trusted.
         return r.continue_request_headers(remove=(*CLIENT_KEY_HEADERS, PROVIDER_HEADER))
+
+    async def _authorize(self, headers: dict[str, str], endpoint: Endpoint) -> None:
+        """Who is calling (401 otherwise), and the checks that need no body."""
+        rec = self.record
+        try:
+            identity = await self._gw.auth.authenticate(headers)
+        except AuthError as exc:
+            if exc.record is not None:  # a real key, revoked or expired: say whose
+                rec.key_id, rec.app_id = exc.record.key_id, exc.record.app
+                rec.org_id, rec.environment = exc.record.org, exc.record.environment
+            raise RequestError(
+                401,
+                exc.message,
+                code=_AUTH_CODES[exc.reason],
+                decision="denied",
+                error_type="invalid_request_error",
+            ) from None
+        except CacheUnavailable:
+            raise RequestError(
+                503,
+                "API keys cannot be checked right now (database unavailable); retry shortly.",
+                code="auth_unavailable",
+            ) from None
+        rec.key_id = identity.key_id
+        rec.app_id = identity.app
+        rec.org_id = identity.org
+        rec.environment = identity.environment
+        facts = RequestFacts(
+            request_id=rec.request_id,
+            key_id=identity.key_id,
+            app_id=identity.app,
+            org_id=identity.org,
+            environment=identity.environment,
+            endpoint=endpoint.path,
+            generates=endpoint.operation is not Operation.EMBEDDINGS,
+        )
+        self._facts = facts
+        self._bound = bound = self._rt.engine.bound(identity.app, identity.environment)
+        denial = await self._rt.engine.check_headers(bound, facts, self._limit_state)
+        if denial is not None:
+            raise self._denied(denial)
+
+    def _denied(self, denial: Denial) -> RequestError:
+        headers = PolicyEngine.response_headers(self._limit_state)
+        if denial.retry_after is not None:
+            headers.append(("retry-after", str(max(1, math.ceil(denial.retry_after)))))
+        error_type = "rate_limit_error" if denial.status == 429 else None
+        return RequestError(
+            denial.status,
+            denial.message,
+            code=denial.code,
+            decision="denied",
+            policy=denial.policy,
+            error_type=error_type,
+            headers=tuple(headers),
+        )
 
     async def on_request_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
         endpoint = self._endpoint
@@ -217,28 +293,57 @@ class RequestProcessor:
                 f"Provider {route.provider.name} has no credential configured.",
                 code="provider_credential_missing",
             )
+        await self._check_policies(endpoint, route, body, len(raw), stream)
         call = adapter.prepare(endpoint, route.deployment, body)
         set_headers = [(":path", call.path), (PROVIDER_HEADER, route.provider.name), *call.headers]
         if call.body is not None:
             set_headers.append(("content-length", str(len(call.body))))
         return r.continue_request_body(set_headers, body=call.body, clear_route_cache=True)
 
+    async def _check_policies(
+        self, endpoint: Endpoint, route: Route, body: dict[str, Any], size: int, stream: bool
+    ) -> None:
+        facts = self._facts
+        if facts is None or self._bound.empty:
+            return
+        facts.model = self.record.model or ""
+        facts.catalog_model = route.model.name
+        facts.stream = stream
+        facts.request_size_bytes = size
+        messages = body.get("messages")
+        facts.message_count = len(messages) if isinstance(messages, list) else 0
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        facts.max_tokens = max_tokens if type(max_tokens) is int and max_tokens > 0 else 0
+
+        async def estimate() -> int:
+            tokens = await _estimate_prompt(endpoint, route, body)
+            self.record.estimated_prompt_tokens = tokens
+            return tokens
+
+        denial = await self._rt.engine.check_body(self._bound, facts, self._limit_state, estimate)
+        if denial is not None:
+            raise self._denied(denial)
+
     async def on_response_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
         self._t_response = time.monotonic()
         headers = decode_headers(msg.headers)
         status = headers.get(":status", "0")
         self.record.status_code = int(status) if status.isdigit() else 0
+        limit_headers = (
+            PolicyEngine.response_headers(self._limit_state) if self._bound.limited else []
+        )
         if msg.end_of_stream:
             self._complete()
-            return r.CONTINUE_RESPONSE_HEADERS
+            return r.continue_response_headers(limit_headers)
         content_type = headers.get("content-type", "")
         route = self._route
         if content_type.startswith(_EVENT_STREAM) and route is not None:
             self._stream_parser = new_stream_parser(route.adapter.response_format)
-            return r.continue_response_headers(stream_body=True)
-        return r.CONTINUE_RESPONSE_HEADERS
+            return r.continue_response_headers(limit_headers, stream_body=True)
+        return r.continue_response_headers(limit_headers)
 
     async def on_response_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
+        self._response_bytes += len(msg.body)
         if self._t_first_byte is None and msg.body:
             self._t_first_byte = time.monotonic()
         parser = self._stream_parser
@@ -264,13 +369,16 @@ class RequestProcessor:
         rec.error_code = error.code
         rec.error_message = error.message[:500]
         self._finish_now()
+        headers = error.headers
+        if self._bound.limited and not headers:
+            headers = tuple(PolicyEngine.response_headers(self._limit_state))
         return r.immediate(
             error.status,
             error.message,
             code=error.code,
             param=error.param,
             error_type=error.error_type,
-            headers=error.headers,
+            headers=headers,
         )
 
     def internal_error(self, exc: BaseException) -> pb.ProcessingResponse:
@@ -343,6 +451,7 @@ class RequestProcessor:
                 "owned_by": (route.provider.name if (route := catalog.resolve(name)) else ""),
             }
             for name in catalog.model_names
+            if self._bound.allows_model(name)
         ]
         rec = self.record
         rec.status_code = 200
@@ -389,7 +498,23 @@ class RequestProcessor:
             rec.response_model = summary.response_model
             if rec.stream and not summary.complete:
                 rec.partial = True
+        if self._response_bytes:
+            rec.response_bytes = self._response_bytes
         await self._fill_tokens(summary)
+        if self._facts is not None and rec.decision != "denied" and not self._bound.empty:
+            outcome = Outcome(
+                status=rec.status_code or 0,
+                prompt_tokens=rec.prompt_tokens or 0,
+                completion_tokens=rec.completion_tokens or 0,
+                total_tokens=rec.total_tokens or 0,
+                latency_ms=rec.latency_ms or 0.0,
+                response_size_bytes=self._response_bytes,
+                failed=not rec.total_tokens,
+            )
+            violations = await self._rt.engine.settle(
+                self._bound, self._facts, self._limit_state, outcome
+            )
+            rec.policy_violations = violations or None
         self._gw.usage.submit(rec)
         self._observe(rec)
 

@@ -19,7 +19,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schema"
+# The repo's schema/ folder, reached through the package's `_schema` link so that an
+# installed wheel (which carries the SQL files as package data) finds it too.
+SCHEMA_DIR = Path(__file__).resolve().parents[1] / "_schema"
 
 APPLICATION_NAME = "ext-proc"
 CONNECT_TIMEOUT = 5.0  # seconds to establish one connection

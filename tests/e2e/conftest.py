@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+import redis.asyncio as aioredis
 
 from ext_proc.dev import Stack, StackOptions, free_port
 from tests.conftest import DatabaseFactory
@@ -33,8 +34,23 @@ models:
   text-embedding-3-small: {{provider: mock}}
   azure-4o: {{provider: azure-mock, deployment: gpt-4o-prod}}
   renamed: {{provider: keyed-mock, deployment: gpt-4o-mini}}
+policies:
+  three-per-hour: {{type: rate_limit, requests: 3, window: 1h}}
+  per-key-two: {{type: rate_limit, requests: 2, window: 1h, scope: key}}
+  token-budget: {{type: token_limit, tokens: 400, window: 1h, default_max_tokens: 100}}
+  mini-only: {{type: model_allowlist, models: [gpt-4o-mini, "text-*"]}}
+  small-bodies: {{type: request_size, max_bytes: 4000, max_messages: 3}}
+  no-streams: {{type: custom_cel, pre_check_expression: "!stream", message: "streaming is disabled for this app"}}
+  short-answers: {{type: custom_cel, post_check_expression: "completion_tokens < 20", cooldown: 1h}}
+  generous: {{type: rate_limit, requests: 100000, window: 1h}}
 applications:
-  e2e-app: {{org: e2e}}
+  e2e-app: {{org: e2e, policies: [generous]}}
+  limited-app: {{org: e2e, policies: [three-per-hour]}}
+  keyed-app: {{org: e2e, policies: [per-key-two]}}
+  budget-app: {{org: e2e, policies: [token-budget]}}
+  checked-app: {{org: e2e, policies: [mini-only, small-bodies, no-streams]}}
+  post-app: {{org: e2e, policies: [short-answers]}}
+  env-app: {{org: e2e, environments: {{prod: {{policies: [mini-only]}}}}}}
 """
 
 AZURE_KEY = "azure-provider-key-" + uuid.uuid4().hex[:8]
@@ -46,6 +62,8 @@ class E2E:
 
     def __init__(self, stack: Stack, database_url: str, mock_port: int) -> None:
         self.stack = stack
+        assert stack.api_key is not None
+        self.api_key: str = stack.api_key
         self.database_url = database_url
         self.mock_port = mock_port
         self.base_url = stack.listener_url
@@ -79,6 +97,9 @@ class E2E:
             )
         finally:
             await conn.close()
+
+    async def create_key(self, app: str, environment: str = "default") -> str:
+        return await asyncio.to_thread(self.stack.create_key, app, environment)
 
     def mock_requests(self, marker: str) -> list[dict[str, Any]]:
         """What the mock upstream received for requests carrying ``x-test-id: marker``."""
@@ -124,6 +145,7 @@ async def e2e(
         admin_port=free_port(),
         mock_port=mock_port,
         start_mock=True,
+        key_app="e2e-app",
         database_url=database_url,
         redis_url=redis_url,
         redis_prefix=f"gwtest:e2e:{uuid.uuid4().hex[:8]}:",
@@ -136,6 +158,17 @@ async def e2e(
         yield E2E(stack, database_url, mock_port)
     finally:
         await asyncio.to_thread(stack.stop)
+        await delete_prefix(redis_url, options.redis_prefix)
+
+
+async def delete_prefix(redis_url: str, prefix: str) -> None:
+    client = aioredis.from_url(redis_url)
+    try:
+        keys = [k async for k in client.scan_iter(match=prefix + "*", count=500)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ MESSAGES = [
 def client(e2e: E2E, marker: str, **headers: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(
         base_url=f"{e2e.base_url}/v1",
-        api_key="sk-app-key-e2e",
+        api_key=e2e.api_key,
         max_retries=0,
         default_headers={"x-test-id": marker, **headers},
         timeout=30,
@@ -60,7 +60,7 @@ async def test_chat_plain_usage_row_matches_provider(e2e: E2E, marker: str) -> N
     assert await e2e.count_rows(request_id) == 1
     # The app's gateway key never reaches the provider.
     [seen] = e2e.mock_requests(marker)
-    assert "sk-app-key-e2e" not in json.dumps(seen["headers"])
+    assert e2e.api_key not in json.dumps(seen["headers"])
     assert "authorization" not in seen["headers"]
 
 
@@ -243,7 +243,7 @@ async def test_bad_requests_get_openai_errors(
         response = await http.post(
             f"{e2e.base_url}/v1/chat/completions",
             content=body,
-            headers={"authorization": "Bearer k", **headers},
+            headers={"authorization": f"Bearer {e2e.api_key}", **headers},
         )
     assert response.status_code == status
     error = response.json()["error"]
@@ -291,7 +291,7 @@ async def test_oversized_chunked_body_gets_413(e2e: E2E) -> None:
         response = await http.post(
             f"{e2e.base_url}/v1/chat/completions",
             content=body(),
-            headers={"content-type": "application/json"},
+            headers={"content-type": "application/json", "authorization": f"Bearer {e2e.api_key}"},
         )
     assert response.status_code == 413
     assert response.json()["error"]["code"] in ("request_too_large", "request_payload_too_large")
@@ -300,7 +300,7 @@ async def test_oversized_chunked_body_gets_413(e2e: E2E) -> None:
 async def test_azure_style_path_and_credentials(e2e: E2E, marker: str) -> None:
     azure = openai.AsyncAzureOpenAI(
         azure_endpoint=e2e.base_url,
-        api_key="sk-app-key-e2e",
+        api_key=e2e.api_key,
         api_version="2024-10-21",
         max_retries=0,
         default_headers={"x-test-id": marker},
@@ -313,7 +313,7 @@ async def test_azure_style_path_and_credentials(e2e: E2E, marker: str) -> None:
     assert seen["path"] == "/openai/deployments/gpt-4o-prod/chat/completions"
     assert "api-version=2024-10-21" in seen["query"]
     assert seen["headers"]["api-key"] == AZURE_KEY
-    assert "sk-app-key-e2e" not in json.dumps(seen["headers"])
+    assert e2e.api_key not in json.dumps(seen["headers"])
     row = await e2e.usage_row(raw.headers["x-request-id"])
     assert row["provider"] == "azure-mock" and row["deployment"] == "gpt-4o-prod"
 

@@ -30,9 +30,20 @@ applications:
 
 def validate(path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [envoy_binary(), "--mode", "validate", "-c", str(path), "--disable-hot-restart",
-         "--log-level", "error"],
-        capture_output=True, text=True, timeout=60, check=False,
+        [
+            envoy_binary(),
+            "--mode",
+            "validate",
+            "-c",
+            str(path),
+            "--disable-hot-restart",
+            "--log-level",
+            "error",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 
@@ -67,8 +78,12 @@ def test_rendered_shape() -> None:
     listener = bootstrap["static_resources"]["listeners"][0]
     assert listener["per_connection_buffer_limit_bytes"] == 2048
     clusters = {c["name"]: c for c in bootstrap["static_resources"]["clusters"]}
-    assert set(clusters) == {"ext_proc", "provider_openai", "provider_azure-eastus",
-                             "provider_local-vllm"}
+    assert set(clusters) == {
+        "ext_proc",
+        "provider_openai",
+        "provider_azure-eastus",
+        "provider_local-vllm",
+    }
     tls = clusters["provider_openai"]["transport_socket"]["typed_config"]
     assert tls["sni"] == "api.openai.com"
     assert "transport_socket" not in clusters["provider_local-vllm"]

@@ -22,6 +22,9 @@ from ext_proc.usage.record import COLUMNS, UsageRecord
 
 pytestmark = pytest.mark.integration
 
+# The repository's own migrations, in order (later issues add files here).
+REPO = sorted(p.name for p in SCHEMA_DIR.glob("*.sql"))
+
 
 @pytest.fixture
 def schema_copy(tmp_path: Path) -> Path:
@@ -46,8 +49,9 @@ async def _applied(url: str) -> list[tuple[int, str]]:
 
 
 async def test_repository_schema_matches_the_usage_record(database_url: str) -> None:
-    assert await pending_migrations(database_url) == ["0001_usage_records.sql"]
-    assert await migrate(database_url) == ["0001_usage_records.sql"]
+    assert REPO[0] == "0001_usage_records.sql"
+    assert await pending_migrations(database_url) == REPO
+    assert await migrate(database_url) == REPO
     assert await pending_migrations(database_url) == []
     conn = await asyncpg.connect(database_url)
     try:
@@ -91,9 +95,9 @@ async def test_migrations_apply_in_order_and_twice_is_a_no_op(
     database_url: str, schema_copy: Path
 ) -> None:
     applied = await migrate(database_url, schema_copy)
-    assert applied == ["0001_usage_records.sql", "9001_add_note.sql", "9002_note_index.sql"]
+    assert applied == [*REPO, "9001_add_note.sql", "9002_note_index.sql"]
     assert await _applied(database_url) == [
-        (1, "0001_usage_records.sql"),
+        *((int(name[:4]), name) for name in REPO),
         (9001, "9001_add_note.sql"),
         (9002, "9002_note_index.sql"),
     ]
@@ -126,7 +130,7 @@ async def test_failing_migration_rolls_back_alone(database_url: str, schema_copy
     with pytest.raises(MigrationError, match=r"9003_broken\.sql failed and was rolled back"):
         await migrate(database_url, schema_copy)
     assert [name for _, name in await _applied(database_url)] == [
-        "0001_usage_records.sql",
+        *REPO,
         "9001_add_note.sql",
         "9002_note_index.sql",
     ]
@@ -146,13 +150,9 @@ async def test_concurrent_migrate_calls_apply_each_file_once(
 ) -> None:
     results = await asyncio.gather(*(migrate(database_url, schema_copy) for _ in range(4)))
     applied = [name for result in results for name in result]
-    assert sorted(applied) == [
-        "0001_usage_records.sql",
-        "9001_add_note.sql",
-        "9002_note_index.sql",
-    ]
+    assert sorted(applied) == [*REPO, "9001_add_note.sql", "9002_note_index.sql"]
     assert sum(1 for result in results if result) == 1  # one runner did it all
-    assert len(await _applied(database_url)) == 3
+    assert len(await _applied(database_url)) == len(REPO) + 2
 
 
 async def test_badly_named_or_duplicate_files_are_refused(
@@ -174,7 +174,7 @@ async def test_run_migrate_reports_and_exits(
 ) -> None:
     # run_migrate owns its event loop (it is the CLI's entry point): run it off this one.
     assert await asyncio.to_thread(run_migrate, database_url) == 0
-    assert capsys.readouterr().out == "applied 0001_usage_records.sql\n"
+    assert capsys.readouterr().out == "".join(f"applied {name}\n" for name in REPO)
     assert await asyncio.to_thread(run_migrate, database_url) == 0
     assert capsys.readouterr().out == "schema up to date\n"
 

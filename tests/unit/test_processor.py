@@ -10,11 +10,18 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
+from ext_proc.auth.authenticator import Authenticator
+from ext_proc.auth.keys import KeyRecord, KeyRecordCodec, generate_key, hash_key
 from ext_proc.config.loader import parse_config
 from ext_proc.metrics import Metrics
+from ext_proc.policies.engine import PolicyEngine
+from ext_proc.policies.limits import Limits
+from ext_proc.policies.local_limiter import LocalLimits
 from ext_proc.routing.catalog import Catalog
-from ext_proc.server.context import Gateway, Limits, Runtime
+from ext_proc.server.context import Gateway, RequestLimits, Runtime
 from ext_proc.server.processor import RequestError, RequestProcessor
+from ext_proc.stores.cache import TieredCache
+from ext_proc.stores.circuit import CircuitBreaker
 from ext_proc.usage.record import UsageRecord
 
 CONFIG = """
@@ -25,9 +32,24 @@ providers:
 models:
   gpt-4o-mini: {provider: mock}
   azure-mini: {provider: az, deployment: mini-prod}
+policies:
+  two-per-hour: {type: rate_limit, requests: 2, window: 1h}
+  mini-only: {type: model_allowlist, models: [gpt-4o-mini]}
 applications:
   app: {org: o}
+  limited: {org: o, policies: [two-per-hour, mini-only]}
 """
+
+# The key table, as the key cache's loader sees it (the integration and e2e tests use
+# the real Postgres; these unit tests need only the lookup).
+APP_KEY = generate_key()
+LIMITED_KEY = generate_key()
+KEYS = {
+    hash_key(APP_KEY): KeyRecord("key_app", "app", "o", "default", APP_KEY[:12], None, None),
+    hash_key(LIMITED_KEY): KeyRecord(
+        "key_lim", "limited", "o", "default", LIMITED_KEY[:12], None, None
+    ),
+}
 
 
 class ListSink:
@@ -38,25 +60,51 @@ class ListSink:
         self.records.append(record)
 
 
-def make_gateway(*, max_bytes: int = 4096, az_key: str | None = "az-secret") -> tuple[Gateway, ListSink]:
+def make_gateway(
+    *, max_bytes: int = 4096, az_key: str | None = "az-secret"
+) -> tuple[Gateway, ListSink]:
     config = parse_config(CONFIG)
     catalog = Catalog.build(config, {"mock": None, "az": az_key})
     sink = ListSink()
-    return Gateway(Runtime(config, catalog, Limits(max_bytes)), sink, Metrics()), sink
+    metrics = Metrics()
+    limits = Limits(None, LocalLimits(), CircuitBreaker("redis", metrics), metrics, "t:")
+
+    async def lookup(key_hash: str) -> KeyRecord | None:
+        return KEYS.get(key_hash)
+
+    cache: TieredCache[KeyRecord] = TieredCache("keys", lookup, codec=KeyRecordCodec(), kind="key")
+    runtime = Runtime(
+        config, catalog, PolicyEngine(config, limits, metrics), RequestLimits(max_bytes)
+    )
+    return Gateway(runtime, sink, metrics, Authenticator(cache)), sink
 
 
 def headers(**values: str) -> pb.HttpHeaders:
-    items = [base_pb2.HeaderValue(key=k.replace("_", "-") if not k.startswith(":") else k,
-                                  raw_value=v.encode()) for k, v in values.items()]
+    items = [
+        base_pb2.HeaderValue(
+            key=k.replace("_", "-") if not k.startswith(":") else k, raw_value=v.encode()
+        )
+        for k, v in values.items()
+    ]
     return pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=items))
 
 
-def request_headers(path: str = "/v1/chat/completions", method: str = "POST",
-                    **extra: str) -> pb.HttpHeaders:
-    msg = headers(**{":path": path, ":method": method, "x-request-id": "rid-1",
-                     "content-type": "application/json", "authorization": "Bearer app-key"})
+def request_headers(
+    path: str = "/v1/chat/completions", method: str = "POST", **extra: str
+) -> pb.HttpHeaders:
+    msg = headers(
+        **{
+            ":path": path,
+            ":method": method,
+            "x-request-id": "rid-1",
+            "content-type": "application/json",
+            "authorization": f"Bearer {APP_KEY}",
+        }
+    )
     for k, v in extra.items():
-        msg.headers.headers.append(base_pb2.HeaderValue(key=k.replace("_", "-"), raw_value=v.encode()))
+        msg.headers.headers.append(
+            base_pb2.HeaderValue(key=k.replace("_", "-"), raw_value=v.encode())
+        )
     return msg
 
 
@@ -105,11 +153,16 @@ async def test_azure_route_injects_key_and_stream_usage() -> None:
     await proc.on_request_headers(request_headers())
     response = await proc.on_request_body(body({**CHAT, "model": "azure-mini", "stream": True}))
     set_headers = mutations(response, "request_body")
-    assert set_headers[":path"] == "/openai/deployments/mini-prod/chat/completions?api-version=2024-10-21"
+    assert (
+        set_headers[":path"]
+        == "/openai/deployments/mini-prod/chat/completions?api-version=2024-10-21"
+    )
     assert set_headers["api-key"] == "az-secret"
     new_body = orjson.loads(response.request_body.response.body_mutation.body)
     assert new_body["stream_options"] == {"include_usage": True}
-    assert set_headers["content-length"] == str(len(response.request_body.response.body_mutation.body))
+    assert set_headers["content-length"] == str(
+        len(response.request_body.response.body_mutation.body)
+    )
 
 
 async def test_missing_provider_key_is_503() -> None:
@@ -129,12 +182,22 @@ async def test_missing_provider_key_is_503() -> None:
         (b"{", "invalid_json", None),
         (b'"text"', "invalid_json", None),
         (b'{"model": "gpt-4o-mini", "messages": "x"}', "invalid_type", "messages"),
-        (b'{"model": "gpt-4o-mini", "messages": [{"content": "no role"}]}', "invalid_type", "messages[0]"),
-        (b'{"model": "gpt-4o-mini", "messages": [{"role": "user"}], "stream": "yes"}',
-         "invalid_type", "stream"),
+        (
+            b'{"model": "gpt-4o-mini", "messages": [{"content": "no role"}]}',
+            "invalid_type",
+            "messages[0]",
+        ),
+        (
+            b'{"model": "gpt-4o-mini", "messages": [{"role": "user"}], "stream": "yes"}',
+            "invalid_type",
+            "stream",
+        ),
         (b'{"model": 5, "messages": []}', "missing_required_parameter", "model"),
-        (b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "\xc3\x28"}]}',
-         "invalid_encoding", None),
+        (
+            b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "\xc3\x28"}]}',
+            "invalid_encoding",
+            None,
+        ),
     ],
 )
 async def test_bad_bodies_name_the_problem(raw: bytes, code: str, param: str | None) -> None:
@@ -189,10 +252,19 @@ async def test_json_response_usage_is_exact() -> None:
     proc = RequestProcessor(gw)
     await proc.on_request_headers(request_headers())
     await proc.on_request_body(body(CHAT))
-    await proc.on_response_headers(headers(**{":status": "200", "content-type": "application/json"}))
-    payload = {"model": "gpt-4o-mini-2024", "choices": [],
-               "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18,
-                         "prompt_tokens_details": {"cached_tokens": 4}}}
+    await proc.on_response_headers(
+        headers(**{":status": "200", "content-type": "application/json"})
+    )
+    payload = {
+        "model": "gpt-4o-mini-2024",
+        "choices": [],
+        "usage": {
+            "prompt_tokens": 11,
+            "completion_tokens": 7,
+            "total_tokens": 18,
+            "prompt_tokens_details": {"cached_tokens": 4},
+        },
+    }
     raw = orjson.dumps(payload)
     await proc.on_response_body(pb.HttpBody(body=raw[:10]))
     await proc.on_response_body(pb.HttpBody(body=raw[10:], end_of_stream=True))
@@ -210,7 +282,8 @@ async def test_stream_override_and_cancel_counts_delivered_text() -> None:
     await proc.on_request_headers(request_headers())
     await proc.on_request_body(body({**CHAT, "stream": True}))
     response = await proc.on_response_headers(
-        headers(**{":status": "200", "content-type": "text/event-stream"}))
+        headers(**{":status": "200", "content-type": "text/event-stream"})
+    )
     assert response.mode_override.response_body_mode == response.mode_override.STREAMED
     chunk = {"model": "m", "choices": [{"index": 0, "delta": {"content": "hello world"}}]}
     await proc.on_response_body(pb.HttpBody(body=b"data: " + orjson.dumps(chunk) + b"\n\n"))
@@ -240,9 +313,99 @@ async def test_upstream_error_bills_nothing() -> None:
     proc = RequestProcessor(gw)
     await proc.on_request_headers(request_headers())
     await proc.on_request_body(body(CHAT))
-    await proc.on_response_headers(headers(**{":status": "500", "content-type": "application/json"}))
-    await proc.on_response_body(pb.HttpBody(body=b'{"error": {"message": "boom"}}', end_of_stream=True))
+    await proc.on_response_headers(
+        headers(**{":status": "500", "content-type": "application/json"})
+    )
+    await proc.on_response_body(
+        pb.HttpBody(body=b'{"error": {"message": "boom"}}', end_of_stream=True)
+    )
     await settle()
     [record] = sink.records
     assert record.decision == "error" and record.error_code == "upstream_error"
     assert (record.prompt_tokens, record.completion_tokens, record.total_tokens) == (0, 0, 0)
+
+
+def keyed_headers(
+    key: str | None, path: str = "/v1/chat/completions", method: str = "POST"
+) -> pb.HttpHeaders:
+    values = {
+        ":path": path,
+        ":method": method,
+        "x-request-id": "rid-2",
+        "content-type": "application/json",
+    }
+    if key is not None:
+        values["api-key"] = key
+    return headers(**values)
+
+
+@pytest.mark.parametrize(
+    ("key", "code"),
+    [
+        (None, "missing_api_key"),
+        ("gwk_unknown", "invalid_api_key"),
+        ("sk-provider-key", "invalid_api_key"),
+    ],
+)
+async def test_bad_keys_are_401_with_a_record(key: str | None, code: str) -> None:
+    gw, sink = make_gateway()
+    proc = RequestProcessor(gw)
+    with pytest.raises(RequestError) as info:
+        await proc.on_request_headers(keyed_headers(key))
+    assert (info.value.status, info.value.code, info.value.decision) == (401, code, "denied")
+    proc.deny(info.value)
+    await settle()
+    [record] = sink.records
+    assert record.status_code == 401 and record.app_id is None
+
+
+async def test_identity_lands_in_the_record() -> None:
+    gw, sink = make_gateway()
+    proc = RequestProcessor(gw)
+    await proc.on_request_headers(keyed_headers(APP_KEY))
+    await proc.on_request_body(body(CHAT))
+    proc.close(cancelled=True)
+    await settle()
+    [record] = sink.records
+    assert (record.key_id, record.app_id, record.org_id, record.environment) == (
+        "key_app",
+        "app",
+        "o",
+        "default",
+    )
+
+
+async def test_limited_app_gets_ratelimit_headers_then_429() -> None:
+    gw, _ = make_gateway()
+    for expected in ("1", "0"):
+        proc = RequestProcessor(gw)
+        await proc.on_request_headers(keyed_headers(LIMITED_KEY))
+        await proc.on_request_body(body(CHAT))
+        response = await proc.on_response_headers(
+            headers(**{":status": "200", "content-type": "application/json"})
+        )
+        added = mutations(response, "response_headers")
+        assert added["x-ratelimit-limit-requests"] == "2"
+        assert added["x-ratelimit-remaining-requests"] == expected
+    proc = RequestProcessor(gw)
+    with pytest.raises(RequestError) as info:
+        await proc.on_request_headers(keyed_headers(LIMITED_KEY))
+    error = info.value
+    assert (error.status, error.code, error.policy) == (429, "rate_limit_exceeded", "two-per-hour")
+    assert dict(error.headers)["retry-after"].isdigit()
+
+
+async def test_allowlist_denies_and_filters_model_list() -> None:
+    gw, _ = make_gateway()
+    proc = RequestProcessor(gw)
+    await proc.on_request_headers(keyed_headers(LIMITED_KEY))
+    with pytest.raises(RequestError) as info:
+        await proc.on_request_body(body({**CHAT, "model": "azure-mini"}))
+    assert (info.value.status, info.value.code, info.value.policy) == (
+        403,
+        "model_not_allowed",
+        "mini-only",
+    )
+    proc = RequestProcessor(gw)
+    response = await proc.on_request_headers(keyed_headers(APP_KEY, "/v1/models", "GET"))
+    assert len(orjson.loads(response.immediate_response.body)["data"]) == 2
