@@ -22,6 +22,7 @@ from ext_proc.policies.base import Denial, Outcome, RequestFacts
 from ext_proc.policies.engine import NO_POLICIES, BoundPolicies, LimitState, PolicyEngine
 from ext_proc.routing.catalog import Route
 from ext_proc.routing.endpoints import SUPPORTED_PATHS, Endpoint, Operation, classify
+from ext_proc.routing.translate.base import ResponseTranslator, TranslationError
 from ext_proc.server import responses as r
 from ext_proc.server.context import Gateway, Runtime
 from ext_proc.stores.cache import CacheUnavailable
@@ -47,6 +48,10 @@ PROVIDER_HEADER = "x-gateway-provider"
 CLIENT_CLOSED_REQUEST = 499
 
 _JSON_TYPES = ("application/json",)
+# Dropped before anything goes upstream: the app's key, a route header it must not
+# choose, and accept-encoding (the gateway reads response bodies for usage, so they
+# must not come back compressed).
+_REMOVED_REQUEST_HEADERS = (*KEY_HEADERS, PROVIDER_HEADER, "accept-encoding")
 _EVENT_STREAM = "text/event-stream"
 
 
@@ -105,6 +110,7 @@ class RequestProcessor:
         "_t0",
         "_t_first_byte",
         "_t_response",
+        "_translator",
         "record",
     )
 
@@ -124,6 +130,7 @@ class RequestProcessor:
         self._bound: BoundPolicies = NO_POLICIES
         self._limit_state = LimitState()
         self._response_bytes = 0
+        self._translator: ResponseTranslator | None = None
         self.record = UsageRecord(request_id="")
 
     @property
@@ -183,7 +190,7 @@ class RequestProcessor:
             )
         # The app's key is dropped here, before anything can go upstream; a provider
         # route header sent by the app is never trusted.
-        return r.continue_request_headers(remove=(*CLIENT_KEY_HEADERS, PROVIDER_HEADER))
+        return r.continue_request_headers(remove=_REMOVED_REQUEST_HEADERS)
 
     async def _authorize(self, headers: dict[str, str], endpoint: Endpoint) -> None:
         """Who is calling (401 otherwise), and the checks that need no body."""
@@ -275,6 +282,15 @@ class RequestProcessor:
         rec.stream = stream
         if endpoint.operation is Operation.CHAT:
             _require_list(body, "messages")
+        elif endpoint.operation is Operation.MESSAGES:
+            _require_list(body, "messages")
+            if type(body.get("max_tokens")) is not int:
+                raise RequestError(
+                    400,
+                    "Missing required parameter: 'max_tokens' (an integer).",
+                    code="missing_required_parameter",
+                    param="max_tokens",
+                )
         elif endpoint.operation is Operation.TEXT_COMPLETION:
             _require(body, "prompt")
         elif endpoint.operation is Operation.EMBEDDINGS:
@@ -294,11 +310,27 @@ class RequestProcessor:
                 code="provider_credential_missing",
             )
         await self._check_policies(endpoint, route, body, len(raw), stream)
-        call = adapter.prepare(endpoint, route.deployment, body)
-        set_headers = [(":path", call.path), (PROVIDER_HEADER, route.provider.name), *call.headers]
-        if call.body is not None:
-            set_headers.append(("content-length", str(len(call.body))))
-        return r.continue_request_body(set_headers, body=call.body, clear_route_cache=True)
+        new_body: bytes | None
+        if adapter.translates(endpoint.operation):
+            try:
+                translated = adapter.translate(endpoint, route.deployment, body)
+            except TranslationError as exc:
+                raise RequestError(
+                    400,
+                    exc.message,
+                    code=exc.code,
+                    param=exc.param,
+                    error_type="invalid_request_error",
+                ) from None
+            self._translator = translated.response
+            path, call_headers, new_body = translated.path, translated.headers, translated.body
+        else:
+            call = adapter.prepare(endpoint, route.deployment, body)
+            path, call_headers, new_body = call.path, call.headers, call.body
+        set_headers = [(":path", path), (PROVIDER_HEADER, route.provider.name), *call_headers]
+        if new_body is not None:
+            set_headers.append(("content-length", str(len(new_body))))
+        return r.continue_request_body(set_headers, body=new_body, clear_route_cache=True)
 
     async def _check_policies(
         self, endpoint: Endpoint, route: Route, body: dict[str, Any], size: int, stream: bool
@@ -337,10 +369,18 @@ class RequestProcessor:
             return r.continue_response_headers(limit_headers)
         content_type = headers.get("content-type", "")
         route = self._route
-        if content_type.startswith(_EVENT_STREAM) and route is not None:
+        streamed = content_type.startswith(_EVENT_STREAM) and route is not None
+        if streamed and route is not None:
             self._stream_parser = new_stream_parser(route.adapter.response_format)
-            return r.continue_response_headers(limit_headers, stream_body=True)
-        return r.continue_response_headers(limit_headers)
+        if self._translator is not None:
+            # The body will be rewritten into the app's API: its length changes, and a
+            # buffered answer (JSON or an error page) always becomes JSON.
+            if not streamed:
+                limit_headers = [*limit_headers, ("content-type", "application/json")]
+            return r.continue_response_headers(
+                limit_headers, remove=("content-length",), stream_body=streamed
+            )
+        return r.continue_response_headers(limit_headers, stream_body=streamed)
 
     async def on_response_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
         self._response_bytes += len(msg.body)
@@ -356,7 +396,21 @@ class RequestProcessor:
                 self._json_body += msg.body
         if msg.end_of_stream:
             self._complete()
-        return r.CONTINUE_RESPONSE_BODY
+        translator = self._translator
+        if translator is None:
+            return r.CONTINUE_RESPONSE_BODY
+        # Accounting above read the provider's own bytes; the app gets its API's shape.
+        if parser is not None:
+            out = translator.feed(msg.body)
+            if msg.end_of_stream:
+                out += translator.finish()
+            return r.replace_response_body(out)
+        if not msg.end_of_stream:
+            return r.replace_response_body(b"")  # buffered: answered whole at the end
+        translated = translator.translate_json(
+            bytes(self._json_body or b""), self.record.status_code or 0
+        )
+        return r.replace_response_body(translated, [("content-length", str(len(translated)))])
 
     # ------------------------------------------------------------ outcomes
 
@@ -379,6 +433,7 @@ class RequestProcessor:
             param=error.param,
             error_type=error.error_type,
             headers=headers,
+            anthropic=self._endpoint is not None and self._endpoint.style == "anthropic",
         )
 
     def internal_error(self, exc: BaseException) -> pb.ProcessingResponse:
@@ -590,6 +645,10 @@ async def _estimate_prompt(endpoint: Endpoint | None, route: Route, body: dict[s
         return await estimator.estimate_input_async(model, body.get("input"))
     if endpoint is not None and endpoint.operation is Operation.TEXT_COMPLETION:
         return await estimator.estimate_input_async(model, body.get("prompt"))
+    if endpoint is not None and endpoint.operation is Operation.MESSAGES:
+        return await estimator.estimate_anthropic_async(
+            model, body.get("system"), body.get("messages"), body.get("tools")
+        )
     return 0
 
 

@@ -84,6 +84,29 @@ def error_body(
     )
 
 
+_ANTHROPIC_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+}
+
+
+def anthropic_error_body(message: str, *, status: int, code: str | None = None) -> bytes:
+    """Anthropic's error shape, for apps on ``/v1/messages`` (the Anthropic SDK)."""
+    error: dict[str, str] = {
+        "type": _ANTHROPIC_TYPE_BY_STATUS.get(status, "api_error"),
+        "message": message,
+    }
+    if code:
+        error["code"] = code  # ours, beside Anthropic's fields: the SDK ignores extra keys
+    return orjson.dumps({"type": "error", "error": error})
+
+
 def header_options(headers: Iterable[tuple[str, str]]) -> list[base_pb2.HeaderValueOption]:
     return [
         _HeaderValueOption(
@@ -105,9 +128,14 @@ def immediate(
     param: str | None = None,
     error_type: str | None = None,
     headers: Headers = (),
+    anthropic: bool = False,
 ) -> pb.ProcessingResponse:
-    """An OpenAI-shaped error answered by the gateway itself (the upstream is not called)."""
-    body = error_body(message, status=status, code=code, param=param, error_type=error_type)
+    """An error answered by the gateway itself (the upstream is not called): OpenAI's
+    shape, or Anthropic's for apps calling ``/v1/messages``."""
+    if anthropic:
+        body = anthropic_error_body(message, status=status, code=code)
+    else:
+        body = error_body(message, status=status, code=code, param=param, error_type=error_type)
     all_headers = [("content-type", "application/json"), *headers]
     return immediate_raw(status, body, all_headers, details=f"gw_{code or 'error'}")
 
@@ -159,17 +187,37 @@ def continue_request_body(
 
 
 def continue_response_headers(
-    set_headers: Headers = (), *, stream_body: bool = False, skip_body: bool = False
+    set_headers: Headers = (),
+    *,
+    remove: Sequence[str] = (),
+    stream_body: bool = False,
+    skip_body: bool = False,
 ) -> pb.ProcessingResponse:
     response = ProcessingResponse(response_headers=pb.HeadersResponse())
     if set_headers:
         response.response_headers.response.header_mutation.set_headers.extend(
             header_options(set_headers)
         )
+    if remove:
+        response.response_headers.response.header_mutation.remove_headers.extend(remove)
     if stream_body:
         response.mode_override.CopyFrom(_STREAMED_RESPONSE_MODE)
     elif skip_body:
         response.mode_override.CopyFrom(_NO_RESPONSE_BODY_MODE)
-    elif not set_headers:
+    elif not set_headers and not remove:
         return CONTINUE_RESPONSE_HEADERS
     return response
+
+
+def replace_response_body(body: bytes, set_headers: Headers = ()) -> pb.ProcessingResponse:
+    """Send ``body`` instead of this response body chunk (or the whole buffered body).
+
+    Status CONTINUE (not CONTINUE_AND_REPLACE, which would stop further chunks); an empty
+    replacement clears the chunk.
+    """
+    common = pb.CommonResponse(header_mutation=header_mutation(set_headers))
+    if body:
+        common.body_mutation.body = body
+    else:
+        common.body_mutation.clear_body = True
+    return ProcessingResponse(response_body=pb.BodyResponse(response=common))

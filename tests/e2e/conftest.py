@@ -27,6 +27,10 @@ providers:
                api_key_env: E2E_AZURE_KEY, retries: {{attempts: 0}}}}
   keyed-mock: {{type: openai, base_url: "http://127.0.0.1:{mock}/v1", api_key_env: E2E_OPENAI_KEY,
                retries: {{attempts: 0}}}}
+  anthropic-mock: {{type: anthropic, base_url: "http://127.0.0.1:{mock}", api_key_env: E2E_ANTHROPIC_KEY,
+                   retries: {{attempts: 0}}}}
+  file-keyed: {{type: openai, base_url: "http://127.0.0.1:{mock}", api_key_file: {key_file},
+               retries: {{attempts: 0}}}}
 models:
   gpt-4o-mini: {{provider: mock}}
   gpt-4o: {{provider: mock}}
@@ -34,6 +38,8 @@ models:
   text-embedding-3-small: {{provider: mock}}
   azure-4o: {{provider: azure-mock, deployment: gpt-4o-prod}}
   renamed: {{provider: keyed-mock, deployment: gpt-4o-mini}}
+  claude-sonnet-4: {{provider: anthropic-mock, deployment: claude-sonnet-4-20250514}}
+  file-model: {{provider: file-keyed, deployment: gpt-4o-mini}}
 policies:
   three-per-hour: {{type: rate_limit, requests: 3, window: 1h}}
   per-key-two: {{type: rate_limit, requests: 2, window: 1h, scope: key}}
@@ -55,6 +61,7 @@ applications:
 
 AZURE_KEY = "azure-provider-key-" + uuid.uuid4().hex[:8]
 OPENAI_KEY = "openai-provider-key-" + uuid.uuid4().hex[:8]
+ANTHROPIC_KEY = "anthropic-provider-key-" + uuid.uuid4().hex[:8]
 
 
 class E2E:
@@ -69,6 +76,7 @@ class E2E:
         self.base_url = stack.listener_url
         self.metrics_url = f"http://127.0.0.1:{stack.options.metrics_port}/metrics"
         self.mock_url = f"http://127.0.0.1:{mock_port}"
+        self.provider_key_file: Path | None = None
 
     async def usage_row(self, request_id: str, timeout: float = 15.0) -> dict[str, Any]:
         """The usage row for a request, polling (bounded) until the writer has flushed it."""
@@ -134,7 +142,9 @@ async def e2e(
     tmp = Path(tmp_path_factory.mktemp("e2e"))
     mock_port = free_port()
     config_path = tmp / "gateway.yaml"
-    config_path.write_text(E2E_CONFIG.format(mock=mock_port))
+    key_file = tmp / "provider-key"
+    key_file.write_text("file-key-1\n")
+    config_path.write_text(E2E_CONFIG.format(mock=mock_port, key_file=key_file))
     options = StackOptions(
         config_path=config_path,
         data_dir=tmp / "data",
@@ -149,13 +159,19 @@ async def e2e(
         database_url=database_url,
         redis_url=redis_url,
         redis_prefix=f"gwtest:e2e:{uuid.uuid4().hex[:8]}:",
-        extra_env={"E2E_AZURE_KEY": AZURE_KEY, "E2E_OPENAI_KEY": OPENAI_KEY},
+        extra_env={
+            "E2E_AZURE_KEY": AZURE_KEY,
+            "E2E_OPENAI_KEY": OPENAI_KEY,
+            "E2E_ANTHROPIC_KEY": ANTHROPIC_KEY,
+        },
         quiet=True,
     )
     stack = Stack(options)
     await asyncio.to_thread(stack.start)
     try:
-        yield E2E(stack, database_url, mock_port)
+        e2e = E2E(stack, database_url, mock_port)
+        e2e.provider_key_file = key_file
+        yield e2e
     finally:
         await asyncio.to_thread(stack.stop)
         await delete_prefix(redis_url, options.redis_prefix)

@@ -57,7 +57,19 @@ def test_checked_in_dev_config_is_current(repo_root: Path, monkeypatch: pytest.M
     )
 
 
-@pytest.mark.parametrize("name", ["dev.yaml"])
+def test_checked_in_production_config_is_current(
+    repo_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(repo_root)
+    config = load_config(Path("examples/production.yaml"))
+    expected = render_yaml(config, EnvoyOptions(stats_port=9902))
+    assert (repo_root / "envoy/production.yaml").read_text() == expected, (
+        "envoy/production.yaml is stale: run `ext-proc envoy-config -c examples/production.yaml "
+        "--stats-port 9902 -o envoy/production.yaml`"
+    )
+
+
+@pytest.mark.parametrize("name", ["dev.yaml", "production.yaml"])
 def test_shipped_envoy_configs_validate(repo_root: Path, name: str) -> None:
     result = validate(repo_root / "envoy" / name)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -151,9 +151,25 @@ def test_examples_gateway_yaml_loads(repo_root: Path) -> None:
         "http://127.0.0.1:8001",
         False,
     )
-    assert set(config.models) == {"gpt-4o-mini", "gpt-4o", "gpt-4.1", "text-embedding-3-small"}
-    assert all(model.provider == "mock" for model in config.models.values())
+    assert set(config.models) == {
+        "gpt-4o-mini",
+        "gpt-4o",
+        "gpt-4.1",
+        "text-embedding-3-small",
+        "gpt-4o-azure",
+        "claude-sonnet-4",
+    }
+    # The mock plays all three provider types, on the same port.
+    assert {p.type for p in config.providers.values()} == {"openai", "azure_openai", "anthropic"}
+    assert {p.base_url for p in config.providers.values()} == {"http://127.0.0.1:8001"}
+    assert config.models["claude-sonnet-4"].provider == "mock-anthropic"
     assert config.applications["demo-app"].org == "demo"
+
+
+def test_examples_production_yaml_loads(repo_root: Path) -> None:
+    config = load_config(repo_root / "examples" / "production.yaml")
+    assert all(p.tls and p.has_credential for p in config.providers.values())
+    assert config.models["gpt-4o-mini"].deployment == "gpt-4o-mini-prod"
 
 
 # --- errors, each at its line and column --------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ext_proc.config.model import Provider
+from ext_proc.routing.providers.anthropic import AnthropicAdapter
 from ext_proc.routing.providers.azure_openai import AzureOpenAIAdapter
 from ext_proc.routing.providers.base import ProviderAdapter, UpstreamCall
 from ext_proc.routing.providers.openai import OpenAIAdapter
@@ -20,6 +21,7 @@ AdapterFactory = Callable[[Provider, "str | None"], ProviderAdapter]
 ADAPTERS: dict[str, AdapterFactory] = {
     "openai": OpenAIAdapter,
     "azure_openai": AzureOpenAIAdapter,
+    "anthropic": AnthropicAdapter,
 }
 
 

@@ -14,6 +14,7 @@ from ext_proc.routing.providers.base import (
     add_stream_usage,
     wants_stream_usage,
 )
+from ext_proc.routing.translate.base import TranslatedRequest
 
 
 class AzureOpenAIAdapter:
@@ -29,6 +30,14 @@ class AzureOpenAIAdapter:
 
     def supports(self, operation: Operation) -> bool:
         return operation in OPENAI_SUFFIX
+
+    def translates(self, operation: Operation) -> bool:
+        return False
+
+    def translate(
+        self, endpoint: Endpoint, deployment: str, body: dict[str, Any]
+    ) -> TranslatedRequest:
+        raise NotImplementedError(f"{type(self).__name__} speaks the app's API: use prepare()")
 
     def prepare(self, endpoint: Endpoint, deployment: str, body: dict[str, Any]) -> UpstreamCall:
         path = (

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ext_proc.routing.endpoints import Endpoint, Operation
+from ext_proc.routing.translate.base import TranslatedRequest
 
 Headers = tuple[tuple[str, str], ...]
 
@@ -23,8 +24,19 @@ class ProviderAdapter(Protocol):
 
     def supports(self, operation: Operation) -> bool: ...
 
+    def translates(self, operation: Operation) -> bool:
+        """True when the app's API differs from the provider's for this operation: the
+        processor then calls ``translate`` instead of ``prepare``."""
+        ...
+
     def prepare(self, endpoint: Endpoint, deployment: str, body: dict[str, Any]) -> UpstreamCall:
         """Path, headers and (if changed) body for this call; may modify ``body``."""
+        ...
+
+    def translate(
+        self, endpoint: Endpoint, deployment: str, body: dict[str, Any]
+    ) -> TranslatedRequest:
+        """The request in the provider's API, and the translator for its response."""
         ...
 
 
