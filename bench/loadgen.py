@@ -54,8 +54,10 @@ class LoadSpec:
     stream: bool = False
     chunks: int | None = None  # x-mock-chunks (streams)
     chunk_delay_ms: int = 0  # x-mock-chunk-delay-ms (streams)
+    completion_tokens: int | None = None  # x-mock-completion-tokens (the answer's length)
     rate: float | None = None  # fixed total requests/s; None: as fast as it goes
     threads: int = 1
+    grace_seconds: int = GRACE_SECONDS  # wrk's -d is this much longer than it sends
 
 
 @dataclass(slots=True)
@@ -82,6 +84,7 @@ class LoadResult:
             "tool": self.tool,
             "sent": self.sent,
             "requests": self.requests,
+            "unanswered": self.sent - self.requests,
             "active_seconds": round(self.active_seconds, 4),
             "rps": round(self.rps, 1),
             "latency_ms": self.latency_ms,
@@ -135,6 +138,8 @@ class LoadRun:
         args = [f"stop_after={spec.duration:g}", f"threads={threads}"]
         if spec.api_key:
             args.append(f"key={spec.api_key}")
+        if spec.completion_tokens is not None:
+            args.append(f"completion_tokens={spec.completion_tokens}")
         if spec.stream:
             args.append(f"chunks={spec.chunks or 50}")
             if spec.chunk_delay_ms:
@@ -145,7 +150,7 @@ class LoadRun:
             "wrk",
             f"-t{threads}",
             f"-c{spec.connections}",
-            f"-d{math.ceil(spec.duration) + GRACE_SECONDS}s",
+            f"-d{math.ceil(spec.duration) + spec.grace_seconds}s",
             "--latency",
             "--timeout",
             REQUEST_TIMEOUT,
@@ -178,6 +183,8 @@ class LoadRun:
         ]
         if spec.api_key:
             argv += ["-H", f"authorization: Bearer {spec.api_key}"]
+        if spec.completion_tokens is not None:
+            argv += ["-H", f"x-mock-completion-tokens: {spec.completion_tokens}"]
         if spec.stream:
             argv += ["-H", f"x-mock-chunks: {spec.chunks or 50}"]
             if spec.chunk_delay_ms:
@@ -197,7 +204,7 @@ class LoadRun:
         self, tick: Callable[[], None] | None = None, tick_seconds: float = 10.0
     ) -> LoadResult:
         """Wait for the end (calling ``tick`` every ``tick_seconds`` meanwhile); parse."""
-        limit = self.spec.duration + GRACE_SECONDS + 60
+        limit = self.spec.duration + self.spec.grace_seconds + 60
         next_tick = time.monotonic() + tick_seconds
         try:
             while self._process.poll() is None:
@@ -240,6 +247,7 @@ class LoadRun:
         lat = data["latency_us"]
         errors = data["errors"]
         requests = int(data["requests"])
+        sent = int(data["sent"])
         # Requests were sent over send_window_ms; the last response came about one mean
         # latency later. wrk's own rate divides by -d, which includes the idle grace.
         active = data["send_window_ms"] / 1000.0 + lat["mean"] / 1e6
@@ -247,7 +255,7 @@ class LoadRun:
             active = data["duration_us"] / 1e6
         return LoadResult(
             tool="wrk",
-            sent=int(data["sent"]),
+            sent=sent,
             requests=requests,
             active_seconds=active,
             latency_ms={
@@ -261,7 +269,9 @@ class LoadRun:
                 "write": int(errors["write"]),
                 "timeout": int(errors["timeout"]),
             },
-            exact_count=True,
+            # Unanswered when wrk exited (slower than the grace, or lost to a socket
+            # error): those may or may not have reached the gateway.
+            exact_count=sent == requests,
             command=self.argv,
         )
 

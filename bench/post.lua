@@ -8,6 +8,8 @@
 --   stream=1             `"stream": true` (the body; the mock's chunk count is `chunks`)
 --   chunks=<n>           `x-mock-chunks: n` (streamed content chunks the mock sends)
 --   chunk_delay_ms=<n>   `x-mock-chunk-delay-ms: n` (the mock's pause between chunks)
+--   completion_tokens=<n> `x-mock-completion-tokens: n` (the mock's answer length; it
+--                        streams min(chunks, tokens) chunks, so streams need n >= chunks)
 --   rate=<rps>           fixed request rate over all of this run's threads (0: as fast as
 --                        the connections go). wrk2 is not available, so this is a per-
 --                        thread schedule in `delay()`: every request takes the thread's
@@ -98,6 +100,9 @@ function init(args)
   end
   if o.chunks and o.chunks ~= "" then
     headers["x-mock-chunks"] = o.chunks
+  end
+  if o.completion_tokens and o.completion_tokens ~= "" then
+    headers["x-mock-completion-tokens"] = o.completion_tokens
   end
   if o.chunk_delay_ms and o.chunk_delay_ms ~= "" and o.chunk_delay_ms ~= "0" then
     headers["x-mock-chunk-delay-ms"] = o.chunk_delay_ms
