@@ -26,7 +26,13 @@ import yaml
 
 from ext_proc.config.model import GatewayConfig, Provider
 from ext_proc.server.context import DEFAULT_MAX_REQUEST_BYTES
-from ext_proc.server.processor import PROVIDER_HEADER
+from ext_proc.server.facts import NAMESPACE, RESPONSE_NAMESPACE, ROUTE_NAMESPACE, USAGE_NAMESPACE
+from ext_proc.server.processor import (
+    PROVIDER_HEADER,
+    RATELIMIT_METADATA_KEYS,
+    REQUEST_ATTRIBUTES,
+    RESPONSE_HEADER,
+)
 
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
@@ -53,6 +59,9 @@ class EnvoyOptions:
     # interface itself stays on loopback (it can stop or reconfigure Envoy). None: none.
     stats_host: str = "0.0.0.0"
     stats_port: int | None = None
+    # Send the request headers as their own message: refuse a flood (bad key, rate
+    # limit) before its body is read, at the cost of one more message per request.
+    headers_phase: bool = False
     # Benchmarks only: requests under this path prefix skip ext_proc and go straight to
     # this provider (the "Envoy alone" floor, measured on the same Envoy and upstream).
     direct_prefix: str | None = None
@@ -129,7 +138,10 @@ def _provider_cluster(provider: Provider, options: EnvoyOptions) -> dict[str, An
     return cluster
 
 
-def _provider_route(provider: Provider) -> dict[str, Any]:
+def _provider_routes(provider: Provider) -> list[dict[str, Any]]:
+    """Two routes per provider: answers the response processor must see (streams,
+    translations: ``x-gateway-response: 1``) and plain ones (accounted from the access log,
+    the response filter disabled)."""
     retries = provider.retries
     route: dict[str, Any] = {
         "cluster": cluster_name(provider),
@@ -147,13 +159,205 @@ def _provider_route(provider: Provider) -> dict[str, Any]:
         if "retriable-status-codes" in retries.on:
             policy["retriable_status_codes"] = list(retries.retriable_status_codes)
         route["retry_policy"] = policy
-    return {
-        "name": f"to_{provider.name}",
-        "match": {
-            "prefix": "/",
-            "headers": [{"name": PROVIDER_HEADER, "string_match": {"exact": provider.name}}],
+    provider_match = {"name": PROVIDER_HEADER, "string_match": {"exact": provider.name}}
+    response_match = {"name": RESPONSE_HEADER, "string_match": {"exact": "1"}}
+    return [
+        {
+            "name": f"to_{provider.name}_via_response_processor",
+            "match": {"prefix": "/", "headers": [provider_match, response_match]},
+            "route": route,
+            "response_headers_to_add": _RATELIMIT_RESPONSE_HEADERS,
         },
-        "route": route,
+        {
+            "name": f"to_{provider.name}",
+            "match": {"prefix": "/", "headers": [provider_match]},
+            "route": route,
+            "response_headers_to_add": _RATELIMIT_RESPONSE_HEADERS,
+            "typed_per_filter_config": _disabled(RESPONSE_FILTER),
+        },
+    ]
+
+
+REQUEST_FILTER = "envoy.filters.http.ext_proc"
+RESPONSE_FILTER = "gateway.response_processor"  # the second ext_proc filter
+LUA_FILTER = "envoy.filters.http.lua"
+ACCESS_LOG_NAME = "llm_gateway"
+_EXT_PROC_PER_ROUTE = (
+    "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
+)
+_LUA_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.LuaPerRoute"
+_EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
+
+# OpenAI's rate-limit headers, from the values the request processor left in metadata
+# (an empty value, for an app without limits, adds no header).
+_RATELIMIT_RESPONSE_HEADERS = [
+    {"header": {"key": name, "value": f"%DYNAMIC_METADATA({ROUTE_NAMESPACE}:{key})%"}}
+    for name, key in RATELIMIT_METADATA_KEYS.items()
+]
+
+# Applies the request processor's decision (metadata ``gw_route``) to the request: the
+# upstream path, the provider route header, the provider's credential and static headers.
+# The app's key and a route choice of its own never pass. It waits for the whole body
+# (the request processor has it first), fixes content-length, re-runs routing, and
+# blanks the credential in the metadata so no access log can see it. Without a
+# decision (the processor never saw the request: it had no body) it answers itself.
+_LUA = r"""
+function envoy_on_request(h)
+  local body = h:body()
+  local md = h:streamInfo():dynamicMetadata()
+  local route = md:get("gw_route")
+  local hd = h:headers()
+  if route == nil then
+    if body == nil or body:length() == 0 then
+      h:respond({[":status"] = "400", ["content-type"] = "application/json"},
+        '{"error":{"message":"The request has no body; send a JSON object.",' ..
+        '"type":"invalid_request_error","code":"invalid_json","param":null}}')
+    else
+      h:respond({[":status"] = "500", ["content-type"] = "application/json"},
+        '{"error":{"message":"The gateway did not process this request.",' ..
+        '"type":"server_error","code":"gateway_not_processed","param":null}}')
+    end
+    return
+  end
+  hd:remove("authorization")
+  hd:remove("api-key")
+  hd:remove("x-api-key")
+  hd:remove("accept-encoding")
+  hd:replace(":path", route["path"])
+  hd:replace("x-gateway-provider", route["prov"])
+  hd:replace("x-gateway-response", route["resp"])
+  local set = route["set"]
+  if type(set) == "table" then
+    for name, value in pairs(set) do hd:replace(name, value) end
+  end
+  if body ~= nil then hd:replace("content-length", tostring(body:length())) end
+  h:clearRouteCache()
+  md:set("gw_route", "set", "")
+end
+"""
+
+
+def _disabled(filter_name: str) -> dict[str, Any]:
+    return {filter_name: {"@type": _EXT_PROC_PER_ROUTE, "disabled": True}}
+
+
+def _http_filters(options: EnvoyOptions) -> list[dict[str, Any]]:
+    timeout = f"{options.message_timeout_ms / 1000:g}s"
+    usage_rules = [
+        {
+            "selectors": [{"key": key} for key in path],
+            "on_present": {
+                "metadata_namespace": USAGE_NAMESPACE,
+                "key": name,
+                "type": "STRING" if name == "model" else "NUMBER",
+            },
+        }
+        for name, path in _USAGE_FIELDS.items()
+    ]
+    return [
+        {
+            # One message per request: the buffered body, with the headers the gateway
+            # reads attached as attributes (no headers round trip).
+            "name": REQUEST_FILTER,
+            "typed_config": {
+                "@type": _EXT_PROC,
+                "grpc_service": {"envoy_grpc": {"cluster_name": "ext_proc"}},
+                "failure_mode_allow": False,
+                "status_on_error": {"code": "ServiceUnavailable"},
+                "message_timeout": timeout,
+                "processing_mode": {
+                    "request_header_mode": "SEND" if options.headers_phase else "SKIP",
+                    "request_body_mode": "BUFFERED",
+                    "response_header_mode": "SKIP",
+                    "response_body_mode": "NONE",
+                    "request_trailer_mode": "SKIP",
+                    "response_trailer_mode": "SKIP",
+                },
+                "request_attributes": list(REQUEST_ATTRIBUTES),
+                "metadata_options": {
+                    "receiving_namespaces": {"untyped": [NAMESPACE, ROUTE_NAMESPACE]}
+                },
+            },
+        },
+        {
+            "name": LUA_FILTER,
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+                "default_source_code": {"inline_string": _LUA},
+            },
+        },
+        {
+            # Streams and translated answers only (enabled by their route): counts what
+            # the app receives, chunk by chunk, and rewrites translated bodies.
+            "name": RESPONSE_FILTER,
+            "typed_config": {
+                "@type": _EXT_PROC,
+                "grpc_service": {"envoy_grpc": {"cluster_name": "ext_proc"}},
+                "failure_mode_allow": False,
+                "status_on_error": {"code": "ServiceUnavailable"},
+                "message_timeout": timeout,
+                "allow_mode_override": True,
+                "processing_mode": {
+                    "request_header_mode": "SKIP",
+                    "request_body_mode": "NONE",
+                    "response_header_mode": "SEND",
+                    "response_body_mode": "BUFFERED",
+                    "request_trailer_mode": "SKIP",
+                    "response_trailer_mode": "SKIP",
+                },
+                "metadata_options": {
+                    "forwarding_namespaces": {"untyped": [NAMESPACE]},
+                    "receiving_namespaces": {"untyped": [RESPONSE_NAMESPACE]},
+                },
+            },
+        },
+        {
+            # A plain JSON answer's usage, read by Envoy for the access log: such answers
+            # never go through Python.
+            "name": "envoy.filters.http.json_to_metadata",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
+                "response_rules": {"rules": usage_rules},
+            },
+        },
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+            },
+        },
+    ]
+
+
+# json_to_metadata: metadata key -> JSON path in the provider's answer (OpenAI and
+# Anthropic names; the access-log handler maps them).
+_USAGE_FIELDS: dict[str, tuple[str, ...]] = {
+    "model": ("model",),
+    "prompt_tokens": ("usage", "prompt_tokens"),
+    "completion_tokens": ("usage", "completion_tokens"),
+    "total_tokens": ("usage", "total_tokens"),
+    "cached_tokens": ("usage", "prompt_tokens_details", "cached_tokens"),
+    "reasoning_tokens": ("usage", "completion_tokens_details", "reasoning_tokens"),
+    "input_tokens": ("usage", "input_tokens"),
+    "output_tokens": ("usage", "output_tokens"),
+    "cache_read_input_tokens": ("usage", "cache_read_input_tokens"),
+    "cache_creation_input_tokens": ("usage", "cache_creation_input_tokens"),
+}
+
+
+def _grpc_access_log() -> dict[str, Any]:
+    return {
+        "name": "envoy.access_loggers.http_grpc",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+            "common_config": {
+                "log_name": ACCESS_LOG_NAME,
+                "transport_api_version": "V3",
+                "grpc_service": {"envoy_grpc": {"cluster_name": "ext_proc"}},
+                # Entries are batched; a short interval keeps usage rows timely.
+                "buffer_flush_interval": "0.1s",
+            },
+        },
     }
 
 
@@ -296,7 +500,35 @@ def _admin_cluster(options: EnvoyOptions) -> dict[str, Any]:
 def render(config: GatewayConfig, options: EnvoyOptions = EnvoyOptions()) -> dict[str, Any]:
     """The Envoy bootstrap as a dict (``render_yaml`` for text)."""
     providers = list(config.providers.values())
-    routes = [_provider_route(p) for p in providers]
+    routes: list[dict[str, Any]] = [
+        {
+            # Body-less requests (GET /v1/models, or a wrong method) reach the request
+            # processor as headers: a body-only filter would never see them.
+            "name": "without_body",
+            "match": {
+                "prefix": "/",
+                "headers": [{"name": ":method", "string_match": {"exact": "GET"}}],
+            },
+            "direct_response": {"status": 404, "body": {"inline_string": "not found"}},
+            "typed_per_filter_config": {
+                REQUEST_FILTER: {
+                    "@type": _EXT_PROC_PER_ROUTE,
+                    "overrides": {
+                        "processing_mode": {
+                            "request_header_mode": "SEND",
+                            "request_body_mode": "NONE",
+                            "response_header_mode": "SKIP",
+                            "response_body_mode": "NONE",
+                        }
+                    },
+                },
+                LUA_FILTER: {"@type": _LUA_PER_ROUTE, "disabled": True},
+                **_disabled(RESPONSE_FILTER),
+            },
+        },
+    ]
+    for provider in providers:
+        routes += _provider_routes(provider)
     if options.direct_prefix and options.direct_provider:
         direct = config.providers[options.direct_provider]
         routes.insert(
@@ -310,10 +542,9 @@ def render(config: GatewayConfig, options: EnvoyOptions = EnvoyOptions()) -> dic
                     "timeout": _duration(direct.timeout),
                 },
                 "typed_per_filter_config": {
-                    "envoy.filters.http.ext_proc": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
-                        "disabled": True,
-                    }
+                    **_disabled(REQUEST_FILTER),
+                    LUA_FILTER: {"@type": _LUA_PER_ROUTE, "disabled": True},
+                    **_disabled(RESPONSE_FILTER),
                 },
             },
         )
@@ -323,10 +554,9 @@ def render(config: GatewayConfig, options: EnvoyOptions = EnvoyOptions()) -> dic
             "match": {"prefix": "/"},
             "direct_response": {
                 "status": 503,
-                "body": {
-                    "inline_string": ("the gateway did not select a provider for this request")
-                },
+                "body": {"inline_string": "the gateway did not select a provider for this request"},
             },
+            "typed_per_filter_config": _disabled(RESPONSE_FILTER),
         }
     )
     buffer_limit = max(options.max_request_bytes, options.max_response_bytes)
@@ -345,36 +575,11 @@ def render(config: GatewayConfig, options: EnvoyOptions = EnvoyOptions()) -> dic
             "name": "llm_routes",
             "virtual_hosts": [{"name": "gateway", "domains": ["*"], "routes": routes}],
         },
-        "http_filters": [
-            {
-                "name": "envoy.filters.http.ext_proc",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-                    "grpc_service": {"envoy_grpc": {"cluster_name": "ext_proc"}},
-                    "failure_mode_allow": False,
-                    "status_on_error": {"code": "ServiceUnavailable"},
-                    "message_timeout": f"{options.message_timeout_ms / 1000:g}s",
-                    "allow_mode_override": True,
-                    "processing_mode": {
-                        "request_header_mode": "SEND",
-                        "request_body_mode": "BUFFERED",
-                        "response_header_mode": "SEND",
-                        "response_body_mode": "BUFFERED",
-                        "request_trailer_mode": "SKIP",
-                        "response_trailer_mode": "SKIP",
-                    },
-                },
-            },
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-                },
-            },
-        ],
+        "http_filters": _http_filters(options),
+        "access_log": [_grpc_access_log()],
     }
     if options.access_log_path:
-        hcm["access_log"] = [
+        hcm["access_log"].append(
             {
                 "name": "envoy.access_loggers.file",
                 "typed_config": {
@@ -382,7 +587,7 @@ def render(config: GatewayConfig, options: EnvoyOptions = EnvoyOptions()) -> dic
                     "path": options.access_log_path,
                 },
             }
-        ]
+        )
     ext_proc_is_ip = _is_ip(options.ext_proc_host)
     clusters = [
         {

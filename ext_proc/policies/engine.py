@@ -15,15 +15,15 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
 
 from ext_proc.config.model import GatewayConfig
 from ext_proc.metrics import Metrics
 from ext_proc.policies import POLICY_TYPES
 from ext_proc.policies.base import Denial, Enforcer, Outcome, RequestFacts
 from ext_proc.policies.custom_cel import CelEvaluationError
-from ext_proc.policies.limiter import LimitResult, LimitSpec
+from ext_proc.policies.limiter import AcquireResult, LimitResult, LimitSpec
 from ext_proc.policies.limits import Limits
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,17 @@ class LimitState:
     tokens: list[tuple[Enforcer, LimitSpec, LimitResult]] = field(default_factory=list)
     reserved: bool = False  # token reservations were taken (so they must be settled)
 
+    @property
+    def reservations(self) -> dict[str, int]:
+        """Token limit -> units reserved (what ``settle`` gives back or tops up)."""
+        if not self.reserved:
+            return {}
+        return {
+            spec.policy: spec.cost
+            for _, spec, result in self.tokens
+            if result.source != "unavailable"
+        }
+
 
 def format_reset(seconds: float) -> str:
     """OpenAI's reset format: ``20ms``, ``1s``, ``6m0s``, ``1h2m3s``."""
@@ -110,6 +121,8 @@ class PolicyEngine:
                 raise ValueError(f"policy type {policy.type!r} has no enforcer")
             self._enforcers[name] = factory(name, policy.params, policy.on_error)
         self._bound: dict[tuple[str, str], BoundPolicies] = {}
+        self._limit_timer_headers = metrics.policy_check_duration.labels("limits", "headers")
+        self._limit_timer_body = metrics.policy_check_duration.labels("limits", "body")
         self._check_timer = {
             name: metrics.policy_check_duration.labels(e.type_name, e.phase)
             for name, e in self._enforcers.items()
@@ -163,37 +176,40 @@ class PolicyEngine:
 
     # ------------------------------------------------------------------ phases
 
+    def _cooldown_denial(
+        self, bound: BoundPolicies, facts: RequestFacts, result: AcquireResult
+    ) -> Denial:
+        policy = next(
+            (
+                e.name
+                for e in bound.cooldowns
+                if self._cooldown_key(e, facts) == result.cooldown_key
+            ),
+            bound.cooldowns[0].name,
+        )
+        return Denial(
+            policy,
+            429,
+            COOLDOWN,
+            f"Application {facts.app_id} is blocked for "
+            f"{math.ceil(result.cooldown_remaining)}s after violating policy {policy}.",
+            retry_after=result.cooldown_remaining,
+        )
+
     async def check_headers(
         self, bound: BoundPolicies, facts: RequestFacts, state: LimitState
     ) -> Denial | None:
-        """Request-rate limits and cooldowns: no body needed."""
+        """Request-rate limits and cooldowns: no body needed (used when Envoy sends the
+        request headers on their own, so a flood is refused before its body is read)."""
         if not bound.header_limits and not bound.cooldowns:
             return None
         specs = [self._spec(e, facts) for e in bound.header_limits]
         cooldown_keys = [self._cooldown_key(e, facts) for e in bound.cooldowns]
         started = time.perf_counter()
         result = await self._limits.acquire_many(specs, cooldown_keys)
-        self._metrics.policy_check_duration.labels("rate_limit", "headers").observe(
-            time.perf_counter() - started
-        )
+        self._limit_timer_headers.observe(time.perf_counter() - started)
         if result.cooldown_remaining > 0:
-            policy = next(
-                (
-                    e.name
-                    for e in bound.cooldowns
-                    if self._cooldown_key(e, facts) == result.cooldown_key
-                ),
-                bound.cooldowns[0].name,
-            )
-            return Denial(
-                policy,
-                429,
-                COOLDOWN,
-                f"Application {facts.app_id} is blocked for "
-                f"{math.ceil(result.cooldown_remaining)}s after violating policy "
-                f"{policy}.",
-                retry_after=result.cooldown_remaining,
-            )
+            return self._cooldown_denial(bound, facts, result)
         state.requests = list(zip(specs, result.results, strict=True))
         if result.allowed:
             return None
@@ -205,8 +221,11 @@ class PolicyEngine:
         facts: RequestFacts,
         state: LimitState,
         estimate: Callable[[], Awaitable[int]],
+        *,
+        header_checks_done: bool = True,
     ) -> Denial | None:
-        """Checks on the parsed request, then token reservations."""
+        """Checks on the parsed request, then the limits in one Redis call: token
+        reservations, plus request rates and cooldowns when no headers phase ran them."""
         if bound.needs_estimate:
             facts.estimated_tokens = await estimate()
         for enforcer in bound.body_checks:
@@ -218,29 +237,51 @@ class PolicyEngine:
             self._check_timer[enforcer.name].observe(time.perf_counter() - started)
             if denial is not None:
                 return denial
-        if not bound.body_limits:
+        request_limits = () if header_checks_done else bound.header_limits
+        cooldowns = () if header_checks_done else bound.cooldowns
+        if not bound.body_limits and not request_limits and not cooldowns:
             return None
-        specs = [self._spec(e, facts) for e in bound.body_limits]
+        request_specs = [self._spec(e, facts) for e in request_limits]
+        token_specs = [self._spec(e, facts) for e in bound.body_limits]
         started = time.perf_counter()
-        result = await self._limits.acquire_many(specs)
-        self._metrics.policy_check_duration.labels("token_limit", "body").observe(
-            time.perf_counter() - started
+        result = await self._limits.acquire_many(
+            request_specs + token_specs, [self._cooldown_key(e, facts) for e in cooldowns]
         )
-        state.tokens = list(zip(bound.body_limits, specs, result.results, strict=True))
+        self._limit_timer_body.observe(time.perf_counter() - started)
+        if result.cooldown_remaining > 0:
+            return self._cooldown_denial(bound, facts, result)
+        split = len(request_specs)
+        if request_specs:
+            state.requests = list(zip(request_specs, result.results[:split], strict=True))
+        state.tokens = list(
+            zip(bound.body_limits, token_specs, result.results[split:], strict=True)
+        )
         if not result.allowed:  # all-or-nothing: nothing was taken
-            return self._limit_denial(specs, result.results, "tokens")
+            for specs, results, unit in (
+                (request_specs, result.results[:split], "requests"),
+                (token_specs, result.results[split:], "tokens"),
+            ):
+                if not all(r.allowed for r in results):
+                    return self._limit_denial(specs, results, unit)
         state.reserved = True
         return None
 
     async def settle(
-        self, bound: BoundPolicies, facts: RequestFacts, state: LimitState, outcome: Outcome
+        self,
+        bound: BoundPolicies,
+        facts: RequestFacts,
+        reservations: Mapping[str, int],
+        outcome: Outcome,
     ) -> list[str]:
-        """After the response: settle token reservations, run post-checks. Never raises."""
-        for enforcer, spec, result in state.tokens if state.reserved else ():
-            if result.source == "unavailable":
-                continue
-            delta = enforcer.settle_delta(spec.cost, outcome)
+        """After the response: settle token reservations (policy -> units taken), run
+        post-checks. Never raises (the limits facade absorbs Redis trouble)."""
+        for name, reserved in reservations.items():
+            enforcer = self._enforcers.get(name)
+            if enforcer is None or not enforcer.is_limit:
+                continue  # the policy went away with a config change: nothing to settle
+            delta = enforcer.settle_delta(reserved, outcome)
             if delta:
+                spec = replace(self._spec(enforcer, facts), cost=reserved)
                 await self._limits.adjust(spec, delta)
         violations: list[str] = []
         for enforcer in bound.post_checks:

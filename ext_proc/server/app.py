@@ -21,6 +21,7 @@ from typing import Any
 
 import asyncpg
 import grpc
+from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -37,6 +38,7 @@ from ext_proc.policies.limits import Limits
 from ext_proc.policies.local_limiter import LocalLimits
 from ext_proc.routing.catalog import Catalog
 from ext_proc.routing.credentials import load_credentials
+from ext_proc.server.access_log import AccessLogService
 from ext_proc.server.context import Gateway, Runtime
 from ext_proc.server.servicer import ExternalProcessor
 from ext_proc.settings import Settings
@@ -178,6 +180,9 @@ class Service:
             ]
         )
         pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(self.gateway), self._grpc)
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(
+            AccessLogService(self.gateway), self._grpc
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         bind = f"{self.options.grpc_host}:{settings.grpc_port}"
         self.grpc_port = self._grpc.add_insecure_port(bind)

@@ -1,10 +1,14 @@
-"""One HTTP request's life in the gateway: a method per ext_proc phase.
+"""The request side of one HTTP request: authenticate, check, route — in one message.
 
-The servicer creates a ``RequestProcessor`` per gRPC stream and hands it each message;
-the processor decides (continue, mutate, deny), keeps what the usage record needs and,
-when the exchange ends — normally, by a denial, or by a cancel — emits exactly one
-usage record. Nothing here waits on Postgres; token counting that the record needs
-after the response runs once the response has been passed on.
+Envoy buffers the request body and sends it in a single ext_proc message, with the
+headers the gateway needs attached as attributes (``request.path``, the key headers,
+...); a separate headers message arrives only where the Envoy config asks for one (the
+body-less ``GET /v1/models``, or a deployment that prefers refusing floods before their
+bodies are read). The answer is either a denial (an immediate response, and the usage
+record written now) or the routing decision as dynamic metadata — the path, provider,
+and credential headers for the Lua filter (``gw_route``), and the request's facts for
+whoever finishes it (``gw``: the access-log handler, or the response processor for
+streams and translated answers). Nothing here waits on Postgres.
 """
 
 from __future__ import annotations
@@ -12,59 +16,103 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from google.protobuf import struct_pb2
 
-from ext_proc.auth.authenticator import KEY_HEADERS, AuthError
-from ext_proc.policies.base import Denial, Outcome, RequestFacts
+from ext_proc.auth.authenticator import AuthError
+from ext_proc.policies.base import Denial
 from ext_proc.policies.engine import NO_POLICIES, BoundPolicies, LimitState, PolicyEngine
 from ext_proc.routing.catalog import Route
 from ext_proc.routing.endpoints import SUPPORTED_PATHS, Endpoint, Operation, classify
-from ext_proc.routing.translate.base import ResponseTranslator, TranslationError
+from ext_proc.routing.translate.base import TranslationError
 from ext_proc.server import responses as r
+from ext_proc.server.completion import Ending, finish
 from ext_proc.server.context import Gateway, Runtime
+from ext_proc.server.facts import NAMESPACE, ROUTE_NAMESPACE, Facts
 from ext_proc.stores.cache import CacheUnavailable
 from ext_proc.tokens import estimator
-from ext_proc.tokens.parsers import new_stream_parser, parse_json
-from ext_proc.tokens.parsers.base import StreamParser
-from ext_proc.tokens.types import ResponseSummary
-from ext_proc.usage.record import UsageRecord
 
 log = logging.getLogger(__name__)
 
-# Headers that carry the app's gateway key: removed before anything goes upstream.
-CLIENT_KEY_HEADERS = KEY_HEADERS
+# The route header Envoy matches to pick the provider cluster (set only by the gateway).
+PROVIDER_HEADER = "x-gateway-provider"
+# "1" routes the response through the response processor (streams, translations).
+RESPONSE_HEADER = "x-gateway-response"
+# Where the ext_proc filter puts the attributes it was asked for.
+ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
+# What the Envoy config asks the filter to attach (see envoy_config.py).
+REQUEST_ATTRIBUTES = (
+    "request.path",
+    "request.method",
+    "request.id",
+    "request.headers['authorization']",
+    "request.headers['api-key']",
+    "request.headers['x-api-key']",
+    "request.headers['content-type']",
+)
+_HEADER_ATTRIBUTE = "request.headers['"
+
 _AUTH_CODES = {
     "missing": "missing_api_key",
     "unknown": "invalid_api_key",
     "expired": "expired_api_key",
     "revoked": "revoked_api_key",
 }
-# The route header Envoy matches to pick the provider cluster (set only by us).
-PROVIDER_HEADER = "x-gateway-provider"
-# Status recorded when the app went away before any response reached it (nginx's code).
-CLIENT_CLOSED_REQUEST = 499
-
 _JSON_TYPES = ("application/json",)
-# Dropped before anything goes upstream: the app's key, a route header it must not
-# choose, and accept-encoding (the gateway reads response bodies for usage, so they
-# must not come back compressed).
-_REMOVED_REQUEST_HEADERS = (*KEY_HEADERS, PROVIDER_HEADER, "accept-encoding")
-_EVENT_STREAM = "text/event-stream"
+RATELIMIT_METADATA_KEYS = {
+    "x-ratelimit-limit-requests": "rl_lr",
+    "x-ratelimit-remaining-requests": "rl_rr",
+    "x-ratelimit-reset-requests": "rl_xr",
+    "x-ratelimit-limit-tokens": "rl_lt",
+    "x-ratelimit-remaining-tokens": "rl_rt",
+    "x-ratelimit-reset-tokens": "rl_xt",
+}
 
 
-def decode_headers(header_map: Any) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for h in header_map.headers:
-        value = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
-        key = h.key
-        if key in out:
-            out[key] = f"{out[key]}, {value}"
-        else:
-            out[key] = value
-    return out
+@dataclass(slots=True)
+class Head:
+    """The request line and the few headers the request side reads."""
+
+    request_id: str
+    method: str
+    path: str
+    headers: dict[str, str]  # lower-case names: authorization, api-key, x-api-key, content-type
+
+    @classmethod
+    def from_attributes(cls, request: pb.ProcessingRequest) -> Head:
+        struct = request.attributes.get(ATTRIBUTES_KEY)
+        values: dict[str, str] = {}
+        if struct is not None:
+            for name, value in struct.fields.items():
+                values[name] = value.string_value
+        headers = {
+            name[len(_HEADER_ATTRIBUTE) : -2]: value
+            for name, value in values.items()
+            if name.startswith(_HEADER_ATTRIBUTE)
+        }
+        return cls(
+            values.get("request.id", ""),
+            values.get("request.method", ""),
+            values.get("request.path", ""),
+            headers,
+        )
+
+    @classmethod
+    def from_headers(cls, msg: pb.HttpHeaders) -> Head:
+        headers: dict[str, str] = {}
+        for h in msg.headers.headers:
+            value = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+            headers[h.key] = f"{headers[h.key]}, {value}" if h.key in headers else value
+        return cls(
+            headers.get("x-request-id", ""),
+            headers.get(":method", ""),
+            headers.get(":path", ""),
+            headers,
+        )
 
 
 class RequestError(Exception):
@@ -95,78 +143,146 @@ class RequestError(Exception):
 
 class RequestProcessor:
     __slots__ = (
-        "_body",
         "_bound",
         "_endpoint",
         "_facts",
-        "_finished",
         "_gw",
-        "_json_body",
+        "_head",
+        "_header_checks_done",
         "_limit_state",
-        "_response_bytes",
-        "_route",
         "_rt",
-        "_stream_parser",
         "_t0",
-        "_t_first_byte",
-        "_t_response",
-        "_translator",
-        "record",
     )
 
     def __init__(self, gateway: Gateway) -> None:
         self._gw = gateway
         self._rt: Runtime = gateway.runtime
-        self._t0 = time.monotonic()
-        self._t_response: float | None = None
-        self._t_first_byte: float | None = None
+        self._t0 = time.time()
+        self._head: Head | None = None
         self._endpoint: Endpoint | None = None
-        self._route: Route | None = None
-        self._body: dict[str, Any] | None = None
-        self._stream_parser: StreamParser | None = None
-        self._json_body: bytearray | None = None
-        self._finished = False
-        self._facts: RequestFacts | None = None
+        self._facts = Facts(request_id="", started=self._t0, endpoint="", operation="")
         self._bound: BoundPolicies = NO_POLICIES
         self._limit_state = LimitState()
-        self._response_bytes = 0
-        self._translator: ResponseTranslator | None = None
-        self.record = UsageRecord(request_id="")
-
-    @property
-    def finished(self) -> bool:
-        return self._finished
+        self._header_checks_done = False
 
     # ------------------------------------------------------------------ phases
 
-    async def on_request_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
-        headers = decode_headers(msg.headers)
-        rec = self.record
-        rec.request_id = headers.get("x-request-id") or f"gw-{time.time_ns():x}"
-        path = headers.get(":path", "")
-        method = headers.get(":method", "")
-        endpoint = classify(path)
-        if endpoint is None:
-            rec.endpoint = path.partition("?")[0][:200]
-            raise RequestError(
-                404,
-                f"Unknown request URL: {method} {rec.endpoint}. Supported: "
-                + ", ".join(SUPPORTED_PATHS),
-                code="unknown_url",
-                error_type="invalid_request_error",
-            )
-        self._endpoint = endpoint
-        rec.endpoint = endpoint.path
-        await self._authorize(headers, endpoint)
+    async def on_request_headers(
+        self, msg: pb.HttpHeaders, request: pb.ProcessingRequest
+    ) -> pb.ProcessingResponse:
+        """Only where the Envoy config sends headers on their own (GET /v1/models, or a
+        deployment that refuses floods before reading bodies)."""
+        head = Head.from_headers(msg)
+        endpoint = self._start(head)
+        await self._authenticate(head)
         if endpoint.operation is Operation.LIST_MODELS:
-            if method != "GET":
+            if head.method != "GET":
                 raise RequestError(
                     405, f"{endpoint.path} only answers GET", code="method_not_allowed"
                 )
             return self._list_models()
-        if method != "POST":
+        self._check_method_and_type(head, endpoint)
+        if msg.end_of_stream:
+            raise RequestError(
+                400, "The request has no body; send a JSON object.", code="invalid_json"
+            )
+        denial = await self._rt.engine.check_headers(
+            self._bound, self._facts.policy_facts(), self._limit_state
+        )
+        self._header_checks_done = True
+        if denial is not None:
+            raise self._denied(denial)
+        return r.CONTINUE_REQUEST_HEADERS
+
+    async def on_request_body(
+        self, msg: pb.HttpBody, request: pb.ProcessingRequest
+    ) -> pb.ProcessingResponse:
+        if self._head is None:  # the usual case: no headers message came first
+            head = Head.from_attributes(request)
+            endpoint = self._start(head)
+            await self._authenticate(head)
+            if endpoint.operation is Operation.LIST_MODELS:
+                raise RequestError(
+                    405, f"{endpoint.path} only answers GET", code="method_not_allowed"
+                )
+            self._check_method_and_type(head, endpoint)
+        current = self._endpoint
+        assert current is not None
+        endpoint = current
+        facts = self._facts
+        raw = msg.body
+        facts.request_bytes = len(raw)
+        limit = self._rt.limits.max_request_bytes
+        if len(raw) > limit:
+            raise RequestError(
+                413,
+                f"Request body is {len(raw)} bytes; the limit is {limit} bytes.",
+                code="request_too_large",
+                decision="denied",
+            )
+        body = _parse_json_object(raw)
+        route = self._resolve(endpoint, body)
+        facts.provider = route.provider.name
+        facts.deployment = route.deployment
+        facts.catalog_model = route.model.name
+        facts.response_format = route.adapter.response_format
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise RequestError(
+                400, "'stream' must be a boolean.", code="invalid_type", param="stream"
+            )
+        facts.stream = stream
+        _validate(endpoint, body)
+        adapter = route.adapter
+        if not adapter.supports(endpoint.operation):
+            raise RequestError(
+                400,
+                f"Model {facts.model!r} (provider {route.provider.name}) "
+                f"does not serve {endpoint.path}.",
+                code="unsupported_endpoint",
+                param="model",
+            )
+        if not adapter.has_credential:
+            raise RequestError(
+                503,
+                f"Provider {route.provider.name} has no credential configured.",
+                code="provider_credential_missing",
+            )
+        messages = body.get("messages")
+        facts.message_count = len(messages) if isinstance(messages, list) else 0
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        facts.max_tokens = max_tokens if type(max_tokens) is int and max_tokens > 0 else 0
+        # The estimate feeds token limits and CEL, and is the prompt count of a record whose
+        # answer never says (a cancel, a cut stream): computed once, here, where the body is.
+        facts.estimated_tokens = await _estimate_prompt(endpoint, route, body)
+        await self._check_policies(route)
+        return self._forward(endpoint, route, body)
+
+    # ------------------------------------------------------------ internals
+
+    def _start(self, head: Head) -> Endpoint:
+        self._head = head
+        facts = self._facts
+        facts.request_id = head.request_id or f"gw-{time.time_ns():x}"
+        endpoint = classify(head.path)
+        if endpoint is None:
+            facts.endpoint = head.path.partition("?")[0][:200]
+            raise RequestError(
+                404,
+                f"Unknown request URL: {head.method} {facts.endpoint}. "
+                "Supported: " + ", ".join(SUPPORTED_PATHS),
+                code="unknown_url",
+                error_type="invalid_request_error",
+            )
+        self._endpoint = endpoint
+        facts.endpoint = endpoint.path
+        facts.operation = endpoint.operation.value
+        return endpoint
+
+    def _check_method_and_type(self, head: Head, endpoint: Endpoint) -> None:
+        if head.method != "POST":
             raise RequestError(405, f"{endpoint.path} only answers POST", code="method_not_allowed")
-        content_type = headers.get("content-type", "")
+        content_type = head.headers.get("content-type", "")
         if content_type and content_type.split(";", 1)[0].strip().lower() not in _JSON_TYPES:
             raise RequestError(
                 400,
@@ -174,33 +290,15 @@ class RequestProcessor:
                 code="invalid_content_type",
                 param="content-type",
             )
-        length = headers.get("content-length")
-        limit = self._rt.limits.max_request_bytes
-        if length is not None and length.isdigit() and int(length) > limit:
-            rec.request_bytes = int(length)
-            raise RequestError(
-                413,
-                f"Request body is {length} bytes; the limit is {limit} bytes.",
-                code="request_too_large",
-                decision="denied",
-            )
-        if msg.end_of_stream:
-            raise RequestError(
-                400, "The request has no body; send a JSON object.", code="invalid_json"
-            )
-        # The app's key is dropped here, before anything can go upstream; a provider
-        # route header sent by the app is never trusted.
-        return r.continue_request_headers(remove=_REMOVED_REQUEST_HEADERS)
 
-    async def _authorize(self, headers: dict[str, str], endpoint: Endpoint) -> None:
-        """Who is calling (401 otherwise), and the checks that need no body."""
-        rec = self.record
+    async def _authenticate(self, head: Head) -> None:
+        facts = self._facts
         try:
-            identity = await self._gw.auth.authenticate(headers)
+            identity = await self._gw.auth.authenticate(head.headers)
         except AuthError as exc:
             if exc.record is not None:  # a real key, revoked or expired: say whose
-                rec.key_id, rec.app_id = exc.record.key_id, exc.record.app
-                rec.org_id, rec.environment = exc.record.org, exc.record.environment
+                facts.key_id, facts.app_id = exc.record.key_id, exc.record.app
+                facts.org_id, facts.environment = exc.record.org, exc.record.environment
             raise RequestError(
                 401,
                 exc.message,
@@ -214,24 +312,27 @@ class RequestProcessor:
                 "API keys cannot be checked right now (database unavailable); retry shortly.",
                 code="auth_unavailable",
             ) from None
-        rec.key_id = identity.key_id
-        rec.app_id = identity.app
-        rec.org_id = identity.org
-        rec.environment = identity.environment
-        facts = RequestFacts(
-            request_id=rec.request_id,
-            key_id=identity.key_id,
-            app_id=identity.app,
-            org_id=identity.org,
-            environment=identity.environment,
-            endpoint=endpoint.path,
-            generates=endpoint.operation is not Operation.EMBEDDINGS,
+        facts.key_id = identity.key_id
+        facts.app_id = identity.app
+        facts.org_id = identity.org
+        facts.environment = identity.environment
+        self._bound = self._rt.engine.bound(identity.app, identity.environment)
+
+    async def _check_policies(self, route: Route) -> None:
+        bound = self._bound
+        if bound.empty:
+            return
+        pf = self._facts.policy_facts()
+
+        async def estimate() -> int:
+            return self._facts.estimated_tokens or 0
+
+        denial = await self._rt.engine.check_body(
+            bound, pf, self._limit_state, estimate, header_checks_done=self._header_checks_done
         )
-        self._facts = facts
-        self._bound = bound = self._rt.engine.bound(identity.app, identity.environment)
-        denial = await self._rt.engine.check_headers(bound, facts, self._limit_state)
         if denial is not None:
             raise self._denied(denial)
+        self._facts.reservations = self._limit_state.reservations
 
     def _denied(self, denial: Denial) -> RequestError:
         headers = PolicyEngine.response_headers(self._limit_state)
@@ -248,224 +349,11 @@ class RequestProcessor:
             headers=tuple(headers),
         )
 
-    async def on_request_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
-        endpoint = self._endpoint
-        if endpoint is None:  # body without headers: Envoy config skips the headers phase
-            raise RequestError(
-                500,
-                "gateway misconfigured: request headers were not sent",
-                code="gateway_misconfigured",
-            )
-        rec = self.record
-        raw = msg.body
-        rec.request_bytes = len(raw)
-        limit = self._rt.limits.max_request_bytes
-        if len(raw) > limit:  # a chunked body (no content-length) over the limit
-            raise RequestError(
-                413,
-                f"Request body is {len(raw)} bytes; the limit is {limit} bytes.",
-                code="request_too_large",
-                decision="denied",
-            )
-        body = _parse_json_object(raw)
-        self._body = body
-        route = self._resolve(endpoint, body)
-        self._route = route
-        model = rec.model
-        rec.provider = route.provider.name
-        rec.deployment = route.deployment
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise RequestError(
-                400, "'stream' must be a boolean.", code="invalid_type", param="stream"
-            )
-        rec.stream = stream
-        if endpoint.operation is Operation.CHAT:
-            _require_list(body, "messages")
-        elif endpoint.operation is Operation.MESSAGES:
-            _require_list(body, "messages")
-            if type(body.get("max_tokens")) is not int:
-                raise RequestError(
-                    400,
-                    "Missing required parameter: 'max_tokens' (an integer).",
-                    code="missing_required_parameter",
-                    param="max_tokens",
-                )
-        elif endpoint.operation is Operation.TEXT_COMPLETION:
-            _require(body, "prompt")
-        elif endpoint.operation is Operation.EMBEDDINGS:
-            _require(body, "input")
-        adapter = route.adapter
-        if not adapter.supports(endpoint.operation):
-            raise RequestError(
-                400,
-                f"Model {model!r} (provider {route.provider.name}) does not serve {endpoint.path}.",
-                code="unsupported_endpoint",
-                param="model",
-            )
-        if not adapter.has_credential:
-            raise RequestError(
-                503,
-                f"Provider {route.provider.name} has no credential configured.",
-                code="provider_credential_missing",
-            )
-        await self._check_policies(endpoint, route, body, len(raw), stream)
-        new_body: bytes | None
-        if adapter.translates(endpoint.operation):
-            try:
-                translated = adapter.translate(endpoint, route.deployment, body)
-            except TranslationError as exc:
-                raise RequestError(
-                    400,
-                    exc.message,
-                    code=exc.code,
-                    param=exc.param,
-                    error_type="invalid_request_error",
-                ) from None
-            self._translator = translated.response
-            path, call_headers, new_body = translated.path, translated.headers, translated.body
-        else:
-            call = adapter.prepare(endpoint, route.deployment, body)
-            path, call_headers, new_body = call.path, call.headers, call.body
-        set_headers = [(":path", path), (PROVIDER_HEADER, route.provider.name), *call_headers]
-        if new_body is not None:
-            set_headers.append(("content-length", str(len(new_body))))
-        return r.continue_request_body(set_headers, body=new_body, clear_route_cache=True)
-
-    async def _check_policies(
-        self, endpoint: Endpoint, route: Route, body: dict[str, Any], size: int, stream: bool
-    ) -> None:
-        facts = self._facts
-        if facts is None or self._bound.empty:
-            return
-        facts.model = self.record.model or ""
-        facts.catalog_model = route.model.name
-        facts.stream = stream
-        facts.request_size_bytes = size
-        messages = body.get("messages")
-        facts.message_count = len(messages) if isinstance(messages, list) else 0
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        facts.max_tokens = max_tokens if type(max_tokens) is int and max_tokens > 0 else 0
-
-        async def estimate() -> int:
-            tokens = await _estimate_prompt(endpoint, route, body)
-            self.record.estimated_prompt_tokens = tokens
-            return tokens
-
-        denial = await self._rt.engine.check_body(self._bound, facts, self._limit_state, estimate)
-        if denial is not None:
-            raise self._denied(denial)
-
-    async def on_response_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
-        self._t_response = time.monotonic()
-        headers = decode_headers(msg.headers)
-        status = headers.get(":status", "0")
-        self.record.status_code = int(status) if status.isdigit() else 0
-        limit_headers = (
-            PolicyEngine.response_headers(self._limit_state) if self._bound.limited else []
-        )
-        if msg.end_of_stream:
-            self._complete()
-            return r.continue_response_headers(limit_headers)
-        content_type = headers.get("content-type", "")
-        route = self._route
-        streamed = content_type.startswith(_EVENT_STREAM) and route is not None
-        if streamed and route is not None:
-            self._stream_parser = new_stream_parser(route.adapter.response_format)
-        if self._translator is not None:
-            # The body will be rewritten into the app's API: its length changes, and a
-            # buffered answer (JSON or an error page) always becomes JSON.
-            if not streamed:
-                limit_headers = [*limit_headers, ("content-type", "application/json")]
-            return r.continue_response_headers(
-                limit_headers, remove=("content-length",), stream_body=streamed
-            )
-        return r.continue_response_headers(limit_headers, stream_body=streamed)
-
-    async def on_response_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
-        self._response_bytes += len(msg.body)
-        if self._t_first_byte is None and msg.body:
-            self._t_first_byte = time.monotonic()
-        parser = self._stream_parser
-        if parser is not None:
-            parser.feed(msg.body)
-        elif msg.body:
-            if self._json_body is None:
-                self._json_body = bytearray(msg.body)
-            else:
-                self._json_body += msg.body
-        if msg.end_of_stream:
-            self._complete()
-        translator = self._translator
-        if translator is None:
-            return r.CONTINUE_RESPONSE_BODY
-        # Accounting above read the provider's own bytes; the app gets its API's shape.
-        if parser is not None:
-            out = translator.feed(msg.body)
-            if msg.end_of_stream:
-                out += translator.finish()
-            return r.replace_response_body(out)
-        if not msg.end_of_stream:
-            return r.replace_response_body(b"")  # buffered: answered whole at the end
-        translated = translator.translate_json(
-            bytes(self._json_body or b""), self.record.status_code or 0
-        )
-        return r.replace_response_body(translated, [("content-length", str(len(translated)))])
-
-    # ------------------------------------------------------------ outcomes
-
-    def deny(self, error: RequestError) -> pb.ProcessingResponse:
-        """Answer the app now; the exchange is over and its record is final."""
-        rec = self.record
-        rec.status_code = error.status
-        rec.decision = error.decision  # type: ignore[assignment]
-        rec.policy = error.policy
-        rec.error_code = error.code
-        rec.error_message = error.message[:500]
-        self._finish_now()
-        headers = error.headers
-        if self._bound.limited and not headers:
-            headers = tuple(PolicyEngine.response_headers(self._limit_state))
-        return r.immediate(
-            error.status,
-            error.message,
-            code=error.code,
-            param=error.param,
-            error_type=error.error_type,
-            headers=headers,
-            anthropic=self._endpoint is not None and self._endpoint.style == "anthropic",
-        )
-
-    def internal_error(self, exc: BaseException) -> pb.ProcessingResponse:
-        log.error("request %s failed in the gateway", self.record.request_id, exc_info=exc)
-        self._gw.metrics.stream_errors.labels(kind="internal").inc()
-        return self.deny(
-            RequestError(
-                500,
-                "The gateway failed to process this request "
-                f"(request id {self.record.request_id}).",
-                code="gateway_internal_error",
-            )
-        )
-
-    def close(self, *, cancelled: bool) -> None:
-        """The gRPC stream ended. Emit the record if nothing else did (cancel, reset)."""
-        if self._finished:
-            return
-        self._finished = True
-        if cancelled or self.record.status_code is None:
-            self.record.partial = True
-            if self.record.status_code is None:
-                self.record.status_code = CLIENT_CLOSED_REQUEST
-        self._gw.spawn(self._account())
-
-    # ------------------------------------------------------------ internals
-
     def _resolve(self, endpoint: Endpoint, body: dict[str, Any]) -> Route:
-        rec = self.record
+        facts = self._facts
         catalog = self._rt.catalog
         if endpoint.deployment is not None:
-            rec.model = endpoint.deployment
+            facts.model = endpoint.deployment
             route = catalog.resolve_deployment(endpoint.deployment)
             if route is None:
                 raise RequestError(
@@ -484,20 +372,64 @@ class RequestProcessor:
                 code="missing_required_parameter",
                 param="model",
             )
-        rec.model = model[:200]
+        facts.model = model[:200]
         route = catalog.resolve(model)
         if route is None:
             raise RequestError(
                 404,
-                f"The model `{rec.model}` does not exist or you do not have access to it.",
+                f"The model `{facts.model}` does not exist or you do not have access to it.",
                 code="model_not_found",
                 decision="denied",
                 error_type="invalid_request_error",
             )
         return route
 
+    def _forward(
+        self, endpoint: Endpoint, route: Route, body: dict[str, Any]
+    ) -> pb.ProcessingResponse:
+        """The routing decision for the Lua filter, and the facts for the finisher."""
+        facts = self._facts
+        adapter = route.adapter
+        new_body: bytes | None
+        respond = facts.stream
+        if adapter.translates(endpoint.operation):
+            try:
+                translated = adapter.translate(endpoint, route.deployment, body)
+            except TranslationError as exc:
+                raise RequestError(
+                    400,
+                    exc.message,
+                    code=exc.code,
+                    param=exc.param,
+                    error_type="invalid_request_error",
+                ) from None
+            facts.translation = "openai_anthropic"
+            facts.include_usage = bool(
+                isinstance(body.get("stream_options"), dict)
+                and body["stream_options"].get("include_usage") is True
+            )
+            respond = True
+            path, call_headers, new_body = translated.path, translated.headers, translated.body
+        else:
+            call = adapter.prepare(endpoint, route.deployment, body)
+            path, call_headers, new_body = call.path, call.headers, call.body
+        facts.response_processor = respond
+        route_fields: dict[str, Any] = {
+            "path": path,
+            "prov": route.provider.name,
+            "resp": "1" if respond else "0",
+            "set": dict(call_headers),
+        }
+        if self._bound.limited:
+            for name, value in PolicyEngine.response_headers(self._limit_state):
+                route_fields[RATELIMIT_METADATA_KEYS[name]] = value
+        metadata = struct_pb2.Struct()
+        metadata.update({ROUTE_NAMESPACE: route_fields, NAMESPACE: facts.to_struct_fields()})
+        return r.continue_request_body_with_metadata(metadata, body=new_body)
+
     def _list_models(self) -> pb.ProcessingResponse:
         catalog = self._rt.catalog
+        bound = self._bound
         data = [
             {
                 "id": name,
@@ -506,11 +438,9 @@ class RequestProcessor:
                 "owned_by": (route.provider.name if (route := catalog.resolve(name)) else ""),
             }
             for name in catalog.model_names
-            if self._bound.allows_model(name)
+            if bound.allows_model(name)
         ]
-        rec = self.record
-        rec.status_code = 200
-        self._finish_now()
+        self._record_now(Ending(status=200, decision="allowed"))
         return r.immediate_raw(
             200,
             orjson.dumps({"object": "list", "data": data}),
@@ -518,138 +448,88 @@ class RequestProcessor:
             details="gw_list_models",
         )
 
-    def _complete(self) -> None:
-        if not self._finished:
-            self._finished = True
-            self._gw.spawn(self._account())
+    # ------------------------------------------------------------ outcomes
 
-    def _finish_now(self) -> None:
-        if not self._finished:
-            self._finished = True
-            self._gw.spawn(self._account())
-
-    async def _account(self) -> None:
-        """Build and submit the usage record; runs after the app has its response."""
-        rec = self.record
-        now = time.monotonic()
-        rec.latency_ms = round((now - self._t0) * 1000.0, 3)
-        first = self._t_first_byte if rec.stream else (self._t_response or self._t_first_byte)
-        if first is not None:
-            rec.ttft_ms = round((first - self._t0) * 1000.0, 3)
-        summary: ResponseSummary | None = None
-        route = self._route
-        if self._stream_parser is not None:
-            summary = self._stream_parser.finish()
-        elif self._json_body is not None and route is not None:
-            summary = parse_json(route.adapter.response_format, bytes(self._json_body))
-        status = rec.status_code or 0
-        if rec.decision == "allowed" and (status >= 400 or status == 0):
-            rec.decision = "error"
-            if rec.error_code is None:
-                rec.error_code = (
-                    "client_closed_request" if status == CLIENT_CLOSED_REQUEST else "upstream_error"
-                )
-        if summary is not None:
-            rec.response_model = summary.response_model
-            if rec.stream and not summary.complete:
-                rec.partial = True
-        if self._response_bytes:
-            rec.response_bytes = self._response_bytes
-        await self._fill_tokens(summary)
-        if self._facts is not None and rec.decision != "denied" and not self._bound.empty:
-            outcome = Outcome(
-                status=rec.status_code or 0,
-                prompt_tokens=rec.prompt_tokens or 0,
-                completion_tokens=rec.completion_tokens or 0,
-                total_tokens=rec.total_tokens or 0,
-                latency_ms=rec.latency_ms or 0.0,
-                response_size_bytes=self._response_bytes,
-                failed=not rec.total_tokens,
+    def deny(self, error: RequestError) -> pb.ProcessingResponse:
+        """Answer the app now; the exchange is over and its record is written."""
+        self._record_now(
+            Ending(
+                status=error.status,
+                decision=error.decision,  # type: ignore[arg-type]
+                policy=error.policy,
+                error_code=error.code,
+                error_message=error.message[:500],
+                latency_ms=round((time.time() - self._t0) * 1000.0, 3),
             )
-            violations = await self._rt.engine.settle(
-                self._bound, self._facts, self._limit_state, outcome
-            )
-            rec.policy_violations = violations or None
-        self._gw.usage.submit(rec)
-        self._observe(rec)
-
-    async def _fill_tokens(self, summary: ResponseSummary | None) -> None:
-        rec = self.record
-        usage = summary.usage if summary is not None else None
-        if usage is not None and usage.prompt_tokens is not None:
-            rec.prompt_tokens = usage.prompt_tokens
-            rec.completion_tokens = usage.completion_tokens or 0
-            rec.total_tokens = (
-                usage.total_tokens
-                if usage.total_tokens is not None
-                else rec.prompt_tokens + rec.completion_tokens
-            )
-            rec.cached_tokens = usage.cached_tokens
-            rec.cache_creation_tokens = usage.cache_creation_tokens
-            rec.reasoning_tokens = usage.reasoning_tokens
-            rec.tokens_estimated = False
-            return
-        body, route = self._body, self._route
-        if body is None or route is None or rec.decision == "denied":
-            rec.prompt_tokens = rec.completion_tokens = rec.total_tokens = 0
-            return
-        prompt = rec.estimated_prompt_tokens
-        if prompt is None:
-            prompt = await _estimate_prompt(self._endpoint, route, body)
-            rec.estimated_prompt_tokens = prompt
-        delivered = summary.delivered_text if summary is not None else []
-        if rec.status_code is not None and 400 <= rec.status_code < 600 and not delivered:
-            # The provider answered an error: nothing was generated or billed.
-            rec.prompt_tokens = rec.completion_tokens = rec.total_tokens = 0
-            return
-        completion = (
-            await estimator.count_texts_async(route.model.deployment, delivered) if delivered else 0
         )
-        rec.prompt_tokens = prompt
-        rec.completion_tokens = completion
-        rec.total_tokens = prompt + completion
-        rec.tokens_estimated = True
+        headers = error.headers
+        if self._bound.limited and not headers:
+            headers = tuple(PolicyEngine.response_headers(self._limit_state))
+        return r.immediate(
+            error.status,
+            error.message,
+            code=error.code,
+            param=error.param,
+            error_type=error.error_type,
+            headers=headers,
+            anthropic=self._endpoint is not None and self._endpoint.style == "anthropic",
+        )
 
-    def _observe(self, rec: UsageRecord) -> None:
-        m = self._gw.metrics
-        m.requests.labels(rec.decision, rec.policy or "", str(rec.status_code or 0)).inc()
-        endpoint, route = self._endpoint, self._route
-        if endpoint is None or route is None:
-            return
-        op = endpoint.operation.value
-        provider = route.provider.name
-        model = route.model.name
-        if rec.latency_ms is not None:
-            error_type = "" if rec.decision == "allowed" else (rec.error_code or rec.decision)
-            m.request_duration.labels(op, provider, model, error_type).observe(
-                rec.latency_ms / 1000.0
+    def internal_error(self, exc: BaseException) -> pb.ProcessingResponse:
+        log.error("request %s failed in the gateway", self._facts.request_id, exc_info=exc)
+        self._gw.metrics.stream_errors.labels(kind="internal").inc()
+        return self.deny(
+            RequestError(
+                500,
+                "The gateway failed to process this request "
+                f"(request id {self._facts.request_id}).",
+                code="gateway_internal_error",
             )
-        if rec.stream and rec.ttft_ms is not None and self._t_first_byte is not None:
-            m.time_to_first_token.labels(op, provider, model).observe(rec.ttft_ms / 1000.0)
-        response_model = rec.response_model or model
-        if rec.prompt_tokens:
-            m.token_usage.labels(op, provider, model, response_model, "input").observe(
-                rec.prompt_tokens
-            )
-        if rec.completion_tokens:
-            m.token_usage.labels(op, provider, model, response_model, "output").observe(
-                rec.completion_tokens
-            )
+        )
+
+    def close(self, *, cancelled: bool) -> None:
+        """The request side's stream ended. A request that was forwarded is finished by
+        the access log or the response processor; nothing to do here."""
+
+    def _record_now(self, ending: Ending) -> None:
+        if not self._facts.request_id:  # failed before the request was even read
+            self._facts.request_id = f"gw-{time.time_ns():x}"
+        self._gw.spawn(finish(self._gw, self._facts, ending, "request"))
 
 
-async def _estimate_prompt(endpoint: Endpoint | None, route: Route, body: dict[str, Any]) -> int:
+async def _estimate_prompt(endpoint: Endpoint, route: Route, body: dict[str, Any]) -> int:
     model = route.model.deployment
-    if endpoint is not None and endpoint.operation is Operation.CHAT:
+    operation = endpoint.operation
+    if operation is Operation.CHAT:
         return await estimator.estimate_chat_async(model, body.get("messages"), body.get("tools"))
-    if endpoint is not None and endpoint.operation is Operation.EMBEDDINGS:
+    if operation is Operation.EMBEDDINGS:
         return await estimator.estimate_input_async(model, body.get("input"))
-    if endpoint is not None and endpoint.operation is Operation.TEXT_COMPLETION:
+    if operation is Operation.TEXT_COMPLETION:
         return await estimator.estimate_input_async(model, body.get("prompt"))
-    if endpoint is not None and endpoint.operation is Operation.MESSAGES:
+    if operation is Operation.MESSAGES:
         return await estimator.estimate_anthropic_async(
             model, body.get("system"), body.get("messages"), body.get("tools")
         )
     return 0
+
+
+def _validate(endpoint: Endpoint, body: dict[str, Any]) -> None:
+    operation = endpoint.operation
+    if operation is Operation.CHAT:
+        _require_list(body, "messages")
+    elif operation is Operation.MESSAGES:
+        _require_list(body, "messages")
+        if type(body.get("max_tokens")) is not int:
+            raise RequestError(
+                400,
+                "Missing required parameter: 'max_tokens' (an integer).",
+                code="missing_required_parameter",
+                param="max_tokens",
+            )
+    elif operation is Operation.TEXT_COMPLETION:
+        _require(body, "prompt")
+    elif operation is Operation.EMBEDDINGS:
+        _require(body, "input")
 
 
 def _parse_json_object(raw: bytes) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
 
 ProcessingResponse = pb.ProcessingResponse
 _HeaderValue = base_pb2.HeaderValue
@@ -184,6 +185,26 @@ def continue_request_body(
         common.status = pb.CommonResponse.CONTINUE_AND_REPLACE
         common.body_mutation.body = body
     return ProcessingResponse(request_body=pb.BodyResponse(response=common))
+
+
+def continue_request_body_with_metadata(
+    metadata: struct_pb2.Struct, *, body: bytes | None = None
+) -> pb.ProcessingResponse:
+    """Let the request go on, with the routing decision as dynamic metadata (applied by
+    the Lua filter) and, when the provider needs it, a replacement body."""
+    response = ProcessingResponse(request_body=pb.BodyResponse(), dynamic_metadata=metadata)
+    if body is not None:
+        common = response.request_body.response
+        common.status = pb.CommonResponse.CONTINUE_AND_REPLACE
+        common.body_mutation.body = body
+    return response
+
+
+def with_metadata(
+    response: pb.ProcessingResponse, metadata: struct_pb2.Struct
+) -> pb.ProcessingResponse:
+    response.dynamic_metadata.CopyFrom(metadata)
+    return response
 
 
 def continue_response_headers(

@@ -1,8 +1,12 @@
-"""The ext_proc gRPC servicer: decode each message, dispatch to the request's processor.
+"""The ext_proc gRPC servicer: decode each message, dispatch to the stream's processor.
 
-The loop stays dumb on purpose (all decisions live in ``RequestProcessor``). A failure
-inside one request's processing answers that request with an OpenAI-shaped 500 and is
-counted; it never escapes into grpc and never stops the server.
+Two Envoy filters talk to this service: the request filter (its first message is the
+request body, or the request headers where the config asks for them) and the response
+filter for streams and translated answers (its first message is the response headers).
+The first message decides which processor the stream gets; the loop itself stays dumb.
+A failure inside one request's processing answers that request with an OpenAI-shaped
+500 (or, on the response side, lets the answer through) and is counted; it never
+escapes into grpc and never stops the server.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -18,10 +23,17 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from ext_proc.server.context import Gateway
 from ext_proc.server.processor import RequestError, RequestProcessor
+from ext_proc.server.response import ResponseProcessor
 
 log = logging.getLogger(__name__)
 
 _PHASES = ("request_headers", "request_body", "response_headers", "response_body")
+
+
+class _Processor(Protocol):
+    def internal_error(self, exc: BaseException) -> pb.ProcessingResponse: ...
+
+    def close(self, *, cancelled: bool) -> None: ...
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
@@ -37,45 +49,48 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         request_iterator: AsyncIterator[pb.ProcessingRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ProcessingResponse]:
-        proc = RequestProcessor(self._gw)
-        handlers = {
-            "request_headers": proc.on_request_headers,
-            "request_body": proc.on_request_body,
-            "response_headers": proc.on_response_headers,
-            "response_body": proc.on_response_body,
-        }
+        proc: RequestProcessor | ResponseProcessor | None = None
         timers = self._phase_timers
         self._streams.inc()
-        cancelled = True
+        finished = False
         try:
             async for request in request_iterator:
                 phase = request.WhichOneof("request")
-                handler = handlers.get(phase) if phase else None
+                if phase not in timers:
+                    yield _passthrough(phase)  # trailers (not configured): let them pass
+                    continue
                 started = time.perf_counter()
-                if handler is None:
-                    # Trailers (not configured) or a future message type: let it pass.
-                    response = _passthrough(phase)
-                else:
-                    try:
-                        response = await handler(getattr(request, phase))
-                    except RequestError as denial:
-                        response = proc.deny(denial)
-                    except Exception as exc:  # one request failed: answer it, keep serving
-                        response = proc.internal_error(exc)
-                    timers[phase].observe(time.perf_counter() - started)
+                if proc is None:
+                    proc = (
+                        RequestProcessor(self._gw)
+                        if phase.startswith("request")
+                        else ResponseProcessor(self._gw, request)
+                    )
+                handler = getattr(proc, "on_" + phase)
+                try:
+                    response = await handler(getattr(request, phase), request)
+                except RequestError as denial:
+                    assert isinstance(proc, RequestProcessor)
+                    response = proc.deny(denial)
+                except Exception as exc:  # one request failed: answer it, keep serving
+                    response = proc.internal_error(exc)
+                timers[phase].observe(time.perf_counter() - started)
                 yield response
                 if response.HasField("immediate_response"):
-                    cancelled = False
+                    finished = True
                     break
             else:
-                cancelled = not proc.finished
+                finished = True
         except asyncio.CancelledError:
             # Envoy reset the stream: the app went away or the upstream failed mid-way.
-            proc.close(cancelled=True)
+            if proc is not None:
+                proc.close(cancelled=True)
+            proc = None
             raise
         finally:
             self._streams.dec()
-            proc.close(cancelled=cancelled)
+            if proc is not None:
+                proc.close(cancelled=not finished)
 
 
 def _passthrough(phase: str | None) -> pb.ProcessingResponse:

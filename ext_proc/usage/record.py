@@ -51,9 +51,16 @@ class UsageRecord:
     error_code: str | None = None  # the OpenAI-style error.code we answered, if any
     error_message: str | None = None
     policy_violations: list[str] | None = None  # post-check policies that flagged this call
+    # "request" | "response" | "access_log": which part of the gateway finished it
+    recorded_by: str | None = None
 
 
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(UsageRecord))
+
+
+# When two parts of the gateway record the same request (a race at a reset upstream),
+# the access log's record replaces the other: it is what Envoy actually sent the app.
+PREFERRED_RECORDER = "access_log"
 
 
 def record_row(record: UsageRecord) -> tuple[object, ...]:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from ext_proc.metrics import Metrics
-from ext_proc.usage.record import COLUMNS, UsageRecord, record_row
+from ext_proc.usage.record import COLUMNS, PREFERRED_RECORDER, UsageRecord, record_row
 from ext_proc.usage.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -48,15 +48,36 @@ _CREATE_STAGING = (
     f"CREATE TEMP TABLE IF NOT EXISTS {_STAGING} "
     "(LIKE usage_records INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
 )
+# A replayed batch never duplicates a row; a second record of one request replaces the
+# first only when it is the access log's (see record.PREFERRED_RECORDER).
+_ON_CONFLICT = (
+    "ON CONFLICT (request_id) DO UPDATE SET "
+    f"({_COLUMN_LIST}) = ({', '.join('EXCLUDED.' + c for c in COLUMNS)}) "
+    f"WHERE EXCLUDED.recorded_by = '{PREFERRED_RECORDER}' "
+    f"AND usage_records.recorded_by IS DISTINCT FROM '{PREFERRED_RECORDER}'"
+)
 _INSERT_FROM_STAGING = (
     f"INSERT INTO usage_records ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM {_STAGING} "
-    "ON CONFLICT (request_id) DO NOTHING"
+    + _ON_CONFLICT
 )
 _INSERT_ONE = (
     f"INSERT INTO usage_records ({_COLUMN_LIST}) "
-    f"VALUES ({', '.join(f'${i}' for i in range(1, len(COLUMNS) + 1))}) "
-    "ON CONFLICT (request_id) DO NOTHING"
+    f"VALUES ({', '.join(f'${i}' for i in range(1, len(COLUMNS) + 1))}) " + _ON_CONFLICT
 )
+
+
+def _one_per_request(records: Sequence[UsageRecord]) -> Sequence[UsageRecord]:
+    """One record per request id within a batch (an upsert cannot touch a row twice):
+    the preferred recorder's, else the first."""
+    seen: dict[str, UsageRecord] = {}
+    for record in records:
+        kept = seen.get(record.request_id)
+        if kept is None or (
+            record.recorded_by == PREFERRED_RECORDER and kept.recorded_by != PREFERRED_RECORDER
+        ):
+            seen[record.request_id] = record
+    return records if len(seen) == len(records) else list(seen.values())
+
 
 _SPILL_LINGER = 1.0  # seconds the replayer lets fresh spool data accumulate
 
@@ -370,7 +391,9 @@ class UsageRecorder:
         async with conn.transaction():
             await conn.execute(_CREATE_STAGING)
             await conn.copy_records_to_table(
-                _STAGING, records=[record_row(r) for r in records], columns=COLUMNS
+                _STAGING,
+                records=[record_row(r) for r in _one_per_request(records)],
+                columns=COLUMNS,
             )
             return _inserted(await conn.execute(_INSERT_FROM_STAGING))
 

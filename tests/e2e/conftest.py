@@ -12,8 +12,10 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import asyncpg
 import httpx
+import openai
 import pytest
 import redis.asyncio as aioredis
 
@@ -185,6 +187,29 @@ async def delete_prefix(redis_url: str, prefix: str) -> None:
             await client.delete(*keys)
     finally:
         await client.aclose()
+
+
+@pytest.fixture(autouse=True)
+async def close_sdk_clients(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[None]:
+    """Close every async SDK client a test makes, when the test ends.
+
+    An unclosed ``AsyncOpenAI`` collected by the garbage collector while another client
+    is busy stalls some of that client's requests until their read timeout (seen with
+    openai 3.54's httpx2 transport, against Envoy and against a bare HTTP server alike);
+    closing clients explicitly avoids it.
+    """
+    made: dict[int, Any] = {}
+    for cls in (openai.AsyncOpenAI, anthropic.AsyncAnthropic):
+        original = cls.__init__
+
+        def init(self: Any, *args: Any, __original: Any = original, **kwargs: Any) -> None:
+            __original(self, *args, **kwargs)
+            made[id(self)] = self
+
+        monkeypatch.setattr(cls, "__init__", init)
+    yield
+    for client in made.values():
+        await client.close()
 
 
 @pytest.fixture

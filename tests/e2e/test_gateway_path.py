@@ -150,7 +150,13 @@ async def test_client_cancel_mid_stream_counts_what_was_delivered(e2e: E2E, mark
 
 
 async def test_upstream_cuts_stream(e2e: E2E, marker: str) -> None:
-    c = client(e2e, marker, **{"x-mock-chunks": "10", "x-mock-cut-after": "3"})
+    # Chunks 40 ms apart: the stream is under way (the app has its 200 and some chunks)
+    # when the upstream dies.
+    c = client(
+        e2e,
+        marker,
+        **{"x-mock-chunks": "10", "x-mock-cut-after": "3", "x-mock-chunk-delay-ms": "40"},
+    )
     received = ""
     with pytest.raises(Exception):  # noqa: B017 - the SDK raises its transport error
         async with c.chat.completions.with_streaming_response.create(

@@ -10,7 +10,14 @@ import yaml
 
 from ext_proc.config.loader import load_config, parse_config
 from ext_proc.dev import envoy_binary
-from ext_proc.envoy_config import EnvoyOptions, render, render_yaml
+from ext_proc.envoy_config import (
+    LUA_FILTER,
+    REQUEST_FILTER,
+    RESPONSE_FILTER,
+    EnvoyOptions,
+    render,
+    render_yaml,
+)
 
 PRODUCTION_LIKE = """
 providers:
@@ -108,9 +115,31 @@ def test_rendered_shape() -> None:
     assert azure["host_rewrite_literal"] == "contoso.openai.azure.com"
     assert azure["retry_policy"]["num_retries"] == 2
     assert routes["to_local-vllm"]["route"]["host_rewrite_literal"] == "10.0.0.7:8000"
-    ext_proc = hcm["http_filters"][0]["typed_config"]
-    assert ext_proc["failure_mode_allow"] is False
-    assert ext_proc["status_on_error"] == {"code": "ServiceUnavailable"}
-    assert ext_proc["allow_mode_override"] is True
+    assert set(routes) >= {"without_body", "to_azure-eastus_via_response_processor",
+                           "no_provider_selected"}
+    # Plain answers skip the response processor; streams and translations get it.
+    assert routes["to_openai"]["typed_per_filter_config"][RESPONSE_FILTER]["disabled"] is True
+    assert RESPONSE_FILTER not in routes["to_openai_via_response_processor"].get(
+        "typed_per_filter_config", {})
+    assert {h["header"]["key"] for h in routes["to_openai"]["response_headers_to_add"]} >= {
+        "x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens"}
+    filters = [f["name"] for f in hcm["http_filters"]]
+    assert filters == [REQUEST_FILTER, LUA_FILTER, RESPONSE_FILTER,
+                       "envoy.filters.http.json_to_metadata", "envoy.filters.http.router"]
+    request = hcm["http_filters"][0]["typed_config"]
+    assert request["processing_mode"]["request_header_mode"] == "SKIP"  # one message
+    assert request["processing_mode"]["request_body_mode"] == "BUFFERED"
+    assert request["processing_mode"]["response_body_mode"] == "NONE"
+    assert "request.headers['authorization']" in request["request_attributes"]
+    assert request["failure_mode_allow"] is False
+    assert request["status_on_error"] == {"code": "ServiceUnavailable"}
+    response = hcm["http_filters"][2]["typed_config"]
+    assert response["allow_mode_override"] is True
+    assert response["metadata_options"]["forwarding_namespaces"] == {"untyped": ["gw"]}
+    assert hcm["access_log"][0]["name"] == "envoy.access_loggers.http_grpc"
+    with_headers = render(config, EnvoyOptions(headers_phase=True))
+    hcm2 = with_headers["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    mode = hcm2["typed_config"]["http_filters"][0]["typed_config"]["processing_mode"]
+    assert mode["request_header_mode"] == "SEND"
     # round-trips as YAML
     assert yaml.safe_load(render_yaml(config)) == render(config)

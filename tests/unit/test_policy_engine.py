@@ -108,12 +108,12 @@ async def test_token_limit_reserves_settles_and_refunds() -> None:
     assert spec.cost == 110  # estimate 10 + default_max_tokens 100
     assert result.remaining == 890
     done = Outcome(200, 10, 5, 15, 5.0, 100, failed=False)
-    await eng.settle(bound, f, state, done)
+    await eng.settle(bound, f, state.reservations, done)
     state2 = LimitState()
     assert await eng.check_body(bound, facts("limited"), state2, estimate_10) is None
     assert state2.tokens[0][2].remaining == 1000 - 15 - 110  # settled to 15, not 110
     failed = Outcome(500, 0, 0, 0, 5.0, 0, failed=True)
-    await eng.settle(bound, facts("limited"), state2, failed)  # refunded entirely
+    await eng.settle(bound, facts("limited"), state2.reservations, failed)  # refunded entirely
     state3 = LimitState()
     await eng.check_body(bound, facts("limited", max_tokens=900), state3, estimate_10)
     assert state3.tokens[0][2].remaining == 1000 - 15 - 910
@@ -178,7 +178,7 @@ async def test_post_check_violation_starts_cooldown() -> None:
     eng, metrics = engine()
     bound = eng.bound("checked", "default")
     f = facts("checked")
-    violations = await eng.settle(bound, f, LimitState(), Outcome(200, 90, 20, 110, 9.0, 10, False))
+    violations = await eng.settle(bound, f, {}, Outcome(200, 90, 20, 110, 9.0, 10, False))
     assert violations == ["short"]
     assert metrics.policy_violations.labels("short")._value.get() == 1
     denial = await eng.check_headers(bound, facts("checked"), LimitState())
@@ -195,3 +195,29 @@ def test_format_reset() -> None:
         "6m0s",
         "1h2m3s",
     ]
+
+
+async def test_single_call_mode_takes_rates_and_tokens_together() -> None:
+    """Without a headers phase, request rates, tokens and cooldowns are one Redis call,
+    after the plain checks, all-or-nothing."""
+    eng, _ = engine()
+    bound = eng.bound("limited", "default")
+    for _ in range(3):
+        state = LimitState()
+        assert (
+            await eng.check_body(
+                bound, facts("limited", max_tokens=10), state, estimate_10, header_checks_done=False
+            )
+            is None
+        )
+        assert {s.policy for s, _ in state.requests} == {"three-per-minute", "per-key"}
+        assert state.reservations == {"small-budget": 20}
+    state = LimitState()
+    denial = await eng.check_body(
+        bound, facts("limited", max_tokens=10), state, estimate_10, header_checks_done=False
+    )
+    assert denial is not None and denial.policy == "three-per-minute"
+    assert state.reservations == {}  # refused: nothing reserved
+    headers = dict(eng.response_headers(state))
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    assert headers["x-ratelimit-remaining-tokens"] == str(1000 - 3 * 20)

@@ -1,4 +1,5 @@
-"""The per-request processor, phase by phase, without Envoy or databases."""
+"""The request and response processors and the access-log handler, without Envoy or
+databases (a list sink stands in for the usage writer, a dict for the key table)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from typing import Any
 import orjson
 import pytest
 from envoy.config.core.v3 import base_pb2
+from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from google.protobuf import struct_pb2
 
 from ext_proc.auth.authenticator import Authenticator
 from ext_proc.auth.keys import KeyRecord, KeyRecordCodec, generate_key, hash_key
@@ -18,8 +21,11 @@ from ext_proc.policies.engine import PolicyEngine
 from ext_proc.policies.limits import Limits
 from ext_proc.policies.local_limiter import LocalLimits
 from ext_proc.routing.catalog import Catalog
+from ext_proc.server.access_log import AccessLogService
 from ext_proc.server.context import Gateway, RequestLimits, Runtime
-from ext_proc.server.processor import RequestError, RequestProcessor
+from ext_proc.server.facts import Facts
+from ext_proc.server.processor import ATTRIBUTES_KEY, RequestError, RequestProcessor
+from ext_proc.server.response import ResponseProcessor
 from ext_proc.stores.cache import TieredCache
 from ext_proc.stores.circuit import CircuitBreaker
 from ext_proc.usage.record import UsageRecord
@@ -27,11 +33,13 @@ from ext_proc.usage.record import UsageRecord
 CONFIG = """
 providers:
   mock: {type: openai, base_url: "http://127.0.0.1:9"}
+  claude: {type: anthropic, base_url: "https://api.anthropic.com", api_key_env: ANTHROPIC_KEY}
   az: {type: azure_openai, base_url: "https://res.openai.azure.com", api_version: "2024-10-21",
        api_key_env: AZ_KEY}
 models:
   gpt-4o-mini: {provider: mock}
   azure-mini: {provider: az, deployment: mini-prod}
+  claude-4: {provider: claude, deployment: claude-sonnet-4-20250514}
 policies:
   two-per-hour: {type: rate_limit, requests: 2, window: 1h}
   mini-only: {type: model_allowlist, models: [gpt-4o-mini]}
@@ -64,7 +72,7 @@ def make_gateway(
     *, max_bytes: int = 4096, az_key: str | None = "az-secret"
 ) -> tuple[Gateway, ListSink]:
     config = parse_config(CONFIG)
-    catalog = Catalog.build(config, {"mock": None, "az": az_key})
+    catalog = Catalog.build(config, {"mock": None, "az": az_key, "claude": "anthropic-secret"})
     sink = ListSink()
     metrics = Metrics()
     limits = Limits(None, LocalLimits(), CircuitBreaker("redis", metrics), metrics, "t:")
@@ -80,99 +88,115 @@ def make_gateway(
 
 
 def headers(**values: str) -> pb.HttpHeaders:
-    items = [
-        base_pb2.HeaderValue(
-            key=k.replace("_", "-") if not k.startswith(":") else k, raw_value=v.encode()
-        )
-        for k, v in values.items()
-    ]
+    items = [base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in values.items()]
     return pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=items))
 
 
-def request_headers(
-    path: str = "/v1/chat/completions", method: str = "POST", **extra: str
-) -> pb.HttpHeaders:
-    msg = headers(
-        **{
-            ":path": path,
-            ":method": method,
-            "x-request-id": "rid-1",
-            "content-type": "application/json",
-            "authorization": f"Bearer {APP_KEY}",
-        }
-    )
-    for k, v in extra.items():
-        msg.headers.headers.append(
-            base_pb2.HeaderValue(key=k.replace("_", "-"), raw_value=v.encode())
-        )
+def request(
+    body_obj: Any,
+    *,
+    key: str | None = APP_KEY,
+    path: str = "/v1/chat/completions",
+    method: str = "POST",
+    content_type: str = "application/json",
+    key_header: str = "authorization",
+) -> pb.ProcessingRequest:
+    """A request-body message as the request filter sends it: headers as attributes."""
+    raw = body_obj if isinstance(body_obj, bytes) else orjson.dumps(body_obj)
+    attributes = {
+        "request.path": path,
+        "request.method": method,
+        "request.id": "rid-1",
+        "request.headers['content-type']": content_type,
+    }
+    if key is not None:
+        value = f"Bearer {key}" if key_header == "authorization" else key
+        attributes[f"request.headers['{key_header}']"] = value
+    msg = pb.ProcessingRequest(request_body=pb.HttpBody(body=raw, end_of_stream=True))
+    msg.attributes[ATTRIBUTES_KEY].update(attributes)
     return msg
 
 
-def body(obj: Any, end: bool = True) -> pb.HttpBody:
-    raw = obj if isinstance(obj, bytes) else orjson.dumps(obj)
-    return pb.HttpBody(body=raw, end_of_stream=end)
+async def send(proc: RequestProcessor, msg: pb.ProcessingRequest) -> pb.ProcessingResponse:
+    return await proc.on_request_body(msg.request_body, msg)
 
 
-def mutations(response: pb.ProcessingResponse, phase: str) -> dict[str, str]:
-    common = getattr(response, phase).response
-    return {h.header.key: h.header.raw_value.decode() for h in common.header_mutation.set_headers}
+def metadata(response: pb.ProcessingResponse, namespace: str) -> dict[str, Any]:
+    value = response.dynamic_metadata.fields[namespace].struct_value
+    return {k: _plain(v) for k, v in value.fields.items()}
+
+
+def _plain(value: struct_pb2.Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return {k: _plain(v) for k, v in value.struct_value.fields.items()}
+    return getattr(value, kind)
 
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
 
 async def settle() -> None:
-    for _ in range(5):
+    for _ in range(10):
         await asyncio.sleep(0)
 
 
-async def test_request_headers_strip_app_key_and_route_header() -> None:
-    gw, _ = make_gateway()
-    proc = RequestProcessor(gw)
-    response = await proc.on_request_headers(request_headers())
-    removed = set(response.request_headers.response.header_mutation.remove_headers)
-    assert {"authorization", "api-key", "x-api-key", "x-gateway-provider"} <= removed
+# ----------------------------------------------------------------- request side
 
 
-async def test_openai_route_sets_path_and_provider_without_body_change() -> None:
-    gw, _ = make_gateway()
-    proc = RequestProcessor(gw)
-    await proc.on_request_headers(request_headers())
-    response = await proc.on_request_body(body(CHAT))
-    set_headers = mutations(response, "request_body")
-    assert set_headers[":path"] == "/v1/chat/completions"
-    assert set_headers["x-gateway-provider"] == "mock"
-    assert "authorization" not in set_headers  # the mock provider has no key
-    assert response.request_body.response.clear_route_cache is True
+async def test_forward_carries_route_and_facts() -> None:
+    gw, sink = make_gateway()
+    response = await send(RequestProcessor(gw), request(CHAT))
+    route = metadata(response, "gw_route")
+    assert route["path"] == "/v1/chat/completions"
+    assert route["prov"] == "mock" and route["resp"] == "0"
+    assert route["set"] == {}  # the mock provider has no key
+    facts = Facts.from_struct(response.dynamic_metadata.fields["gw"].struct_value)
+    assert facts is not None
+    assert (facts.request_id, facts.app_id, facts.key_id, facts.model, facts.provider) == (
+        "rid-1",
+        "app",
+        "key_app",
+        "gpt-4o-mini",
+        "mock",
+    )
+    assert facts.estimated_tokens is not None and facts.estimated_tokens > 0
     assert not response.request_body.response.HasField("body_mutation")
+    assert sink.records == []  # a forwarded request is finished by the access log
 
 
 async def test_azure_route_injects_key_and_stream_usage() -> None:
     gw, _ = make_gateway()
-    proc = RequestProcessor(gw)
-    await proc.on_request_headers(request_headers())
-    response = await proc.on_request_body(body({**CHAT, "model": "azure-mini", "stream": True}))
-    set_headers = mutations(response, "request_body")
-    assert (
-        set_headers[":path"]
-        == "/openai/deployments/mini-prod/chat/completions?api-version=2024-10-21"
+    response = await send(
+        RequestProcessor(gw), request({**CHAT, "model": "azure-mini", "stream": True})
     )
-    assert set_headers["api-key"] == "az-secret"
+    route = metadata(response, "gw_route")
+    assert route["path"] == "/openai/deployments/mini-prod/chat/completions?api-version=2024-10-21"
+    assert route["set"] == {"api-key": "az-secret"}
+    assert route["resp"] == "1"  # a stream goes through the response processor
     new_body = orjson.loads(response.request_body.response.body_mutation.body)
     assert new_body["stream_options"] == {"include_usage": True}
-    assert set_headers["content-length"] == str(
-        len(response.request_body.response.body_mutation.body)
+    assert metadata(response, "gw")["rp"] == 1
+
+
+async def test_translated_request_goes_through_the_response_processor() -> None:
+    gw, _ = make_gateway()
+    response = await send(
+        RequestProcessor(gw), request({**CHAT, "model": "claude-4", "max_tokens": 20})
     )
+    route = metadata(response, "gw_route")
+    assert route["path"] == "/v1/messages" and route["resp"] == "1"
+    assert route["set"]["x-api-key"] == "anthropic-secret"
+    sent = orjson.loads(response.request_body.response.body_mutation.body)
+    assert sent["model"] == "claude-sonnet-4-20250514" and sent["max_tokens"] == 20
+    assert metadata(response, "gw")["tr"] == "openai_anthropic"
 
 
 async def test_missing_provider_key_is_503() -> None:
     gw, _ = make_gateway(az_key=None)
-    proc = RequestProcessor(gw)
-    await proc.on_request_headers(request_headers())
     with pytest.raises(RequestError) as info:
-        await proc.on_request_body(body({**CHAT, "model": "azure-mini"}))
-    assert info.value.status == 503
-    assert info.value.code == "provider_credential_missing"
+        await send(RequestProcessor(gw), request({**CHAT, "model": "azure-mini"}))
+    assert (info.value.status, info.value.code) == (503, "provider_credential_missing")
 
 
 @pytest.mark.parametrize(
@@ -203,9 +227,8 @@ async def test_missing_provider_key_is_503() -> None:
 async def test_bad_bodies_name_the_problem(raw: bytes, code: str, param: str | None) -> None:
     gw, sink = make_gateway()
     proc = RequestProcessor(gw)
-    await proc.on_request_headers(request_headers())
     with pytest.raises(RequestError) as info:
-        await proc.on_request_body(body(raw))
+        await send(proc, request(raw))
     assert (info.value.status, info.value.code, info.value.param) == (400, code, param)
     response = proc.deny(info.value)
     assert response.immediate_response.status.code == 400
@@ -215,143 +238,77 @@ async def test_bad_bodies_name_the_problem(raw: bytes, code: str, param: str | N
     await settle()
     [record] = sink.records
     assert record.decision == "error" and record.status_code == 400 and record.error_code == code
+    assert record.recorded_by == "request" and record.app_id == "app"
 
 
-async def test_content_length_over_limit_is_413_in_headers_phase() -> None:
-    gw, sink = make_gateway(max_bytes=100)
-    proc = RequestProcessor(gw)
-    with pytest.raises(RequestError) as info:
-        await proc.on_request_headers(request_headers(content_length="101"))
-    assert info.value.status == 413 and info.value.decision == "denied"
-    proc.deny(info.value)
-    await settle()
-    assert sink.records[0].request_bytes == 101
-
-
-async def test_chunked_body_over_limit_is_413_in_body_phase() -> None:
+async def test_wrong_content_type_and_oversize_body() -> None:
     gw, _ = make_gateway(max_bytes=100)
-    proc = RequestProcessor(gw)
-    await proc.on_request_headers(request_headers())
     with pytest.raises(RequestError) as info:
-        await proc.on_request_body(body({**CHAT, "pad": "x" * 200}))
-    assert info.value.status == 413
+        await send(RequestProcessor(gw), request(CHAT, content_type="text/plain"))
+    assert info.value.code == "invalid_content_type"
+    with pytest.raises(RequestError) as info:
+        await send(RequestProcessor(gw), request({**CHAT, "pad": "x" * 200}))
+    assert (info.value.status, info.value.decision) == (413, "denied")
 
 
-async def test_list_models_answered_immediately() -> None:
+async def test_list_models_through_a_headers_message() -> None:
     gw, sink = make_gateway()
-    proc = RequestProcessor(gw)
-    response = await proc.on_request_headers(request_headers("/v1/models", "GET"))
+    msg = pb.ProcessingRequest(
+        request_headers=headers(
+            **{
+                ":path": "/v1/models",
+                ":method": "GET",
+                "x-request-id": "rid-3",
+                "authorization": f"Bearer {LIMITED_KEY}",
+            }
+        )
+    )
+    response = await RequestProcessor(gw).on_request_headers(msg.request_headers, msg)
     listing = orjson.loads(response.immediate_response.body)
-    assert {m["id"] for m in listing["data"]} == {"gpt-4o-mini", "azure-mini"}
+    assert [m["id"] for m in listing["data"]] == ["gpt-4o-mini"]  # the allowlist applies
+    assert response.immediate_response.details == "gw_list_models"
     await settle()
     assert sink.records[0].status_code == 200
 
 
-async def test_json_response_usage_is_exact() -> None:
-    gw, sink = make_gateway()
+async def test_headers_phase_mode_refuses_before_the_body() -> None:
+    gw, _ = make_gateway()
+    for _ in range(2):
+        proc = RequestProcessor(gw)
+        msg = pb.ProcessingRequest(
+            request_headers=headers(
+                **{
+                    ":path": "/v1/chat/completions",
+                    ":method": "POST",
+                    "x-request-id": "r",
+                    "content-type": "application/json",
+                    "authorization": f"Bearer {LIMITED_KEY}",
+                }
+            )
+        )
+        assert (await proc.on_request_headers(msg.request_headers, msg)).HasField("request_headers")
+        body_msg = request(CHAT, key=None)
+        response = await proc.on_request_body(body_msg.request_body, body_msg)
+        assert metadata(response, "gw_route")["rl_lr"] == "2"
     proc = RequestProcessor(gw)
-    await proc.on_request_headers(request_headers())
-    await proc.on_request_body(body(CHAT))
-    await proc.on_response_headers(
-        headers(**{":status": "200", "content-type": "application/json"})
-    )
-    payload = {
-        "model": "gpt-4o-mini-2024",
-        "choices": [],
-        "usage": {
-            "prompt_tokens": 11,
-            "completion_tokens": 7,
-            "total_tokens": 18,
-            "prompt_tokens_details": {"cached_tokens": 4},
-        },
-    }
-    raw = orjson.dumps(payload)
-    await proc.on_response_body(pb.HttpBody(body=raw[:10]))
-    await proc.on_response_body(pb.HttpBody(body=raw[10:], end_of_stream=True))
-    await settle()
-    [record] = sink.records
-    assert (record.prompt_tokens, record.completion_tokens, record.total_tokens) == (11, 7, 18)
-    assert record.cached_tokens == 4
-    assert record.response_model == "gpt-4o-mini-2024"
-    assert record.tokens_estimated is False and record.decision == "allowed"
-
-
-async def test_stream_override_and_cancel_counts_delivered_text() -> None:
-    gw, sink = make_gateway()
-    proc = RequestProcessor(gw)
-    await proc.on_request_headers(request_headers())
-    await proc.on_request_body(body({**CHAT, "stream": True}))
-    response = await proc.on_response_headers(
-        headers(**{":status": "200", "content-type": "text/event-stream"})
-    )
-    assert response.mode_override.response_body_mode == response.mode_override.STREAMED
-    chunk = {"model": "m", "choices": [{"index": 0, "delta": {"content": "hello world"}}]}
-    await proc.on_response_body(pb.HttpBody(body=b"data: " + orjson.dumps(chunk) + b"\n\n"))
-    proc.close(cancelled=True)
-    await settle()
-    [record] = sink.records
-    assert record.partial is True and record.tokens_estimated is True
-    assert record.completion_tokens == 2  # "hello world" in o200k_base
-    assert record.prompt_tokens == record.estimated_prompt_tokens > 0
-    assert record.status_code == 200
-
-
-async def test_cancel_before_response_is_499() -> None:
-    gw, sink = make_gateway()
-    proc = RequestProcessor(gw)
-    await proc.on_request_headers(request_headers())
-    await proc.on_request_body(body(CHAT))
-    proc.close(cancelled=True)
-    proc.close(cancelled=True)  # idempotent: one record
-    await settle()
-    [record] = sink.records
-    assert record.status_code == 499 and record.partial is True and record.decision == "error"
-
-
-async def test_upstream_error_bills_nothing() -> None:
-    gw, sink = make_gateway()
-    proc = RequestProcessor(gw)
-    await proc.on_request_headers(request_headers())
-    await proc.on_request_body(body(CHAT))
-    await proc.on_response_headers(
-        headers(**{":status": "500", "content-type": "application/json"})
-    )
-    await proc.on_response_body(
-        pb.HttpBody(body=b'{"error": {"message": "boom"}}', end_of_stream=True)
-    )
-    await settle()
-    [record] = sink.records
-    assert record.decision == "error" and record.error_code == "upstream_error"
-    assert (record.prompt_tokens, record.completion_tokens, record.total_tokens) == (0, 0, 0)
-
-
-def keyed_headers(
-    key: str | None, path: str = "/v1/chat/completions", method: str = "POST"
-) -> pb.HttpHeaders:
-    values = {
-        ":path": path,
-        ":method": method,
-        "x-request-id": "rid-2",
-        "content-type": "application/json",
-    }
-    if key is not None:
-        values["api-key"] = key
-    return headers(**values)
+    with pytest.raises(RequestError) as info:
+        await proc.on_request_headers(msg.request_headers, msg)
+    assert (info.value.status, info.value.policy) == (429, "two-per-hour")
 
 
 @pytest.mark.parametrize(
-    ("key", "code"),
+    ("key", "header", "code"),
     [
-        (None, "missing_api_key"),
-        ("gwk_unknown", "invalid_api_key"),
-        ("sk-provider-key", "invalid_api_key"),
+        (None, "authorization", "missing_api_key"),
+        ("gwk_unknown", "api-key", "invalid_api_key"),
+        ("sk-provider-key", "x-api-key", "invalid_api_key"),
     ],
 )
-async def test_bad_keys_are_401_with_a_record(key: str | None, code: str) -> None:
+async def test_bad_keys_are_401_with_a_record(key: str | None, header: str, code: str) -> None:
     gw, sink = make_gateway()
     proc = RequestProcessor(gw)
     with pytest.raises(RequestError) as info:
-        await proc.on_request_headers(keyed_headers(key))
+        await send(proc, request(CHAT, key=key, key_header=header))
     assert (info.value.status, info.value.code, info.value.decision) == (401, code, "denied")
     proc.deny(info.value)
     await settle()
@@ -359,53 +316,235 @@ async def test_bad_keys_are_401_with_a_record(key: str | None, code: str) -> Non
     assert record.status_code == 401 and record.app_id is None
 
 
-async def test_identity_lands_in_the_record() -> None:
-    gw, sink = make_gateway()
-    proc = RequestProcessor(gw)
-    await proc.on_request_headers(keyed_headers(APP_KEY))
-    await proc.on_request_body(body(CHAT))
-    proc.close(cancelled=True)
-    await settle()
-    [record] = sink.records
-    assert (record.key_id, record.app_id, record.org_id, record.environment) == (
-        "key_app",
-        "app",
-        "o",
-        "default",
-    )
-
-
-async def test_limited_app_gets_ratelimit_headers_then_429() -> None:
+async def test_limited_app_carries_ratelimit_values_then_429() -> None:
     gw, _ = make_gateway()
     for expected in ("1", "0"):
-        proc = RequestProcessor(gw)
-        await proc.on_request_headers(keyed_headers(LIMITED_KEY))
-        await proc.on_request_body(body(CHAT))
-        response = await proc.on_response_headers(
-            headers(**{":status": "200", "content-type": "application/json"})
-        )
-        added = mutations(response, "response_headers")
-        assert added["x-ratelimit-limit-requests"] == "2"
-        assert added["x-ratelimit-remaining-requests"] == expected
-    proc = RequestProcessor(gw)
+        response = await send(RequestProcessor(gw), request(CHAT, key=LIMITED_KEY))
+        route = metadata(response, "gw_route")
+        assert route["rl_lr"] == "2" and route["rl_rr"] == expected
     with pytest.raises(RequestError) as info:
-        await proc.on_request_headers(keyed_headers(LIMITED_KEY))
+        await send(RequestProcessor(gw), request(CHAT, key=LIMITED_KEY))
     error = info.value
     assert (error.status, error.code, error.policy) == (429, "rate_limit_exceeded", "two-per-hour")
     assert dict(error.headers)["retry-after"].isdigit()
 
 
-async def test_allowlist_denies_and_filters_model_list() -> None:
+async def test_allowlist_denies_in_order() -> None:
     gw, _ = make_gateway()
-    proc = RequestProcessor(gw)
-    await proc.on_request_headers(keyed_headers(LIMITED_KEY))
     with pytest.raises(RequestError) as info:
-        await proc.on_request_body(body({**CHAT, "model": "azure-mini"}))
+        await send(RequestProcessor(gw), request({**CHAT, "model": "azure-mini"}, key=LIMITED_KEY))
     assert (info.value.status, info.value.code, info.value.policy) == (
         403,
         "model_not_allowed",
         "mini-only",
     )
-    proc = RequestProcessor(gw)
-    response = await proc.on_request_headers(keyed_headers(APP_KEY, "/v1/models", "GET"))
-    assert len(orjson.loads(response.immediate_response.body)["data"]) == 2
+
+
+# ---------------------------------------------------------------- response side
+
+
+def forwarded(**overrides: Any) -> pb.ProcessingRequest:
+    facts = Facts(
+        request_id="rid-9",
+        started=1.0,
+        endpoint="/v1/chat/completions",
+        operation="chat",
+        app_id="app",
+        org_id="o",
+        key_id="key_app",
+        environment="default",
+        model="gpt-4o-mini",
+        catalog_model="gpt-4o-mini",
+        provider="mock",
+        deployment="gpt-4o-mini",
+        stream=True,
+        estimated_tokens=12,
+        response_processor=True,
+    )
+    for name, value in overrides.items():
+        setattr(facts, name, value)
+    msg = pb.ProcessingRequest(
+        response_headers=headers(**{":status": "200", "content-type": "text/event-stream"})
+    )
+    msg.metadata_context.filter_metadata["gw"].update(facts.to_struct_fields())
+    return msg
+
+
+async def test_stream_cancel_counts_delivered_text() -> None:
+    gw, sink = make_gateway()
+    first = forwarded()
+    proc = ResponseProcessor(gw, first)
+    response = await proc.on_response_headers(first.response_headers, first)
+    assert response.mode_override.response_body_mode == response.mode_override.STREAMED
+    assert (
+        response.dynamic_metadata.fields["gw_response"].struct_value.fields["recorded"].string_value
+        == "1"
+    )
+    chunk = {"model": "m", "choices": [{"index": 0, "delta": {"content": "hello world"}}]}
+    msg = pb.ProcessingRequest(
+        response_body=pb.HttpBody(body=b"data: " + orjson.dumps(chunk) + b"\n\n")
+    )
+    await proc.on_response_body(msg.response_body, msg)
+    proc.close(cancelled=True)
+    proc.close(cancelled=True)  # idempotent: one record
+    await settle()
+    [record] = sink.records
+    assert record.partial is True and record.tokens_estimated is True
+    assert record.completion_tokens == 2  # "hello world" in o200k_base
+    assert record.prompt_tokens == 12 and record.status_code == 200
+    assert record.recorded_by == "response"
+
+
+async def test_stream_usage_chunk_is_exact() -> None:
+    gw, sink = make_gateway()
+    first = forwarded()
+    proc = ResponseProcessor(gw, first)
+    await proc.on_response_headers(first.response_headers, first)
+    events = (
+        b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n'
+        b'data: {"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":4,'
+        b'"total_tokens":13}}\n\ndata: [DONE]\n\n'
+    )
+    msg = pb.ProcessingRequest(response_body=pb.HttpBody(body=events, end_of_stream=True))
+    await proc.on_response_body(msg.response_body, msg)
+    await settle()
+    [record] = sink.records
+    assert (record.prompt_tokens, record.completion_tokens, record.total_tokens) == (9, 4, 13)
+    assert record.tokens_estimated is False and record.partial is False
+
+
+async def test_translated_json_answer_is_rewritten() -> None:
+    gw, sink = make_gateway()
+    first = forwarded(stream=False, translation="openai_anthropic", response_format="anthropic")
+    first.response_headers.headers.headers[1].raw_value = b"application/json"
+    proc = ResponseProcessor(gw, first)
+    response = await proc.on_response_headers(first.response_headers, first)
+    assert "content-length" in response.response_headers.response.header_mutation.remove_headers
+    answer = orjson.dumps(
+        {
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-sonnet-4-20250514",
+            "stop_reason": "end_turn",
+            "content": [{"type": "text", "text": "Hi!"}],
+            "usage": {"input_tokens": 10, "output_tokens": 3},
+        }
+    )
+    msg = pb.ProcessingRequest(response_body=pb.HttpBody(body=answer, end_of_stream=True))
+    out = await proc.on_response_body(msg.response_body, msg)
+    completion = orjson.loads(out.response_body.response.body_mutation.body)
+    assert completion["object"] == "chat.completion"
+    assert completion["choices"][0]["message"]["content"] == "Hi!"
+    await settle()
+    assert (sink.records[0].prompt_tokens, sink.records[0].completion_tokens) == (10, 3)
+
+
+# ------------------------------------------------------------------- access log
+
+
+def log_entry(
+    status: int,
+    *,
+    details: str = "via_upstream",
+    facts: Facts | None = None,
+    usage: dict[str, Any] | None = None,
+    recorded: bool = False,
+) -> Any:
+    entry = accesslog_pb2.HTTPAccessLogEntry()
+    entry.response.response_code.value = status
+    entry.response.response_code_details = details
+    entry.request.request_id = "rid-env"
+    entry.request.path = "/v1/chat/completions"
+    entry.common_properties.time_to_last_downstream_tx_byte.FromMilliseconds(42)
+    md = entry.common_properties.metadata.filter_metadata
+    if facts is not None:
+        md["gw"].update(facts.to_struct_fields())
+    if usage is not None:
+        md["gw_usage"].update(usage)
+    if recorded:
+        md["gw_response"].update({"recorded": "1"})
+    return entry
+
+
+PLAIN = Facts(
+    request_id="rid-7",
+    started=1.0,
+    endpoint="/v1/chat/completions",
+    operation="chat",
+    app_id="app",
+    org_id="o",
+    key_id="key_app",
+    environment="default",
+    model="gpt-4o-mini",
+    catalog_model="gpt-4o-mini",
+    provider="mock",
+    deployment="gpt-4o-mini",
+    estimated_tokens=12,
+)
+
+
+async def test_access_log_writes_plain_answers_from_envoy_usage() -> None:
+    gw, sink = make_gateway()
+    service = AccessLogService(gw)
+    service.handle(
+        log_entry(
+            200,
+            facts=PLAIN,
+            usage={
+                "prompt_tokens": 11,
+                "completion_tokens": 7,
+                "total_tokens": 18,
+                "cached_tokens": 4,
+                "model": "gpt-4o-mini-2024",
+            },
+        )
+    )
+    await settle()
+    [record] = sink.records
+    assert (record.request_id, record.status_code, record.latency_ms) == ("rid-7", 200, 42.0)
+    assert (record.prompt_tokens, record.completion_tokens, record.cached_tokens) == (11, 7, 4)
+    assert record.response_model == "gpt-4o-mini-2024" and record.recorded_by == "access_log"
+
+
+async def test_access_log_skips_what_others_recorded() -> None:
+    gw, sink = make_gateway()
+    service = AccessLogService(gw)
+    service.handle(log_entry(429, details="gw_rate_limit_exceeded", facts=PLAIN))
+    service.handle(log_entry(200, facts=PLAIN, recorded=True))
+    await settle()
+    assert sink.records == []
+
+
+async def test_access_log_records_what_envoy_answered_alone() -> None:
+    gw, sink = make_gateway()
+    service = AccessLogService(gw)
+    service.handle(log_entry(413, details="request_payload_too_large"))
+    service.handle(log_entry(0, facts=PLAIN))  # the app left before any answer
+    await settle()
+    too_large, gone = sink.records
+    assert (too_large.request_id, too_large.decision, too_large.error_code) == (
+        "rid-env",
+        "denied",
+        "request_payload_too_large",
+    )
+    assert (gone.status_code, gone.partial, gone.prompt_tokens, gone.tokens_estimated) == (
+        499,
+        True,
+        12,
+        True,
+    )
+
+
+async def test_access_log_anthropic_usage_names() -> None:
+    gw, sink = make_gateway()
+    AccessLogService(gw).handle(
+        log_entry(
+            200,
+            facts=PLAIN,
+            usage={"input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 3},
+        )
+    )
+    await settle()
+    record = sink.records[0]
+    assert (record.prompt_tokens, record.completion_tokens, record.cached_tokens) == (13, 5, 3)

@@ -1,4 +1,4 @@
-"""The servicer loop: dispatch, denial, and a crash inside one request."""
+"""The servicer loop: dispatch by first message, denial, and a crash inside one request."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from ext_proc.server.processor import RequestProcessor
 from ext_proc.server.servicer import ExternalProcessor
-from tests.unit.test_processor import CHAT, body, make_gateway, request_headers
+from tests.unit.test_processor import CHAT, forwarded, make_gateway, request
 
 
 async def messages(*items: pb.ProcessingRequest) -> AsyncIterator[pb.ProcessingRequest]:
@@ -25,14 +25,27 @@ async def run(
     return [r async for r in servicer.Process(messages(*items), None)]  # type: ignore[arg-type]
 
 
-async def test_dispatches_each_phase() -> None:
+async def test_request_stream_is_one_message() -> None:
     gw, _ = make_gateway()
-    out = await run(
-        ExternalProcessor(gw),
-        pb.ProcessingRequest(request_headers=request_headers()),
-        pb.ProcessingRequest(request_body=body(CHAT)),
+    out = await run(ExternalProcessor(gw), request(CHAT))
+    assert [r.WhichOneof("response") for r in out] == ["request_body"]
+    assert "gw_route" in out[0].dynamic_metadata.fields
+
+
+async def test_response_stream_dispatches_to_the_response_processor() -> None:
+    gw, sink = make_gateway()
+    body = pb.ProcessingRequest(
+        response_body=pb.HttpBody(
+            body=b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,'
+            b'"total_tokens":2}}\n\ndata: [DONE]\n\n',
+            end_of_stream=True,
+        )
     )
-    assert [r.WhichOneof("response") for r in out] == ["request_headers", "request_body"]
+    out = await run(ExternalProcessor(gw), forwarded(), body)
+    assert [r.WhichOneof("response") for r in out] == ["response_headers", "response_body"]
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert sink.records[0].total_tokens == 2
 
 
 async def test_a_crash_answers_500_and_the_next_request_works(
@@ -41,38 +54,20 @@ async def test_a_crash_answers_500_and_the_next_request_works(
     gw, sink = make_gateway()
     servicer = ExternalProcessor(gw)
 
-    async def boom(self: RequestProcessor, msg: pb.HttpBody) -> pb.ProcessingResponse:
+    async def boom(
+        self: RequestProcessor, msg: pb.HttpBody, request: pb.ProcessingRequest
+    ) -> pb.ProcessingResponse:
         raise RuntimeError("bug")
 
     with monkeypatch.context() as m:
         m.setattr(RequestProcessor, "on_request_body", boom)
-        out = await run(
-            servicer,
-            pb.ProcessingRequest(request_headers=request_headers()),
-            pb.ProcessingRequest(request_body=body(CHAT)),
-        )
+        out = await run(servicer, request(CHAT))
     immediate = out[-1].immediate_response
     assert immediate.status.code == 500
     assert orjson.loads(immediate.body)["error"]["code"] == "gateway_internal_error"
-    out = await run(
-        servicer,
-        pb.ProcessingRequest(request_headers=request_headers()),
-        pb.ProcessingRequest(request_body=body(CHAT)),
-    )
+    out = await run(servicer, request(CHAT))
     assert out[-1].WhichOneof("response") == "request_body"
-    await asyncio.sleep(0)
+    for _ in range(10):
+        await asyncio.sleep(0)
     assert sink.records[0].status_code == 500
     assert gw.metrics.stream_errors.labels("internal")._value.get() == 1
-
-
-async def test_stream_that_ends_early_leaves_one_partial_record() -> None:
-    gw, sink = make_gateway()
-    await run(
-        ExternalProcessor(gw),
-        pb.ProcessingRequest(request_headers=request_headers()),
-        pb.ProcessingRequest(request_body=body(CHAT)),
-    )
-    for _ in range(5):
-        await asyncio.sleep(0)
-    [record] = sink.records
-    assert record.partial is True and record.status_code == 499

@@ -1,4 +1,11 @@
-"""Translations between provider API shapes, one module per pair (``openai_anthropic``)."""
+"""Translations between provider API shapes, one module per pair (``openai_anthropic``).
+
+``RESPONSE_TRANSLATORS`` builds the response side by the pair's name: the request side
+records the name in the request's facts, and the response processor (possibly another
+process) rebuilds the translator from it.
+"""
+
+from collections.abc import Callable
 
 from ext_proc.routing.translate.base import (
     ResponseTranslator,
@@ -6,5 +13,17 @@ from ext_proc.routing.translate.base import (
     TranslatingAdapter,
     TranslationError,
 )
+from ext_proc.routing.translate.openai_anthropic import MessagesToChatCompletion
 
-__all__ = ["ResponseTranslator", "TranslatedRequest", "TranslatingAdapter", "TranslationError"]
+# name -> factory(include_usage) for the response translator
+RESPONSE_TRANSLATORS: dict[str, Callable[[bool], ResponseTranslator]] = {
+    "openai_anthropic": lambda include_usage: MessagesToChatCompletion(include_usage=include_usage),
+}
+
+__all__ = [
+    "RESPONSE_TRANSLATORS",
+    "ResponseTranslator",
+    "TranslatedRequest",
+    "TranslatingAdapter",
+    "TranslationError",
+]
