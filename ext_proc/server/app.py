@@ -49,6 +49,7 @@ from ext_proc.stores.invalidation import InvalidationListener
 from ext_proc.stores.postgres import create_pool
 from ext_proc.stores.redis import create_redis
 from ext_proc.stores.redis_limits import RedisLimits
+from ext_proc.stores.resp import RespClient, close_quietly
 from ext_proc.usage.recorder import UsageRecorder
 from ext_proc.usage.spool import Spool
 
@@ -100,6 +101,7 @@ class Service:
         self.config_source = "none"
         self._pool: asyncpg.Pool | None = None
         self._redis: Any = None
+        self._lua: RespClient | None = None
         self._limits: Limits | None = None
         self._listener: InvalidationListener | None = None
         self._grpc: grpc.aio.Server | None = None
@@ -141,8 +143,11 @@ class Service:
                 "seen within %ss (cache TTL)",
                 DEFAULT_KEY_TTL,
             )
+        if settings.redis_url:
+            # The limits' one Lua call per request goes over a lean pipelined client.
+            self._lua = RespClient(settings.redis_url)
         self._limits = Limits(
-            RedisLimits(self._redis) if self._redis is not None else None,
+            RedisLimits(self._lua) if self._lua is not None else None,
             LocalLimits(),
             breaker,
             self.metrics,
@@ -362,6 +367,7 @@ class Service:
                 await task
         if self._redis is not None:
             await self._redis.aclose()
+        await close_quietly(self._lua)
         if self._pool is not None:
             await self._pool.close()
 

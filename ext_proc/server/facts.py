@@ -3,8 +3,8 @@
 The request processor (one ext_proc message per request) decides; the usage record is
 written later by the access-log handler (plain responses) or by the response processor
 (streams and translated answers), possibly in another process. Everything they need
-travels in Envoy's dynamic metadata, namespace ``gw``: a flat Struct with short keys
-(it is forwarded with every response-body message, so it stays small). Provider
+travels in Envoy's dynamic metadata, namespace ``gw``: one string of compact JSON with
+short keys (it is forwarded with every response-body message, so it stays small). Provider
 credentials never go here: they travel in ``gw_route``, which the Lua filter scrubs.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from google.protobuf import struct_pb2
 
 from ext_proc.policies.base import RequestFacts
@@ -21,6 +22,7 @@ NAMESPACE = "gw"  # request facts: read by the access log and the response proce
 ROUTE_NAMESPACE = "gw_route"  # routing + credentials for the Lua filter (scrubbed after use)
 RESPONSE_NAMESPACE = "gw_response"  # set by the response processor: "it wrote the record"
 USAGE_NAMESPACE = "gw_usage"  # set by Envoy's json_to_metadata from a JSON response body
+FIELD = "f"  # the field of NAMESPACE that holds the facts (compact JSON)
 
 
 @dataclass(slots=True)
@@ -70,8 +72,9 @@ class Facts:
             generates=self.operation != "embeddings",
         )
 
-    # The metadata form: short keys, strings and numbers only (Struct numbers are doubles).
-    def to_struct_fields(self) -> dict[str, Any]:
+    # The metadata form: one string field holding compact JSON with short keys (one
+    # field to build, forward and read; orjson is far cheaper than Struct conversion).
+    def to_json(self) -> str:
         out: dict[str, Any] = {
             "id": self.request_id,
             "t0": self.started,
@@ -85,7 +88,7 @@ class Facts:
             "cm": self.catalog_model,
             "prov": self.provider,
             "dep": self.deployment,
-            "s": 1 if self.stream else 0,
+            "s": self.stream,
             "rb": self.request_bytes,
             "mc": self.message_count,
             "mt": self.max_tokens,
@@ -95,55 +98,51 @@ class Facts:
             out["est"] = self.estimated_tokens
         if self.translation:
             out["tr"] = self.translation
-            out["iu"] = 1 if self.include_usage else 0
+            out["iu"] = self.include_usage
         if self.response_processor:
-            out["rp"] = 1
+            out["rp"] = True
         if self.reservations:
-            out["res"] = ",".join(f"{k}={v}" for k, v in self.reservations.items())
-        return out
+            out["res"] = self.reservations
+        return orjson.dumps(out).decode()
+
+    def write_to(self, struct: struct_pb2.Struct) -> None:
+        """Put these facts in a metadata namespace's Struct."""
+        struct.fields[FIELD].string_value = self.to_json()
 
     @classmethod
     def from_struct(cls, struct: struct_pb2.Struct) -> Facts | None:
-        fields = struct.fields
-        if "id" not in fields:
+        """The facts in a namespace's Struct, or None when it holds none (or junk)."""
+        value = struct.fields.get(FIELD)
+        if value is None:
             return None
-
-        def text(key: str) -> str:
-            value = fields.get(key)
-            return value.string_value if value is not None else ""
-
-        def number(key: str) -> int:
-            value = fields.get(key)
-            return int(value.number_value) if value is not None else 0
-
-        reservations: dict[str, int] = {}
-        for item in text("res").split(","):
-            name, _, units = item.partition("=")
-            if name and units.isdigit():
-                reservations[name] = int(units)
-        estimate = fields.get("est")
-        started = fields.get("t0")
+        try:
+            d = orjson.loads(value.string_value)
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(d, dict) or "id" not in d:
+            return None
+        res = d.get("res")
         return cls(
-            request_id=text("id"),
-            started=started.number_value if started is not None else 0.0,
-            endpoint=text("ep"),
-            operation=text("op"),
-            key_id=text("key"),
-            app_id=text("app"),
-            org_id=text("org"),
-            environment=text("env"),
-            model=text("m"),
-            catalog_model=text("cm"),
-            provider=text("prov"),
-            deployment=text("dep"),
-            stream=number("s") == 1,
-            request_bytes=number("rb"),
-            message_count=number("mc"),
-            max_tokens=number("mt"),
-            estimated_tokens=int(estimate.number_value) if estimate is not None else None,
-            response_format=text("fmt") or "openai",
-            translation=text("tr"),
-            include_usage=number("iu") == 1,
-            reservations=reservations,
-            response_processor=number("rp") == 1,
+            request_id=str(d["id"]),
+            started=float(d.get("t0") or 0.0),
+            endpoint=d.get("ep", ""),
+            operation=d.get("op", ""),
+            key_id=d.get("key", ""),
+            app_id=d.get("app", ""),
+            org_id=d.get("org", ""),
+            environment=d.get("env", ""),
+            model=d.get("m", ""),
+            catalog_model=d.get("cm", ""),
+            provider=d.get("prov", ""),
+            deployment=d.get("dep", ""),
+            stream=bool(d.get("s")),
+            request_bytes=int(d.get("rb") or 0),
+            message_count=int(d.get("mc") or 0),
+            max_tokens=int(d.get("mt") or 0),
+            estimated_tokens=d.get("est"),
+            response_format=d.get("fmt") or "openai",
+            translation=d.get("tr", ""),
+            include_usage=bool(d.get("iu")),
+            response_processor=bool(d.get("rp")),
+            reservations={str(k): int(v) for k, v in res.items()} if isinstance(res, dict) else {},
         )

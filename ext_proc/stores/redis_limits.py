@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
-import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from ext_proc.policies.limiter import SLACK, AcquireResult, LimitResult, LimitSpec
@@ -168,6 +167,15 @@ return 0
 """
 
 
+class LuaClient(Protocol):
+    """What the limits need from a Redis client: redis-py's asyncio client, or the lean
+    pipelined one the server uses on the hot path (ext_proc.stores.resp)."""
+
+    async def execute_command(self, *args: Any) -> Any: ...
+
+    async def script_load(self, script: str) -> Any: ...
+
+
 class _Script:
     """A Lua script called by SHA; loaded once, and again after a ``NOSCRIPT``."""
 
@@ -177,19 +185,20 @@ class _Script:
         self.source = source
         self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
 
-    async def __call__(self, client: aioredis.Redis, numkeys: int, args: list[Any]) -> Any:
+    async def __call__(self, client: LuaClient, numkeys: int, args: list[Any]) -> Any:
         try:
             return await client.execute_command("EVALSHA", self.sha, numkeys, *args)
         except NoScriptError:
             # First use on this server, or it restarted / flushed its script cache.
-            self.sha = await client.script_load(self.source)
+            sha = await client.script_load(self.source)
+            self.sha = sha.decode() if isinstance(sha, bytes) else str(sha)
             return await client.execute_command("EVALSHA", self.sha, numkeys, *args)
 
 
 class RedisLimits:
     """GCRA limits and cooldowns shared by every replica through one Redis."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: LuaClient) -> None:
         self._redis = redis
         self._acquire = _Script(_ACQUIRE_LUA)
         self._adjust = _Script(_ADJUST_LUA)

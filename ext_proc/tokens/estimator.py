@@ -82,9 +82,29 @@ def _short_tokens(encoding: tiktoken.Encoding, text: str) -> int:
     return len(encoding.encode_ordinary(text))
 
 
+# Texts up to this long have their counts remembered: system prompts, tool schemas and
+# few-shot examples are resent with every request of an app, and a dict lookup is far
+# cheaper than encoding them again. Bounded: at most _TEXT_CACHE_SIZE entries of at most
+# _TEXT_CACHE_MAX_CHARS characters each (about 8 MB of text). A string's count under an
+# encoding never changes, so nothing invalidates it.
+_TEXT_CACHE_MAX_CHARS = 8192
+_TEXT_CACHE_SIZE = 1024
+
+
+@lru_cache(maxsize=_TEXT_CACHE_SIZE)
+def _text_tokens(encoding: tiktoken.Encoding, text: str) -> int:
+    return len(encoding.encode_ordinary(text))
+
+
 def _count(encoding: tiktoken.Encoding, texts: Iterable[str]) -> int:
     encode = encoding.encode_ordinary
-    return sum(len(encode(text)) for text in texts)
+    total = 0
+    for text in texts:
+        if len(text) <= _TEXT_CACHE_MAX_CHARS:
+            total += _text_tokens(encoding, text)
+        else:
+            total += len(encode(text))
+    return total
 
 
 def _tools_json(tools: Any) -> str:

@@ -115,17 +115,28 @@ def test_rendered_shape() -> None:
     assert azure["host_rewrite_literal"] == "contoso.openai.azure.com"
     assert azure["retry_policy"]["num_retries"] == 2
     assert routes["to_local-vllm"]["route"]["host_rewrite_literal"] == "10.0.0.7:8000"
-    assert set(routes) >= {"without_body", "to_azure-eastus_via_response_processor",
-                           "no_provider_selected"}
+    assert set(routes) >= {
+        "without_body",
+        "to_azure-eastus_via_response_processor",
+        "no_provider_selected",
+    }
     # Plain answers skip the response processor; streams and translations get it.
     assert routes["to_openai"]["typed_per_filter_config"][RESPONSE_FILTER]["disabled"] is True
     assert RESPONSE_FILTER not in routes["to_openai_via_response_processor"].get(
-        "typed_per_filter_config", {})
+        "typed_per_filter_config", {}
+    )
     assert {h["header"]["key"] for h in routes["to_openai"]["response_headers_to_add"]} >= {
-        "x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens"}
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-remaining-tokens",
+    }
     filters = [f["name"] for f in hcm["http_filters"]]
-    assert filters == [REQUEST_FILTER, LUA_FILTER, RESPONSE_FILTER,
-                       "envoy.filters.http.json_to_metadata", "envoy.filters.http.router"]
+    assert filters == [
+        REQUEST_FILTER,
+        LUA_FILTER,
+        RESPONSE_FILTER,
+        "envoy.filters.http.json_to_metadata",
+        "envoy.filters.http.router",
+    ]
     request = hcm["http_filters"][0]["typed_config"]
     assert request["processing_mode"]["request_header_mode"] == "SKIP"  # one message
     assert request["processing_mode"]["request_body_mode"] == "BUFFERED"

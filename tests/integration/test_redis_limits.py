@@ -26,6 +26,7 @@ from ext_proc.policies.limiter import LimitResult, LimitSpec
 from ext_proc.stores import embedded
 from ext_proc.stores.redis import create_redis
 from ext_proc.stores.redis_limits import RedisLimits
+from ext_proc.stores.resp import RespClient
 
 pytestmark = pytest.mark.integration
 
@@ -42,9 +43,19 @@ async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
         await c.aclose()
 
 
-@pytest.fixture
-def limits(client: aioredis.Redis) -> RedisLimits:
-    return RedisLimits(client)
+@pytest.fixture(params=["redis-py", "resp"])
+async def limits(
+    request: pytest.FixtureRequest, client: aioredis.Redis, redis_url: str
+) -> AsyncIterator[RedisLimits]:
+    """Every test runs with both clients: redis-py and the lean one the server uses."""
+    if request.param == "redis-py":
+        yield RedisLimits(client)
+        return
+    lean = RespClient(redis_url)
+    try:
+        yield RedisLimits(lean)
+    finally:
+        await lean.aclose()
 
 
 def spec(key: str, limit: int = 5, window: float = 60.0, cost: int = 1) -> LimitSpec:

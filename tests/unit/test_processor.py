@@ -176,7 +176,7 @@ async def test_azure_route_injects_key_and_stream_usage() -> None:
     assert route["resp"] == "1"  # a stream goes through the response processor
     new_body = orjson.loads(response.request_body.response.body_mutation.body)
     assert new_body["stream_options"] == {"include_usage": True}
-    assert metadata(response, "gw")["rp"] == 1
+    assert Facts.from_struct(response.dynamic_metadata.fields["gw"].struct_value).response_processor
 
 
 async def test_translated_request_goes_through_the_response_processor() -> None:
@@ -189,7 +189,8 @@ async def test_translated_request_goes_through_the_response_processor() -> None:
     assert route["set"]["x-api-key"] == "anthropic-secret"
     sent = orjson.loads(response.request_body.response.body_mutation.body)
     assert sent["model"] == "claude-sonnet-4-20250514" and sent["max_tokens"] == 20
-    assert metadata(response, "gw")["tr"] == "openai_anthropic"
+    facts = Facts.from_struct(response.dynamic_metadata.fields["gw"].struct_value)
+    assert facts is not None and facts.translation == "openai_anthropic"
 
 
 async def test_missing_provider_key_is_503() -> None:
@@ -366,7 +367,7 @@ def forwarded(**overrides: Any) -> pb.ProcessingRequest:
     msg = pb.ProcessingRequest(
         response_headers=headers(**{":status": "200", "content-type": "text/event-stream"})
     )
-    msg.metadata_context.filter_metadata["gw"].update(facts.to_struct_fields())
+    facts.write_to(msg.metadata_context.filter_metadata["gw"])
     return msg
 
 
@@ -459,7 +460,7 @@ def log_entry(
     entry.common_properties.time_to_last_downstream_tx_byte.FromMilliseconds(42)
     md = entry.common_properties.metadata.filter_metadata
     if facts is not None:
-        md["gw"].update(facts.to_struct_fields())
+        facts.write_to(md["gw"])
     if usage is not None:
         md["gw_usage"].update(usage)
     if recorded:
