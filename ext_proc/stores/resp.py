@@ -161,15 +161,17 @@ class RespClient:
             protocol = await self._connect()
         transport = protocol.transport
         assert transport is not None
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         protocol.waiting.append(future)
         transport.write(pack(args))
+        # A bare timer, not asyncio.wait_for (which wraps the future in more machinery
+        # than a hot-path call should pay for).
+        timer = loop.call_later(self._timeout, _expire, future, protocol, self._timeout)
         try:
-            return await asyncio.wait_for(future, self._timeout)
-        except TimeoutError:
-            # The reply may still come, for the next caller's future: drop the connection.
-            protocol.fail(RedisConnectionError("Redis connection dropped after a timeout"))
-            raise RedisTimeoutError(f"Redis did not answer within {self._timeout}s") from None
+            return await future
+        finally:
+            timer.cancel()
 
     async def script_load(self, source: str) -> str:
         sha = await self.execute_command("SCRIPT", "LOAD", source)
@@ -239,6 +241,14 @@ class RespClient:
         protocol.waiting.append(future)
         protocol.transport.write(pack(args))
         return await future
+
+
+def _expire(future: asyncio.Future[Any], protocol: _Protocol, timeout: float) -> None:
+    if future.done():
+        return
+    future.set_exception(RedisTimeoutError(f"Redis did not answer within {timeout}s"))
+    # The reply may still come, for the next caller's future: drop the connection.
+    protocol.fail(RedisConnectionError("Redis connection dropped after a timeout"))
 
 
 async def close_quietly(client: RespClient | None) -> None:
