@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import sys
@@ -132,6 +133,8 @@ def cmd_envoy_config(ns: argparse.Namespace, settings: Settings) -> int:
             stats_port=ns.stats_port,
         )
     )
+    if ns.headers_phase:
+        options = dataclasses.replace(options, headers_phase=True)
     text = render_yaml(config, options)
     if ns.output and ns.output != "-":
         Path(ns.output).write_text(text)
@@ -232,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ext-proc-host", default="127.0.0.1")
     p.add_argument(
         "--ext-proc-port", type=int, default=None, help="default: $EXT_PROC_GRPC_PORT or 50051"
+    )
+    p.add_argument(
+        "--headers-phase",
+        action="store_true",
+        help="send request headers as their own ext_proc message: refuse bad keys and "
+        "rate-limited calls before their bodies are buffered (about 0.1 ms more CPU per "
+        "request)",
     )
     p.add_argument(
         "--stats-port",

@@ -96,6 +96,7 @@ class StackOptions:
     key_app: str | None = None  # make an API key for this app (None: the first app)
     key_file: Path | None = None  # reuse the key kept here across runs (make run)
     ext_proc_processes: int = 1  # more than one: each its own endpoint in Envoy's cluster
+    envoy_headers_phase: bool = False  # request headers as their own ext_proc message
 
 
 class Stack:
@@ -308,6 +309,7 @@ class Stack:
             ext_proc_port=self.options.grpc_port,
             ext_proc_ports=tuple(ports[0] for ports in self.ext_proc_ports),
             access_log_path=str((self.log_dir / "envoy-access.log").resolve()),
+            headers_phase=self.options.envoy_headers_phase,
             direct_prefix="/__direct/" if self.options.envoy_direct_provider else None,
             direct_provider=self.options.envoy_direct_provider,
         )

@@ -1,17 +1,27 @@
 """Render an Envoy bootstrap from the gateway config.
 
-One renderer for every Envoy this project runs: ``envoy/dev.yaml`` (checked in, and a
-test keeps it equal to what this renders), ``ext-proc dev``, the end-to-end tests and
-``ext-proc envoy-config``. Choices, with the reasons (see ENVOY-NOTES.md):
+One renderer for every Envoy this project runs: ``envoy/dev.yaml`` and
+``envoy/production.yaml`` (checked in; tests keep them equal to what this renders),
+``ext-proc dev``, the end-to-end tests, the benchmark and ``ext-proc envoy-config``.
+Choices, with the reasons (ENVOY-NOTES.md has the measurements behind them):
 
-- ext_proc: request headers SEND (mutations need them), request body BUFFERED, response
-  headers SEND (status, and the STREAMED override for ``text/event-stream``), response
-  body BUFFERED; fail closed with 503 when the processor is unreachable.
-- provider selection: the processor sets ``x-gateway-provider`` and clears the route
-  cache; one route and one cluster per provider, host rewritten to the provider's.
-- buffers: the listener limit bounds what Envoy holds for BUFFERED bodies in either
+- One ext_proc message per request: the request filter sends only the buffered body,
+  with the headers the gateway reads attached as attributes. A headers round trip costs
+  about as much Python as the rest of the request; refusing floods before their bodies
+  are read is available with ``headers_phase`` at that price. Body-less requests (GET)
+  get a headers message through a per-route override instead.
+- The decision comes back as dynamic metadata, applied by a small Lua filter (a header
+  mutation returned with the body is dropped when the headers phase is skipped).
+- Plain answers never reach Python: ``json_to_metadata`` reads their usage and the gRPC
+  access log brings it, batched, to the usage writer. Streams and translated answers go
+  through a second, response-only ext_proc filter enabled by their route (it counts the
+  delivered text exactly and rewrites translated bodies).
+- Provider selection: one route pair and one cluster per provider, host rewritten to the
+  provider's; OpenAI's rate-limit headers are added by the route from metadata.
+- Fail closed with 503 when the processor is unreachable.
+- Buffers: the listener limit bounds what Envoy holds for buffered bodies in either
   direction, so it is the larger of the request limit and ``max_response_bytes``; the
-  request limit itself is enforced by the processor (content-length, then body length).
+  request limit itself is enforced by the processor.
 - Envoy's own error replies (upstream down, timeouts, oversized bodies) are rewritten to
   the OpenAI error shape; the processor's replies (details ``gw_*``) keep their body.
 """
@@ -409,7 +419,7 @@ def _local_reply_config() -> dict[str, Any]:
         flt = filters[0] if len(filters) == 1 else {"and_filter": {"filters": filters}}
         return {"filter": flt, "body_format_override": body_format}
 
-    ours = "response.code_details.startsWith('gw_')"
+    ours = "response.code_details.startsWith('gw_') || response.code_details == 'lua_response'"
     return {
         "mappers": [
             # The processor's own answers are already OpenAI-shaped: keep them.

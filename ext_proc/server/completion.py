@@ -126,10 +126,9 @@ async def _fill_tokens(rec: UsageRecord, facts: Facts, ending: Ending) -> None:
         rec.reasoning_tokens = usage.reasoning_tokens
         return
     delivered = ending.delivered_text
-    if (
-        rec.decision == "denied"
-        or (rec.status_code is not None and 400 <= rec.status_code < 499 and not delivered)
-        or (rec.status_code is not None and rec.status_code >= 500 and not delivered)
+    status = rec.status_code or 0
+    if rec.decision == "denied" or (
+        status >= 400 and status != CLIENT_CLOSED_REQUEST and not delivered
     ):
         # Refused, or the provider answered an error: nothing was generated or billed.
         rec.prompt_tokens = rec.completion_tokens = rec.total_tokens = 0

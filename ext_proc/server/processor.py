@@ -144,6 +144,7 @@ class RequestError(Exception):
 class RequestProcessor:
     __slots__ = (
         "_bound",
+        "_done",
         "_endpoint",
         "_facts",
         "_gw",
@@ -164,6 +165,13 @@ class RequestProcessor:
         self._bound: BoundPolicies = NO_POLICIES
         self._limit_state = LimitState()
         self._header_checks_done = False
+        self._done = False
+
+    @property
+    def done(self) -> bool:
+        """The request side has answered its last message (the body): nothing more comes
+        on this stream (the request filter sends no response phases)."""
+        return self._done
 
     # ------------------------------------------------------------------ phases
 
@@ -256,7 +264,9 @@ class RequestProcessor:
         # answer never says (a cancel, a cut stream): computed once, here, where the body is.
         facts.estimated_tokens = await _estimate_prompt(endpoint, route, body)
         await self._check_policies(route)
-        return self._forward(endpoint, route, body)
+        response = self._forward(endpoint, route, body)
+        self._done = True
+        return response
 
     # ------------------------------------------------------------ internals
 

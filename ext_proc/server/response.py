@@ -35,6 +35,7 @@ _RECORDED.update({RESPONSE_NAMESPACE: {"recorded": "1"}})
 class ResponseProcessor:
     __slots__ = (
         "_bytes",
+        "_ended",
         "_facts",
         "_finished",
         "_gw",
@@ -63,6 +64,12 @@ class ResponseProcessor:
         self._t_first: float | None = None
         self._bytes = 0
         self._finished = self._facts is None
+        self._ended = False
+
+    @property
+    def done(self) -> bool:
+        """The response's last message was answered."""
+        return self._ended
 
     async def on_response_headers(
         self, msg: pb.HttpHeaders, request: pb.ProcessingRequest
@@ -85,6 +92,7 @@ class ResponseProcessor:
             if factory is not None:
                 self._translator = factory(facts.include_usage)
         if msg.end_of_stream:
+            self._ended = True
             self._finish(cancelled=False)
         if self._translator is not None:
             # Rewritten into the app's API: its length changes, and a buffered answer (JSON
@@ -113,6 +121,7 @@ class ResponseProcessor:
             else:
                 self._json += chunk
         if msg.end_of_stream:
+            self._ended = True
             self._finish(cancelled=False)
         translator = self._translator
         if translator is None:

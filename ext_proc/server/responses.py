@@ -40,7 +40,6 @@ _EMPTY_HEADERS_RESPONSE = pb.HeadersResponse()
 _EMPTY_BODY_RESPONSE = pb.BodyResponse()
 
 CONTINUE_REQUEST_HEADERS = ProcessingResponse(request_headers=_EMPTY_HEADERS_RESPONSE)
-CONTINUE_REQUEST_BODY = ProcessingResponse(request_body=_EMPTY_BODY_RESPONSE)
 CONTINUE_RESPONSE_HEADERS = ProcessingResponse(response_headers=_EMPTY_HEADERS_RESPONSE)
 CONTINUE_RESPONSE_BODY = ProcessingResponse(response_body=_EMPTY_BODY_RESPONSE)
 
@@ -51,14 +50,6 @@ _STREAMED_RESPONSE_MODE = processing_mode_pb2.ProcessingMode(
     response_header_mode=processing_mode_pb2.ProcessingMode.SKIP,
     request_body_mode=processing_mode_pb2.ProcessingMode.NONE,
     response_body_mode=processing_mode_pb2.ProcessingMode.STREAMED,
-    request_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP,
-    response_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP,
-)
-_NO_RESPONSE_BODY_MODE = processing_mode_pb2.ProcessingMode(
-    request_header_mode=processing_mode_pb2.ProcessingMode.SKIP,
-    response_header_mode=processing_mode_pb2.ProcessingMode.SKIP,
-    request_body_mode=processing_mode_pb2.ProcessingMode.NONE,
-    response_body_mode=processing_mode_pb2.ProcessingMode.NONE,
     request_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP,
     response_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP,
 )
@@ -154,39 +145,6 @@ def immediate_raw(
     )
 
 
-def continue_request_headers(
-    set_headers: Headers = (), remove: Sequence[str] = (), clear_route_cache: bool = False
-) -> pb.ProcessingResponse:
-    if not set_headers and not remove and not clear_route_cache:
-        return CONTINUE_REQUEST_HEADERS
-    return ProcessingResponse(
-        request_headers=pb.HeadersResponse(
-            response=pb.CommonResponse(
-                header_mutation=header_mutation(set_headers, remove),
-                clear_route_cache=clear_route_cache,
-            )
-        )
-    )
-
-
-def continue_request_body(
-    set_headers: Headers = (),
-    remove: Sequence[str] = (),
-    *,
-    body: bytes | None = None,
-    clear_route_cache: bool = False,
-) -> pb.ProcessingResponse:
-    if not set_headers and not remove and body is None and not clear_route_cache:
-        return CONTINUE_REQUEST_BODY
-    common = pb.CommonResponse(
-        header_mutation=header_mutation(set_headers, remove), clear_route_cache=clear_route_cache
-    )
-    if body is not None:
-        common.status = pb.CommonResponse.CONTINUE_AND_REPLACE
-        common.body_mutation.body = body
-    return ProcessingResponse(request_body=pb.BodyResponse(response=common))
-
-
 def continue_request_body_with_metadata(
     metadata: struct_pb2.Struct, *, body: bytes | None = None
 ) -> pb.ProcessingResponse:
@@ -212,7 +170,6 @@ def continue_response_headers(
     *,
     remove: Sequence[str] = (),
     stream_body: bool = False,
-    skip_body: bool = False,
 ) -> pb.ProcessingResponse:
     response = ProcessingResponse(response_headers=pb.HeadersResponse())
     if set_headers:
@@ -223,8 +180,6 @@ def continue_response_headers(
         response.response_headers.response.header_mutation.remove_headers.extend(remove)
     if stream_body:
         response.mode_override.CopyFrom(_STREAMED_RESPONSE_MODE)
-    elif skip_body:
-        response.mode_override.CopyFrom(_NO_RESPONSE_BODY_MODE)
     elif not set_headers and not remove:
         return CONTINUE_RESPONSE_HEADERS
     return response

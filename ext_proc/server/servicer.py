@@ -31,6 +31,9 @@ _PHASES = ("request_headers", "request_body", "response_headers", "response_body
 
 
 class _Processor(Protocol):
+    @property
+    def done(self) -> bool: ...
+
     def internal_error(self, exc: BaseException) -> pb.ProcessingResponse: ...
 
     def close(self, *, cancelled: bool) -> None: ...
@@ -76,7 +79,11 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     response = proc.internal_error(exc)
                 timers[phase].observe(time.perf_counter() - started)
                 yield response
-                if response.HasField("immediate_response"):
+                if response.HasField("immediate_response") or proc.done:
+                    # Nothing more will come on this stream: end the RPC here rather than
+                    # wait for Envoy to cancel it (grpc.aio leaks native memory on every
+                    # call cancelled while a read is pending: about 130 bytes a request,
+                    # measured; grpc/grpc#43360).
                     finished = True
                     break
             else:

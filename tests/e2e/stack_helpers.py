@@ -174,6 +174,7 @@ class OwnStack:
         key_app: str,
         processes: int = 1,
         label: str = "own",
+        headers_phase: bool = False,
     ) -> OwnStack:
         """Write ``config`` (``{mock}`` is replaced by the mock's port) and start the
         stack on free ports against a fresh database."""
@@ -197,6 +198,7 @@ class OwnStack:
             redis_prefix=redis_prefix,
             quiet=True,
             ext_proc_processes=processes,
+            envoy_headers_phase=headers_phase,
         )
         stack = Stack(options)
         await asyncio.to_thread(stack.start)  # Stack.start stops what it started on failure

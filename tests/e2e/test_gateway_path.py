@@ -397,3 +397,33 @@ async def test_concurrent_requests_each_leave_one_row(e2e: E2E, marker: str) -> 
     assert len(set(ids)) == 40
     rows = [await e2e.usage_row(i) for i in ids]
     assert all(r["status_code"] == 200 and r["tokens_estimated"] is False for r in rows)
+
+
+async def test_request_without_body_is_400_and_recorded(e2e: E2E) -> None:
+    """Envoy answers it without the request processor (no body to send it): the access
+    log still records it."""
+    async with httpx.AsyncClient(timeout=10) as http:
+        response = await http.post(
+            f"{e2e.base_url}/v1/chat/completions",
+            headers={"authorization": f"Bearer {e2e.api_key}", "content-type": "application/json"},
+        )
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_json"
+    row = await e2e.usage_row(response.headers["x-request-id"])
+    assert (row["status_code"], row["decision"], row["recorded_by"]) == (400, "error", "access_log")
+
+
+async def test_get_on_a_post_endpoint_is_405(e2e: E2E) -> None:
+    async with httpx.AsyncClient(timeout=10) as http:
+        response = await http.get(
+            f"{e2e.base_url}/v1/chat/completions",
+            headers={"authorization": f"Bearer {e2e.api_key}"},
+        )
+        unknown = await http.get(
+            f"{e2e.base_url}/v1/nope", headers={"authorization": f"Bearer {e2e.api_key}"}
+        )
+    assert response.status_code == 405
+    assert response.json()["error"]["code"] == "method_not_allowed"
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_url"
+    row = await e2e.usage_row(response.headers["x-request-id"])
+    assert row["status_code"] == 405 and row["recorded_by"] == "request"
