@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import logging
 import os
 import signal
@@ -22,6 +23,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -159,8 +161,8 @@ class Stack:
         from ext_proc.stores.postgres import run_migrate
 
         assert self.database_url is not None
-        if run_migrate(self.database_url) != 0:
-            raise StackError("database migration failed")
+        with self._output("migration") as ok:
+            ok.append(run_migrate(self.database_url) == 0)
 
     def _settings(self) -> Settings:
         return Settings(
@@ -173,8 +175,23 @@ class Stack:
         from ext_proc.apply import run_apply
 
         ns = argparse.Namespace(file=str(self.options.config_path), dry_run=False, prune=False)
-        if run_apply(ns, self._settings()) != 0:
-            raise StackError(f"`ext-proc apply -f {self.options.config_path}` failed (see above)")
+        with self._output(f"`ext-proc apply -f {self.options.config_path}`") as ok:
+            ok.append(run_apply(ns, self._settings()) == 0)
+
+    @contextlib.contextmanager
+    def _output(self, step: str) -> Iterator[list[bool]]:
+        """Run a step that prints: shown as it goes, or (quiet) only if it failed."""
+        ok: list[bool] = []
+        if not self.options.quiet:
+            yield ok
+        else:
+            captured = io.StringIO()
+            with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+                yield ok
+            if not all(ok):
+                sys.stderr.write(captured.getvalue())
+        if not all(ok):
+            raise StackError(f"{step} failed (see above)")
 
     def create_key(self, app: str, environment: str = DEFAULT_ENVIRONMENT) -> str:
         """A new API key for ``app`` (what ``ext-proc keys create`` does)."""

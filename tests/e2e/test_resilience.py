@@ -32,7 +32,8 @@ import redis
 from openai.types.chat import ChatCompletionMessageParam
 
 from tests.conftest import DatabaseFactory
-from tests.e2e.stack_helpers import OwnStack, PrivateRedis, metric_sum, poll_async, unique_prefix
+from tests.e2e.stack_helpers import OwnStack, metric_sum, poll_async, unique_prefix
+from tests.private_redis import PrivateRedis
 
 pytestmark = pytest.mark.e2e
 

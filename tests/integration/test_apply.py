@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -19,11 +19,11 @@ from ext_proc.cli import main
 from ext_proc.config import load_config
 from ext_proc.stores.catalog import applied_state, config_version
 from ext_proc.stores.catalog import load_config as load_catalog
-from ext_proc.stores.postgres import create_pool, migrate
+from ext_proc.stores.postgres import create_pool
+from tests.integration.conftest import Cli
 
 pytestmark = pytest.mark.integration
 
-Cli = Callable[..., Awaitable[tuple[int, str, str]]]
 
 GATEWAY = """\
 x-timeouts: &timeouts {timeout: 30s, connect_timeout: 2s}
@@ -68,43 +68,12 @@ applications:
 
 
 @pytest.fixture
-async def migrated_url(database_url: str) -> str:
-    await migrate(database_url)
-    return database_url
-
-
-@pytest.fixture
 async def pool(migrated_url: str) -> AsyncIterator[asyncpg.Pool]:
     pool = await create_pool(migrated_url, min_size=1, max_size=4)
     try:
         yield pool
     finally:
         await pool.close()
-
-
-@pytest.fixture
-def cli(
-    migrated_url: str,
-    redis_url: str,
-    redis_prefix: str,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> Cli:
-    """Runs ``ext-proc ARGS`` in a thread (it owns an event loop) -> (exit, stdout, stderr)."""
-    monkeypatch.setenv("DATABASE_URL", migrated_url)
-    monkeypatch.setenv("REDIS_URL", redis_url)
-    monkeypatch.setenv("EXT_PROC_REDIS_PREFIX", redis_prefix)
-
-    async def run(*args: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        try:
-            code = await asyncio.to_thread(main, list(args))
-        except SystemExit as exc:  # argparse's usage errors
-            code = exc.code if isinstance(exc.code, int) else 2
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
 
 
 def write(tmp_path: Path, text: str, name: str = "gateway.yaml") -> Path:

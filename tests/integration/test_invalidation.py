@@ -23,7 +23,7 @@ from ext_proc.cli import main
 from ext_proc.config import parse_config
 from ext_proc.stores.cache import TieredCache, invalidate_shared
 from ext_proc.stores.invalidation import InvalidationListener, publish
-from ext_proc.stores.postgres import create_pool, migrate
+from ext_proc.stores.postgres import create_pool
 
 pytestmark = pytest.mark.integration
 
@@ -80,12 +80,6 @@ REPLICA = textwrap.dedent(
 
 
 @pytest.fixture
-async def migrated_url(database_url: str) -> str:
-    await migrate(database_url)
-    return database_url
-
-
-@pytest.fixture
 async def pool(migrated_url: str) -> AsyncIterator[asyncpg.Pool]:
     pool = await create_pool(migrated_url, min_size=1, max_size=4)
     try:
@@ -93,15 +87,6 @@ async def pool(migrated_url: str) -> AsyncIterator[asyncpg.Pool]:
         yield pool
     finally:
         await pool.close()
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 async def poll(predicate: Callable[[], bool], timeout: float) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -31,11 +31,11 @@ from ext_proc.auth.store import (
 from ext_proc.cli import main
 from ext_proc.config import parse_config
 from ext_proc.stores.cache import redis_key
-from ext_proc.stores.postgres import create_pool, migrate
+from ext_proc.stores.postgres import create_pool
+from tests.integration.conftest import Cli
 
 pytestmark = pytest.mark.integration
 
-Cli = Callable[..., Awaitable[tuple[int, str, str]]]
 
 GATEWAY = """\
 providers:
@@ -51,12 +51,6 @@ applications:
 
 
 @pytest.fixture
-async def migrated_url(database_url: str) -> str:
-    await migrate(database_url)
-    return database_url
-
-
-@pytest.fixture
 async def pool(migrated_url: str) -> AsyncIterator[asyncpg.Pool]:
     pool = await create_pool(migrated_url, min_size=1, max_size=4)
     try:
@@ -67,38 +61,9 @@ async def pool(migrated_url: str) -> AsyncIterator[asyncpg.Pool]:
 
 
 @pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
-@pytest.fixture
-def cli(
-    pool: asyncpg.Pool,
-    migrated_url: str,
-    redis_url: str,
-    redis_prefix: str,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> Cli:
-    """Runs ``ext-proc ARGS`` in a thread (it owns an event loop) -> (exit, stdout, stderr)."""
-    monkeypatch.setenv("DATABASE_URL", migrated_url)
-    monkeypatch.setenv("REDIS_URL", redis_url)
-    monkeypatch.setenv("EXT_PROC_REDIS_PREFIX", redis_prefix)
-
-    async def run(*args: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        try:
-            code = await asyncio.to_thread(main, list(args))
-        except SystemExit as exc:  # argparse's usage errors
-            code = exc.code if isinstance(exc.code, int) else 2
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
+def cli(pool: asyncpg.Pool, cli: Cli) -> Cli:
+    """The shared CLI fixture, once this module's catalog is applied (``pool``)."""
+    return cli
 
 
 def authenticator(

