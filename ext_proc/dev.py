@@ -454,7 +454,10 @@ Try it:
   python -c "import openai; c = openai.OpenAI(base_url='{url}/v1', api_key='{key}'); \\
 print(c.chat.completions.create(model='{model}', messages=[{{'role': 'user', 'content': 'Hi'}}]).choices[0].message.content)"
 
-Usage so far:  .venv/bin/ext-proc usage      Stop: Ctrl-C
+Usage so far (and `keys`, `apply`, ... against this database):
+  DATABASE_URL='{stack.database_url}' .venv/bin/ext-proc usage
+
+Stop: Ctrl-C
 """,
         flush=True,
     )
