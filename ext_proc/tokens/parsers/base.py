@@ -80,6 +80,19 @@ def dumps_text(value: Any) -> str:
         return ""
 
 
+def append_text(text: list[str], value: Any) -> None:
+    """Keep ``value`` as delivered text if it is a non-empty string (else it is junk)."""
+    if type(value) is str and value:
+        text.append(value)
+
+
+def append_function(text: list[str], function: Any) -> None:
+    """A function call's name and arguments, as the app received them."""
+    if type(function) is dict:
+        append_text(text, function.get("name"))
+        append_text(text, function.get("arguments"))
+
+
 def usage_has_completion(usage: Usage | None) -> bool:
     return usage is not None and usage.completion_tokens is not None
 

@@ -21,6 +21,8 @@ from typing import Any
 from ext_proc.tokens.parsers.base import (
     ResponseFormat,
     SSEStreamParser,
+    append_function,
+    append_text,
     as_int,
     dumps_text,
     load_json,
@@ -58,38 +60,27 @@ def _usage(raw: Any) -> Usage | None:
 def _message_text(text: list[str], obj: dict[str, Any]) -> None:
     message = obj.get("message")
     if type(message) is dict:  # v2
-        _append(text, message.get("tool_plan"))
+        append_text(text, message.get("tool_plan"))
         content = message.get("content")
         if type(content) is list:
             for block in content:
                 if type(block) is dict:
-                    _append(text, block.get("thinking"))
-                    _append(text, block.get("text"))
+                    append_text(text, block.get("thinking"))
+                    append_text(text, block.get("text"))
         tool_calls = message.get("tool_calls")
         if type(tool_calls) is list:
             for call in tool_calls:
                 if type(call) is dict:
-                    _append_function(text, call.get("function"))
+                    append_function(text, call.get("function"))
     else:  # v1
-        _append(text, obj.get("text"))
+        append_text(text, obj.get("text"))
         tool_calls = obj.get("tool_calls")
         if type(tool_calls) is list:
             for call in tool_calls:
                 if type(call) is dict:
-                    _append(text, call.get("name"))
+                    append_text(text, call.get("name"))
                     if "parameters" in call:
-                        _append(text, dumps_text(call["parameters"]))
-
-
-def _append(text: list[str], value: Any) -> None:
-    if type(value) is str and value:
-        text.append(value)
-
-
-def _append_function(text: list[str], function: Any) -> None:
-    if type(function) is dict:
-        _append(text, function.get("name"))
-        _append(text, function.get("arguments"))
+                        append_text(text, dumps_text(call["parameters"]))
 
 
 def parse_json(body: bytes) -> ResponseSummary:
@@ -133,11 +124,11 @@ class CohereStreamParser(SSEStreamParser):
                     self.text.append(value)
         elif kind == "tool-plan-delta":
             if type(message) is dict:
-                _append(self.text, message.get("tool_plan"))
+                append_text(self.text, message.get("tool_plan"))
         elif kind in ("tool-call-start", "tool-call-delta"):
             call = message.get("tool_calls") if type(message) is dict else None
             if type(call) is dict:
-                _append_function(self.text, call.get("function"))
+                append_function(self.text, call.get("function"))
         elif kind == "message-end":
             if type(delta) is dict:
                 usage = delta.get("usage")

@@ -19,6 +19,8 @@ from typing import Any
 from ext_proc.tokens.parsers.base import (
     ResponseFormat,
     SSEStreamParser,
+    append_function,
+    append_text,
     as_int,
     load_json,
     sum_known,
@@ -51,17 +53,6 @@ def _usage(raw: Any, *, embeddings: bool = False) -> Usage | None:
     return usage
 
 
-def _append_str(text: list[str], value: Any) -> None:
-    if type(value) is str and value:
-        text.append(value)
-
-
-def _append_function(text: list[str], function: Any) -> None:
-    if type(function) is dict:
-        _append_str(text, function.get("name"))
-        _append_str(text, function.get("arguments"))
-
-
 def _message_text(choices: list[Any]) -> list[str]:
     """The text a JSON response delivered, for counting when usage is missing."""
     text: list[str] = []
@@ -70,17 +61,17 @@ def _message_text(choices: list[Any]) -> list[str]:
             continue
         message = choice.get("message")
         if type(message) is dict:
-            _append_str(text, message.get("reasoning_content"))
-            _append_str(text, message.get("content"))
-            _append_str(text, message.get("refusal"))
+            append_text(text, message.get("reasoning_content"))
+            append_text(text, message.get("content"))
+            append_text(text, message.get("refusal"))
             tool_calls = message.get("tool_calls")
             if type(tool_calls) is list:
                 for call in tool_calls:
                     if type(call) is dict:
-                        _append_function(text, call.get("function"))
-            _append_function(text, message.get("function_call"))
+                        append_function(text, call.get("function"))
+            append_function(text, message.get("function_call"))
         else:
-            _append_str(text, choice.get("text"))  # legacy completions
+            append_text(text, choice.get("text"))  # legacy completions
     return text
 
 
@@ -150,14 +141,14 @@ class OpenAIStreamParser(SSEStreamParser):
     def _rare_delta(self, delta: dict[str, Any]) -> None:
         """Delta fields other than content: reasoning, refusal, tool calls."""
         text = self.text
-        _append_str(text, delta.get("reasoning_content"))
-        _append_str(text, delta.get("refusal"))
+        append_text(text, delta.get("reasoning_content"))
+        append_text(text, delta.get("refusal"))
         tool_calls = delta.get("tool_calls")
         if type(tool_calls) is list:
             for call in tool_calls:
                 if type(call) is dict:
-                    _append_function(text, call.get("function"))
-        _append_function(text, delta.get("function_call"))
+                    append_function(text, call.get("function"))
+        append_function(text, delta.get("function_call"))
 
     def _on_other(self, data: bytes) -> None:
         if data == b"[DONE]":
