@@ -98,12 +98,10 @@ class ResponseProcessor:
             # Rewritten into the app's API: its length changes, and a buffered answer (JSON
             # or an error page) always becomes JSON.
             set_headers = [] if streamed else [("content-type", "application/json")]
-            response = r.continue_response_headers(
-                set_headers, remove=("content-length",), stream_body=streamed
+            return r.continue_response_headers(
+                set_headers, remove=("content-length",), stream_body=streamed, metadata=_RECORDED
             )
-        else:
-            response = r.continue_response_headers(stream_body=streamed)
-        return r.with_metadata(response, _RECORDED)
+        return r.continue_response_headers(stream_body=streamed, metadata=_RECORDED)
 
     async def on_response_body(
         self, msg: pb.HttpBody, request: pb.ProcessingRequest

@@ -108,8 +108,8 @@ def header_options(headers: Iterable[tuple[str, str]]) -> list[base_pb2.HeaderVa
     ]
 
 
-def header_mutation(set_headers: Headers = (), remove: Sequence[str] = ()) -> pb.HeaderMutation:
-    return pb.HeaderMutation(set_headers=header_options(set_headers), remove_headers=list(remove))
+def header_mutation(set_headers: Headers = ()) -> pb.HeaderMutation:
+    return pb.HeaderMutation(set_headers=header_options(set_headers))
 
 
 def immediate(
@@ -158,18 +158,12 @@ def continue_request_body_with_metadata(
     return response
 
 
-def with_metadata(
-    response: pb.ProcessingResponse, metadata: struct_pb2.Struct
-) -> pb.ProcessingResponse:
-    response.dynamic_metadata.CopyFrom(metadata)
-    return response
-
-
 def continue_response_headers(
     set_headers: Headers = (),
     *,
     remove: Sequence[str] = (),
     stream_body: bool = False,
+    metadata: struct_pb2.Struct | None = None,
 ) -> pb.ProcessingResponse:
     response = ProcessingResponse(response_headers=pb.HeadersResponse())
     if set_headers:
@@ -180,8 +174,8 @@ def continue_response_headers(
         response.response_headers.response.header_mutation.remove_headers.extend(remove)
     if stream_body:
         response.mode_override.CopyFrom(_STREAMED_RESPONSE_MODE)
-    elif not set_headers and not remove:
-        return CONTINUE_RESPONSE_HEADERS
+    if metadata is not None:
+        response.dynamic_metadata.CopyFrom(metadata)
     return response
 
 

@@ -414,6 +414,22 @@ async def test_stream_usage_chunk_is_exact() -> None:
     assert record.tokens_estimated is False and record.partial is False
 
 
+async def test_marking_one_answer_recorded_leaves_the_next_unmarked() -> None:
+    """A JSON answer to a stream request is recorded here and marked so for the access
+    log; an answer without facts must still go to the access log (no shared reply object
+    carries the mark over)."""
+    gw, _sink = make_gateway()
+    first = forwarded()
+    first.response_headers.headers.headers[1].raw_value = b"application/json"
+    marked = await ResponseProcessor(gw, first).on_response_headers(first.response_headers, first)
+    assert metadata(marked, "gw_response") == {"recorded": "1"}
+    bare = pb.ProcessingRequest(
+        response_headers=headers(**{":status": "200", "content-type": "application/json"})
+    )
+    unmarked = await ResponseProcessor(gw, bare).on_response_headers(bare.response_headers, bare)
+    assert not unmarked.HasField("dynamic_metadata")
+
+
 async def test_translated_json_answer_is_rewritten() -> None:
     gw, sink = make_gateway()
     first = forwarded(stream=False, translation="openai_anthropic", response_format="anthropic")
