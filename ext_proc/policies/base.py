@@ -200,10 +200,6 @@ class Enforcer:
         self.name = name
         self.on_error = on_error
 
-    @property
-    def type_name(self) -> str:
-        raise NotImplementedError
-
     def check(self, facts: RequestFacts) -> Denial | None:
         """A check on the request (no shared state); None lets it pass."""
         return None

@@ -224,7 +224,6 @@ class CustomCelEnforcer(Enforcer):
         self.params = params
         pre = params.pre_check_program
         post = params.post_check_program
-        self.has_pre_check = pre is not None
         self.needs_estimate = pre is not None and "estimated_tokens" in pre.variables()
         self.has_post_check = post is not None
         self.cooldown = params.cooldown
@@ -233,10 +232,6 @@ class CustomCelEnforcer(Enforcer):
         # variables against 0.5 us with the one `estimated_tokens < N` reads).
         self._pre_names = _names(pre)
         self._post_names = _names(post)
-
-    @property
-    def type_name(self) -> str:
-        return "custom_cel"
 
     def check(self, facts: RequestFacts) -> Denial | None:
         program = self.params.pre_check_program

@@ -18,6 +18,8 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 
+from prometheus_client import Histogram
+
 from ext_proc.config.model import GatewayConfig
 from ext_proc.metrics import Metrics
 from ext_proc.policies import POLICY_TYPES
@@ -113,20 +115,21 @@ class PolicyEngine:
         self._limits = limits
         self._metrics = metrics
         self._enforcers: dict[str, Enforcer] = {}
+        self._check_timer: dict[str, Histogram] = {}
         for name, policy in config.policies.items():
             if not policy.enabled:
                 continue
             factory = POLICY_TYPES[policy.type].enforcer
             if factory is None:
                 raise ValueError(f"policy type {policy.type!r} has no enforcer")
-            self._enforcers[name] = factory(name, policy.params, policy.on_error)
+            enforcer = factory(name, policy.params, policy.on_error)
+            self._enforcers[name] = enforcer
+            self._check_timer[name] = metrics.policy_check_duration.labels(
+                policy.type, enforcer.phase
+            )
         self._bound: dict[tuple[str, str], BoundPolicies] = {}
         self._limit_timer_headers = metrics.policy_check_duration.labels("limits", "headers")
         self._limit_timer_body = metrics.policy_check_duration.labels("limits", "body")
-        self._check_timer = {
-            name: metrics.policy_check_duration.labels(e.type_name, e.phase)
-            for name, e in self._enforcers.items()
-        }
 
     # ------------------------------------------------------------------ binding
 

@@ -56,10 +56,6 @@ class ModelAllowlistEnforcer(Enforcer):
         super().__init__(name, on_error)
         self.params = params
 
-    @property
-    def type_name(self) -> str:
-        return "model_allowlist"
-
     def allows_model(self, model: str) -> bool:
         if model in self.params.names:
             return True

@@ -41,10 +41,6 @@ class RateLimitEnforcer(Enforcer):
         super().__init__(name, on_error)
         self.params = params
 
-    @property
-    def type_name(self) -> str:
-        return "rate_limit"
-
     def limit_cost(self, facts: RequestFacts) -> int:
         return 1
 

@@ -34,10 +34,6 @@ class RequestSizeEnforcer(Enforcer):
         super().__init__(name, on_error)
         self.params = params
 
-    @property
-    def type_name(self) -> str:
-        return "request_size"
-
     def check(self, facts: RequestFacts) -> Denial | None:
         max_bytes, max_messages = self.params.max_bytes, self.params.max_messages
         if max_bytes is not None and facts.request_size_bytes > max_bytes:

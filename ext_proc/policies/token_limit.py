@@ -56,10 +56,6 @@ class TokenLimitEnforcer(Enforcer):
         super().__init__(name, on_error)
         self.params = params
 
-    @property
-    def type_name(self) -> str:
-        return "token_limit"
-
     def limit_cost(self, facts: RequestFacts) -> int:
         completion = 0
         if facts.generates:

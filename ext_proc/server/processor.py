@@ -55,6 +55,13 @@ REQUEST_ATTRIBUTES = (
     "request.headers['content-type']",
 )
 _HEADER_ATTRIBUTE = "request.headers['"
+# Attribute name -> header name, worked out once: the filter sends exactly the attributes
+# above (envoy_config.py renders REQUEST_ATTRIBUTES), so this map covers all it can send.
+_ATTRIBUTE_HEADERS = {
+    name: name[len(_HEADER_ATTRIBUTE) : -2]
+    for name in REQUEST_ATTRIBUTES
+    if name.startswith(_HEADER_ATTRIBUTE)
+}
 
 _AUTH_CODES = {
     "missing": "missing_api_key",
@@ -86,14 +93,14 @@ class Head:
     def from_attributes(cls, request: pb.ProcessingRequest) -> Head:
         struct = request.attributes.get(ATTRIBUTES_KEY)
         values: dict[str, str] = {}
+        headers: dict[str, str] = {}
         if struct is not None:
             for name, value in struct.fields.items():
-                values[name] = value.string_value
-        headers = {
-            name[len(_HEADER_ATTRIBUTE) : -2]: value
-            for name, value in values.items()
-            if name.startswith(_HEADER_ATTRIBUTE)
-        }
+                header = _ATTRIBUTE_HEADERS.get(name)
+                if header is None:
+                    values[name] = value.string_value
+                else:
+                    headers[header] = value.string_value
         return cls(
             values.get("request.id", ""),
             values.get("request.method", ""),
@@ -376,12 +383,7 @@ class RequestProcessor:
             return route
         model = body.get("model")
         if not isinstance(model, str) or not model:
-            raise RequestError(
-                400,
-                "Missing required parameter: 'model'.",
-                code="missing_required_parameter",
-                param="model",
-            )
+            raise _missing("model")
         facts.model = model[:200]
         route = catalog.resolve(model)
         if route is None:
@@ -567,25 +569,24 @@ def _parse_json_object(raw: bytes) -> dict[str, Any]:
     return body
 
 
+def _missing(name: str) -> RequestError:
+    return RequestError(
+        400,
+        f"Missing required parameter: '{name}'.",
+        code="missing_required_parameter",
+        param=name,
+    )
+
+
 def _require(body: dict[str, Any], name: str) -> None:
     if body.get(name) is None:
-        raise RequestError(
-            400,
-            f"Missing required parameter: '{name}'.",
-            code="missing_required_parameter",
-            param=name,
-        )
+        raise _missing(name)
 
 
 def _require_list(body: dict[str, Any], name: str) -> None:
     value = body.get(name)
     if value is None:
-        raise RequestError(
-            400,
-            f"Missing required parameter: '{name}'.",
-            code="missing_required_parameter",
-            param=name,
-        )
+        raise _missing(name)
     if not isinstance(value, list) or not value:
         raise RequestError(
             400, f"'{name}' must be a non-empty array.", code="invalid_type", param=name

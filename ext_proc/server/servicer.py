@@ -15,7 +15,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Protocol
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -28,15 +27,6 @@ from ext_proc.server.response import ResponseProcessor
 log = logging.getLogger(__name__)
 
 _PHASES = ("request_headers", "request_body", "response_headers", "response_body")
-
-
-class _Processor(Protocol):
-    @property
-    def done(self) -> bool: ...
-
-    def internal_error(self, exc: BaseException) -> pb.ProcessingResponse: ...
-
-    def close(self, *, cancelled: bool) -> None: ...
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):

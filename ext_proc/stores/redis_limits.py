@@ -31,6 +31,18 @@ from redis.exceptions import NoScriptError
 
 from ext_proc.policies.limiter import SLACK, AcquireResult, LimitResult, LimitSpec
 
+# Both limit scripts start by reading the clock: the server's TIME, or ARGV[1] when a
+# test passes ``now`` ('' = TIME). Sets ``now`` (seconds, a double).
+_NOW_LUA = """
+local now
+if ARGV[1] == '' then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+else
+  now = tonumber(ARGV[1])
+end
+"""
+
 # KEYS: the cooldown keys (ARGV[2] of them), then one key per limit.
 # ARGV: now override ('' = server TIME), cooldown key count, then per limit:
 #       limit, window (s), cost.
@@ -42,15 +54,9 @@ from ext_proc.policies.limiter import SLACK, AcquireResult, LimitResult, LimitSp
 # microseconds rounded up (a client that waits that long is never early), so Lua
 # formats no floats; the TAT itself is stored with all its bits.
 # Mirrors limiter.acquire_all (+ acquire, remaining_units, peek).
-_ACQUIRE_LUA = """
-local now
-if ARGV[1] == '' then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-else
-  now = tonumber(ARGV[1])
-end
-local slack = @SLACK@
+_ACQUIRE_LUA = (
+    _NOW_LUA
+    + """local slack = @SLACK@
 local floor, ceil = math.floor, math.ceil
 
 local function remaining(used, window, interval, limit)
@@ -126,19 +132,14 @@ else
   end
 end
 return table.concat(out, ' ')
-""".replace("@SLACK@", repr(SLACK))
+"""
+).replace("@SLACK@", repr(SLACK))
 
 # KEYS[1]: the limit key. ARGV: now override ('' = TIME), limit, window, delta.
 # Mirrors limiter.adjust; a full bucket (new TAT <= now) deletes the key. Reply: 0.
-_ADJUST_LUA = """
-local now
-if ARGV[1] == '' then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-else
-  now = tonumber(ARGV[1])
-end
-local limit = tonumber(ARGV[2])
+_ADJUST_LUA = (
+    _NOW_LUA
+    + """local limit = tonumber(ARGV[2])
 local window = tonumber(ARGV[3])
 local delta = tonumber(ARGV[4])
 local interval = window / limit
@@ -156,6 +157,7 @@ else
 end
 return 0
 """
+)
 
 # KEYS[1]: the cooldown key. ARGV[1]: duration in ms. Extends, never shortens.
 _COOLDOWN_LUA = """
