@@ -15,11 +15,10 @@ from ext_proc.http import Response
 from ext_proc.mock.counting import count_for_body
 from ext_proc.mock.errors import BadRequest
 from ext_proc.mock.knobs import Knobs
-from ext_proc.mock.sse import named_event, sleep_ms, stream_events, truncated
+from ext_proc.mock.sse import SSE_HEADERS, json_response, named_event, sleep_ms, stream_events
 from ext_proc.mock.text import CompletionWriter, split_chunks
 
 _JSON_HEADER = ("content-type", "application/json")
-_SSE_HEADERS = (("content-type", "text/event-stream; charset=utf-8"), ("cache-control", "no-cache"))
 
 
 class AnthropicApi:
@@ -45,10 +44,7 @@ class AnthropicApi:
             lambda: counter.anthropic_input(body.get("system"), messages, body.get("tools")),
             body_bytes,
         )
-        if knobs.completion_tokens is not None:
-            completion = writer.exactly(knobs.completion_tokens, max_tokens)
-        else:
-            completion = writer.default(model, max_tokens)
+        completion = writer.for_request(model, knobs, max_tokens)
         stop_reason = "max_tokens" if completion.truncated else "end_turn"
         # Anthropic's input_tokens excludes cache reads: the three add up to the prompt.
         cached = min(knobs.cached_tokens, counted)
@@ -58,8 +54,7 @@ class AnthropicApi:
         ident = "msg_" + self._new_id()
         headers = [_JSON_HEADER, ("request-id", "req_" + ident[4:])]
         if body.get("stream") is not True:
-            gaps = max(completion.chunk_count(knobs.chunks) - 1, 0)
-            await sleep_ms(knobs.ttft_ms + knobs.chunk_delay_ms * gaps)
+            await sleep_ms(completion.generation_ms(knobs))
             payload = orjson.dumps(
                 {
                     "id": ident,
@@ -77,9 +72,7 @@ class AnthropicApi:
                     },
                 }
             )
-            if knobs.cut_after is not None:
-                return Response(200, headers, truncated(payload))
-            return Response(200, headers, payload)
+            return json_response(headers, payload, knobs)
 
         head = [
             named_event(
@@ -138,4 +131,4 @@ class AnthropicApi:
 
         contents = split_chunks(completion.pieces, knobs.chunks)
         events = stream_events(knobs, head, contents, delta, tail)
-        return Response(200, [*_SSE_HEADERS, headers[1]], events)
+        return Response(200, [*SSE_HEADERS, headers[1]], events)

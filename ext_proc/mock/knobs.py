@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 
@@ -91,8 +91,4 @@ def read_knobs(headers: dict[str, str], defaults: Knobs) -> Knobs:
         if name == "status" and value > 599:
             raise KnobError(f"{header}: {value} is not an error status (400..599)")
         changes[name] = value
-    if not changes:
-        return defaults
-    fields = {name: getattr(defaults, name) for _, name, _ in _HEADERS}
-    fields.update(changes)
-    return Knobs(**fields)
+    return replace(defaults, **changes) if changes else defaults

@@ -19,11 +19,10 @@ from ext_proc.http import Response
 from ext_proc.mock.counting import count_for_body
 from ext_proc.mock.errors import BadRequest
 from ext_proc.mock.knobs import Knobs
-from ext_proc.mock.sse import data_event, sleep_ms, stream_events, truncated
+from ext_proc.mock.sse import SSE_HEADERS, data_event, json_response, sleep_ms, stream_events
 from ext_proc.mock.text import Completion, CompletionWriter, split_chunks
 
 _JSON_HEADER = ("content-type", "application/json")
-_SSE_HEADERS = (("content-type", "text/event-stream; charset=utf-8"), ("cache-control", "no-cache"))
 SYSTEM_FINGERPRINT = "fp_mock"
 DONE = b"data: [DONE]\n\n"
 
@@ -74,14 +73,14 @@ class OpenAIApi:
         prompt = await count_for_body(
             lambda: counter.chat_prompt(messages, body.get("tools")), body_bytes
         )
-        completion = _completion(writer, model, knobs, cap)
+        completion = writer.for_request(model, knobs, cap)
         finish = "length" if completion.truncated else "stop"
         usage = _usage(prompt, completion, knobs)
         ident = "chatcmpl-" + self._new_id()
         created = int(time.time())
         headers = [_JSON_HEADER, ("x-request-id", "req_" + ident[9:])]
         if not stream:
-            await sleep_ms(_generation_ms(completion, knobs))
+            await sleep_ms(completion.generation_ms(knobs))
             payload = orjson.dumps(
                 {
                     "id": ident,
@@ -106,7 +105,7 @@ class OpenAIApi:
                     "system_fingerprint": SYSTEM_FINGERPRINT,
                 }
             )
-            return _json_response(headers, payload, knobs)
+            return json_response(headers, payload, knobs)
 
         base: dict[str, Any] = {
             "id": ident,
@@ -138,7 +137,7 @@ class OpenAIApi:
             lambda text: chunk({"content": text}, None),
             tail,
         )
-        return Response(200, [*_SSE_HEADERS, headers[1]], events)
+        return Response(200, [*SSE_HEADERS, headers[1]], events)
 
     # --- legacy completions ---
 
@@ -153,7 +152,7 @@ class OpenAIApi:
         stream, include_usage = _stream_flags(body)
         cap = _max_tokens(body, "max_tokens")
         writer = self._writers(model)
-        completion = _completion(writer, model, knobs, cap)
+        completion = writer.for_request(model, knobs, cap)
         finish = "length" if completion.truncated else "stop"
         counter = writer.counter
         prompt_tokens = await count_for_body(lambda: counter.prompt(prompt), body_bytes)
@@ -173,7 +172,7 @@ class OpenAIApi:
             "system_fingerprint": SYSTEM_FINGERPRINT,
         }
         if not stream:
-            await sleep_ms(_generation_ms(completion, knobs))
+            await sleep_ms(completion.generation_ms(knobs))
             payload = orjson.dumps(
                 {
                     **base,
@@ -188,7 +187,7 @@ class OpenAIApi:
                     "usage": usage,
                 }
             )
-            return _json_response(headers, payload, knobs)
+            return json_response(headers, payload, knobs)
 
         def chunk(text: str, finish_reason: str | None) -> bytes:
             event = dict(base)
@@ -210,7 +209,7 @@ class OpenAIApi:
             lambda text: chunk(text, None),
             tail,
         )
-        return Response(200, [*_SSE_HEADERS, headers[1]], events)
+        return Response(200, [*SSE_HEADERS, headers[1]], events)
 
     # --- embeddings ---
 
@@ -250,7 +249,7 @@ class OpenAIApi:
             }
         )
         headers = [_JSON_HEADER, ("x-request-id", "req_" + self._new_id())]
-        return _json_response(headers, payload, knobs)
+        return json_response(headers, payload, knobs)
 
     # --- models ---
 
@@ -263,12 +262,6 @@ class OpenAIApi:
 
 def _model_object(name: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": _MODELS_CREATED, "owned_by": "mock"}
-
-
-def _json_response(headers: list[tuple[str, str]], payload: bytes, knobs: Knobs) -> Response:
-    if knobs.cut_after is not None:
-        return Response(200, headers, truncated(payload))
-    return Response(200, headers, payload)
 
 
 def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
@@ -288,18 +281,6 @@ def _max_tokens(body: dict[str, Any], *names: str) -> int | None:
             raise BadRequest(f"'{name}' must be a positive integer", name)
         return value
     return None
-
-
-def _completion(writer: CompletionWriter, model: str, knobs: Knobs, cap: int | None) -> Completion:
-    if knobs.completion_tokens is not None:
-        return writer.exactly(knobs.completion_tokens, cap)
-    return writer.default(model, cap)
-
-
-def _generation_ms(completion: Completion, knobs: Knobs) -> int:
-    """How long a stream of this completion would take: a plain answer waits as long."""
-    gaps = max(completion.chunk_count(knobs.chunks) - 1, 0)
-    return knobs.ttft_ms + knobs.chunk_delay_ms * gaps
 
 
 def _usage(prompt: int, completion: Completion, knobs: Knobs) -> dict[str, Any]:

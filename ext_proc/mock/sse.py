@@ -1,4 +1,4 @@
-"""Streamed bodies of the mock: timing knobs, cut-after, and server-sent-event framing."""
+"""Bodies of the mock: timing knobs, cut-after, and server-sent-event framing."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 import orjson
 
-from ext_proc.http import AbortConnection
+from ext_proc.http import AbortConnection, Response
 from ext_proc.mock.knobs import Knobs
+
+SSE_HEADERS = (("content-type", "text/event-stream; charset=utf-8"), ("cache-control", "no-cache"))
 
 
 def data_event(payload: object) -> bytes:
@@ -59,3 +61,10 @@ async def truncated(body: bytes) -> AsyncIterator[bytes]:
     """Half of a JSON body, then the connection is cut (``x-mock-cut-after`` without stream)."""
     yield body[: len(body) // 2]
     raise AbortConnection
+
+
+def json_response(headers: list[tuple[str, str]], payload: bytes, knobs: Knobs) -> Response:
+    """A 200 with a JSON body: whole, or ``truncated`` when ``x-mock-cut-after`` is set."""
+    if knobs.cut_after is not None:
+        return Response(200, headers, truncated(payload))
+    return Response(200, headers, payload)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from ext_proc.mock.counting import TokenCounter
+from ext_proc.mock.knobs import Knobs
 
 # Common English words, each checked to be a single token (with a leading space) in the
 # encoding before use.
@@ -41,6 +42,11 @@ class Completion:
     def chunk_count(self, chunks: int | None) -> int:
         """How many content chunks ``split_chunks`` makes of this completion."""
         return len(self.pieces) if chunks is None else min(chunks, len(self.pieces))
+
+    def generation_ms(self, knobs: Knobs) -> int:
+        """How long a stream of this completion would take: a plain answer waits as long."""
+        gaps = max(self.chunk_count(knobs.chunks) - 1, 0)
+        return knobs.ttft_ms + knobs.chunk_delay_ms * gaps
 
 
 def default_text(model: str) -> str:
@@ -76,6 +82,12 @@ class CompletionWriter:
         # Keyed by request values (model name, caps): bounded, never stale.
         self.default = lru_cache(maxsize=1024)(self._default)
         self.exactly = lru_cache(maxsize=64)(self._exactly)
+
+    def for_request(self, model: str, knobs: Knobs, cap: int | None) -> Completion:
+        """``knobs.completion_tokens`` filler tokens when set, else the default sentence."""
+        if knobs.completion_tokens is not None:
+            return self.exactly(knobs.completion_tokens, cap)
+        return self.default(model, cap)
 
     def _default(self, model: str, cap: int | None) -> Completion:
         encoding = self.counter.encoding

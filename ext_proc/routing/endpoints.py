@@ -51,11 +51,8 @@ _FIXED: dict[str, Endpoint] = {
     "/openai/models": Endpoint(Operation.LIST_MODELS, "/openai/models", "azure"),
 }
 
-_AZURE_OPS = {
-    "chat/completions": Operation.CHAT,
-    "completions": Operation.TEXT_COMPLETION,
-    "embeddings": Operation.EMBEDDINGS,
-}
+# Azure's operation path suffixes are OpenAI's.
+_AZURE_OPS = {suffix: operation for operation, suffix in OPENAI_SUFFIX.items()}
 
 SUPPORTED_PATHS = (
     "/v1/chat/completions",

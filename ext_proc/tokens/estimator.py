@@ -240,6 +240,14 @@ def _input(model: str | None, value: Any) -> _Collector:
     return collector
 
 
+def _texts(model: str | None, parts: Any) -> _Collector:
+    collector = _Collector(_encoding(model))
+    if type(parts) is list:
+        for part in parts:
+            collector.text(part)
+    return collector
+
+
 def _anthropic(system: Any, messages: Any, tools: Any) -> _Collector:
     collector = _Collector(get_encoding(ANTHROPIC_ENCODING))
     collector.anthropic(system, messages, tools)
@@ -264,20 +272,12 @@ def count_text(model: str | None, text: str) -> int:
 
 def count_texts(model: str | None, parts: list[str]) -> int:
     """Sum of the tokens of each part (for ``ResponseSummary.delivered_text``)."""
-    collector = _Collector(_encoding(model))
-    if type(parts) is list:
-        for part in parts:
-            collector.text(part)
-    return collector.total()
+    return _texts(model, parts).total()
 
 
 async def count_texts_async(model: str | None, parts: list[str]) -> int:
     """``count_texts``, in a worker thread when encoding is costly (see ``_total_async``)."""
-    collector = _Collector(_encoding(model))
-    if type(parts) is list:
-        for part in parts:
-            collector.text(part)
-    return await _total_async(collector)
+    return await _total_async(_texts(model, parts))
 
 
 def estimate_chat(model: str | None, messages: Any, tools: Any = None) -> int:

@@ -19,7 +19,7 @@ import orjson
 
 from ext_proc.config.model import DEFAULT_ANTHROPIC_VERSION, Provider
 from ext_proc.routing.endpoints import Endpoint, Operation
-from ext_proc.routing.providers.base import UpstreamCall
+from ext_proc.routing.providers.base import UpstreamCall, api_root
 from ext_proc.routing.translate.base import TranslatedRequest
 from ext_proc.routing.translate.openai_anthropic import (
     MessagesToChatCompletion,
@@ -34,11 +34,7 @@ class AnthropicAdapter:
     response_format = "anthropic"
 
     def __init__(self, provider: Provider, credential: str | None) -> None:
-        prefix = provider.path_prefix.rstrip("/")
-        # base_url may be given with or without the /v1 (the SDK's default has none).
-        if prefix.endswith("/v1"):
-            prefix = prefix[: -len("/v1")]
-        self._path = f"{prefix}/v1/messages"
+        self._path = f"{api_root(provider)}/v1/messages"
         auth = (("x-api-key", credential),) if credential else ()
         version = provider.anthropic_version or DEFAULT_ANTHROPIC_VERSION
         # The version is the provider's, whatever the app's SDK sent: the gateway's

@@ -9,11 +9,7 @@ import orjson
 
 from ext_proc.config.model import Provider
 from ext_proc.routing.endpoints import OPENAI_SUFFIX, Endpoint, Operation
-from ext_proc.routing.providers.base import (
-    UpstreamCall,
-    add_stream_usage,
-    wants_stream_usage,
-)
+from ext_proc.routing.providers.base import UpstreamCall, add_stream_usage
 from ext_proc.routing.translate.base import TranslatedRequest
 
 
@@ -48,8 +44,7 @@ class AzureOpenAIAdapter:
         if (
             self._inject_usage
             and endpoint.operation is not Operation.EMBEDDINGS
-            and wants_stream_usage(body)
+            and add_stream_usage(body)
         ):
-            add_stream_usage(body)
             body_out = orjson.dumps(body)
         return UpstreamCall(path, self._headers, body_out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ext_proc.config.model import Provider
 from ext_proc.routing.endpoints import Endpoint, Operation
 from ext_proc.routing.translate.base import TranslatedRequest
 
@@ -40,17 +41,22 @@ class ProviderAdapter(Protocol):
         ...
 
 
-def wants_stream_usage(body: dict[str, Any]) -> bool:
-    """True when the app asked for a stream but not for the final usage chunk."""
+def api_root(provider: Provider) -> str:
+    """The provider's path prefix without a trailing ``/v1``: base_url may be given with
+    or without it (SDK defaults differ), and the adapters add ``/v1/...`` themselves."""
+    prefix = provider.path_prefix.rstrip("/")
+    return prefix[: -len("/v1")] if prefix.endswith("/v1") else prefix
+
+
+def add_stream_usage(body: dict[str, Any]) -> bool:
+    """Ask for a stream's final usage chunk when the app did not; True if ``body`` changed."""
     if body.get("stream") is not True:
         return False
     options = body.get("stream_options")
-    return not (isinstance(options, dict) and options.get("include_usage") is True)
-
-
-def add_stream_usage(body: dict[str, Any]) -> None:
-    options = body.get("stream_options")
     if isinstance(options, dict):
+        if options.get("include_usage") is True:
+            return False
         options["include_usage"] = True
     else:
         body["stream_options"] = {"include_usage": True}
+    return True

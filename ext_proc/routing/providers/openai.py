@@ -8,11 +8,7 @@ import orjson
 
 from ext_proc.config.model import Provider
 from ext_proc.routing.endpoints import OPENAI_SUFFIX, Endpoint, Operation
-from ext_proc.routing.providers.base import (
-    UpstreamCall,
-    add_stream_usage,
-    wants_stream_usage,
-)
+from ext_proc.routing.providers.base import UpstreamCall, add_stream_usage, api_root
 from ext_proc.routing.translate.base import TranslatedRequest
 
 
@@ -20,10 +16,7 @@ class OpenAIAdapter:
     response_format = "openai"
 
     def __init__(self, provider: Provider, credential: str | None) -> None:
-        prefix = provider.path_prefix.rstrip("/")
-        # base_url may be given with or without the /v1 that OpenAI-style servers use.
-        if prefix.endswith("/v1"):
-            prefix = prefix[: -len("/v1")]
+        prefix = api_root(provider)
         self._paths = {op: f"{prefix}/v1/{suffix}" for op, suffix in OPENAI_SUFFIX.items()}
         auth = (("authorization", f"Bearer {credential}"),) if credential else ()
         self._headers = auth + tuple(provider.headers.items())
@@ -49,9 +42,8 @@ class OpenAIAdapter:
         if (
             self._inject_usage
             and endpoint.operation is not Operation.EMBEDDINGS
-            and wants_stream_usage(body)
+            and add_stream_usage(body)
         ):
-            add_stream_usage(body)
             changed = True
         return UpstreamCall(
             self._paths[endpoint.operation], self._headers, orjson.dumps(body) if changed else None

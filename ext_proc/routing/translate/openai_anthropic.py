@@ -75,7 +75,7 @@ from typing import Any
 import orjson
 
 from ext_proc.routing.translate.base import TranslationError
-from ext_proc.tokens.parsers.base import as_int
+from ext_proc.tokens.parsers.anthropic import update_counts
 from ext_proc.tokens.sse import SSEDecoder
 
 # Anthropic requires max_tokens; OpenAI lets the model stop on its own. 4096 is the
@@ -579,25 +579,8 @@ def _finish_reason(stop_reason: Any) -> str:
     return FINISH_REASONS.get(stop_reason, "stop") if isinstance(stop_reason, str) else "stop"
 
 
-# Anthropic usage field -> slot in [input, cache read, cache write, output].
-_USAGE_FIELDS = (
-    ("input_tokens", 0),
-    ("cache_read_input_tokens", 1),
-    ("cache_creation_input_tokens", 2),
-    ("output_tokens", 3),
-)
-
-
-def _update_counts(counts: list[int | None], raw: Any) -> None:
-    """Overwrite ``counts`` with what ``raw`` reports (stream usage is cumulative)."""
-    if isinstance(raw, dict):
-        for name, slot in _USAGE_FIELDS:
-            value = as_int(raw.get(name))
-            if value is not None:
-                counts[slot] = value
-
-
 def _openai_usage(counts: list[int | None]) -> dict[str, Any]:
+    """From ``update_counts``' [input, cache read, cache write, output] (None counts 0)."""
     input_tokens, cache_read, cache_write, output = (count or 0 for count in counts)
     prompt = input_tokens + cache_read + cache_write
     return {
@@ -762,7 +745,7 @@ class MessagesToChatCompletion:
         if tool_calls:
             out_message["tool_calls"] = tool_calls
         counts: list[int | None] = [None, None, None, None]
-        _update_counts(counts, message.get("usage"))
+        update_counts(counts, message.get("usage"))
         return {
             "id": message.get("id") or "",
             "object": "chat.completion",
@@ -813,10 +796,10 @@ class MessagesToChatCompletion:
             if isinstance(message, dict):
                 self._id = str(message.get("id") or "")
                 self._model = str(message.get("model") or "")
-                _update_counts(self._counts, message.get("usage"))
+                update_counts(self._counts, message.get("usage"))
             out.append(self._chunk({"role": "assistant", "content": ""}))
         elif kind == "message_delta":
-            _update_counts(self._counts, obj.get("usage"))
+            update_counts(self._counts, obj.get("usage"))
             delta = obj.get("delta")
             reason = delta.get("stop_reason") if isinstance(delta, dict) else None
             if reason is not None:

@@ -21,6 +21,7 @@ from typing import Any
 from ext_proc.tokens.parsers.base import (
     ResponseFormat,
     SSEStreamParser,
+    append_text,
     as_int,
     dumps_text,
     load_json,
@@ -38,8 +39,11 @@ _FIELDS = (
 )
 
 
-def _update_counts(counts: list[int | None], raw: Any) -> bool:
-    """Overwrite ``counts`` with the fields ``raw`` reports; True if it reported any."""
+def update_counts(counts: list[int | None], raw: Any) -> bool:
+    """Overwrite ``counts`` with the fields ``raw`` reports; True if it reported any.
+
+    Also used by ``ext_proc.routing.translate.openai_anthropic``: one field mapping.
+    """
     if type(raw) is not dict:
         return False
     seen = False
@@ -74,14 +78,11 @@ def _block_text(text: list[str], block: Any) -> None:
     elif kind == "thinking":
         value = block.get("thinking")
     elif kind in ("tool_use", "server_tool_use"):
-        name = block.get("name")
-        if type(name) is str and name:
-            text.append(name)
+        append_text(text, block.get("name"))
         value = dumps_text(block.get("input")) if "input" in block else None
     else:
         return
-    if type(value) is str and value:
-        text.append(value)
+    append_text(text, value)
 
 
 def parse_json(body: bytes) -> ResponseSummary:
@@ -89,7 +90,7 @@ def parse_json(body: bytes) -> ResponseSummary:
     if type(obj) is not dict:
         return ResponseSummary()
     counts: list[int | None] = [None, None, None, None]
-    usage = _usage_from_counts(counts) if _update_counts(counts, obj.get("usage")) else None
+    usage = _usage_from_counts(counts) if update_counts(counts, obj.get("usage")) else None
     model = obj.get("model")
     reason = obj.get("stop_reason")
     summary = ResponseSummary(
@@ -133,13 +134,11 @@ class AnthropicStreamParser(SSEStreamParser):
             block = obj.get("content_block")
             if type(block) is dict and block.get("type") in ("tool_use", "server_tool_use"):
                 # The tool's name is delivered here; its input follows as deltas.
-                name = block.get("name")
-                if name and type(name) is str:
-                    self.text.append(name)
+                append_text(self.text, block.get("name"))
             elif type(block) is dict and block.get("type") in ("text", "thinking"):
                 _block_text(self.text, block)  # usually empty; deltas follow
         elif kind == "message_delta":
-            if _update_counts(self._counts, obj.get("usage")):
+            if update_counts(self._counts, obj.get("usage")):
                 self._has_usage = True
             delta = obj.get("delta")
             if type(delta) is dict:
@@ -149,7 +148,7 @@ class AnthropicStreamParser(SSEStreamParser):
         elif kind == "message_start":
             message = obj.get("message")
             if type(message) is dict:
-                if _update_counts(self._counts, message.get("usage")):
+                if update_counts(self._counts, message.get("usage")):
                     self._has_usage = True
                 model = message.get("model")
                 if model and type(model) is str:

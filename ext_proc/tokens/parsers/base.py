@@ -93,6 +93,14 @@ def append_function(text: list[str], function: Any) -> None:
         append_text(text, function.get("arguments"))
 
 
+def append_tool_calls(text: list[str], tool_calls: Any) -> None:
+    """Each OpenAI-shaped tool call's function (``[{"function": {name, arguments}}]``)."""
+    if type(tool_calls) is list:
+        for call in tool_calls:
+            if type(call) is dict:
+                append_function(text, call.get("function"))
+
+
 def usage_has_completion(usage: Usage | None) -> bool:
     return usage is not None and usage.completion_tokens is not None
 

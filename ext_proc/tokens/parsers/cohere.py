@@ -23,6 +23,7 @@ from ext_proc.tokens.parsers.base import (
     SSEStreamParser,
     append_function,
     append_text,
+    append_tool_calls,
     as_int,
     dumps_text,
     load_json,
@@ -67,11 +68,7 @@ def _message_text(text: list[str], obj: dict[str, Any]) -> None:
                 if type(block) is dict:
                     append_text(text, block.get("thinking"))
                     append_text(text, block.get("text"))
-        tool_calls = message.get("tool_calls")
-        if type(tool_calls) is list:
-            for call in tool_calls:
-                if type(call) is dict:
-                    append_function(text, call.get("function"))
+        append_tool_calls(text, message.get("tool_calls"))
     else:  # v1
         append_text(text, obj.get("text"))
         tool_calls = obj.get("tool_calls")

@@ -23,6 +23,7 @@ from typing import Any
 from ext_proc.tokens.parsers.base import (
     ResponseFormat,
     SSEStreamParser,
+    append_text,
     as_int,
     dumps_text,
     load_json,
@@ -129,13 +130,9 @@ class GoogleStreamParser(SSEStreamParser):
 
     def _function_call(self, call: Any) -> None:
         if type(call) is dict:
-            name = call.get("name")
-            if name and type(name) is str:
-                self.text.append(name)
+            append_text(self.text, call.get("name"))
             if "args" in call:
-                args = dumps_text(call["args"])
-                if args:
-                    self.text.append(args)
+                append_text(self.text, dumps_text(call["args"]))
 
     def _usage(self) -> Usage | None:
         return _usage(self._raw_usage)

@@ -21,6 +21,7 @@ from ext_proc.tokens.parsers.base import (
     SSEStreamParser,
     append_function,
     append_text,
+    append_tool_calls,
     as_int,
     load_json,
     sum_known,
@@ -64,11 +65,7 @@ def _message_text(choices: list[Any]) -> list[str]:
             append_text(text, message.get("reasoning_content"))
             append_text(text, message.get("content"))
             append_text(text, message.get("refusal"))
-            tool_calls = message.get("tool_calls")
-            if type(tool_calls) is list:
-                for call in tool_calls:
-                    if type(call) is dict:
-                        append_function(text, call.get("function"))
+            append_tool_calls(text, message.get("tool_calls"))
             append_function(text, message.get("function_call"))
         else:
             append_text(text, choice.get("text"))  # legacy completions
@@ -143,11 +140,7 @@ class OpenAIStreamParser(SSEStreamParser):
         text = self.text
         append_text(text, delta.get("reasoning_content"))
         append_text(text, delta.get("refusal"))
-        tool_calls = delta.get("tool_calls")
-        if type(tool_calls) is list:
-            for call in tool_calls:
-                if type(call) is dict:
-                    append_function(text, call.get("function"))
+        append_tool_calls(text, delta.get("tool_calls"))
         append_function(text, delta.get("function_call"))
 
     def _on_other(self, data: bytes) -> None:
