@@ -51,16 +51,14 @@ from ext_proc.stores.catalog import (
     POSTGRES_SOURCE,
     SECTIONS,
     CatalogError,
-    CatalogNotMigrated,
     CatalogSpecs,
     Spec,
-    is_migrated,
     read_snapshot,
     specs_of,
     split_spec,
 )
 from ext_proc.stores.invalidation import ALL, publish
-from ext_proc.stores.postgres import create_pool, redact_url
+from ext_proc.stores.postgres import DATABASE_ERRORS, create_pool, database_error_message
 from ext_proc.stores.redis import create_redis
 
 Kind = Literal["provider", "model", "policy", "application", "binding"]
@@ -365,14 +363,13 @@ async def apply(
             await _write(conn, plan)
         except (asyncpg.ForeignKeyViolationError, asyncpg.IntegrityConstraintViolationError) as exc:
             raise PlanRefused([f"the database refused the change: {exc}"]) from exc
-        await conn.execute(
+        revision = await conn.fetchval(
             "UPDATE catalog_state SET fingerprint = $1, applied_fingerprint = $2, "
-            "applied_source = $3, applied_at = now()",
+            "applied_source = $3, applied_at = now() RETURNING revision",
             plan.fingerprint,
             plan.config.fingerprint,
             plan.config.source,
         )
-        revision = await conn.fetchval("SELECT revision FROM catalog_state")
         written = [
             change.name
             for change in plan.changes
@@ -414,10 +411,10 @@ async def _write(conn: asyncpg.Connection, plan: Plan) -> None:
             await _write_application(conn, change)
         else:
             section = _SECTION_OF_KIND[change.kind]
+            # The columns in split_spec's order, which is the order _UPSERT takes them in.
             columns, rest = split_spec(section, change.after)
-            values = [columns[key] for key in _WRITE_COLUMNS[change.kind]]
             await conn.execute(
-                _UPSERT[change.kind], change.name, *values, orjson.dumps(rest).decode()
+                _UPSERT[change.kind], change.name, *columns.values(), orjson.dumps(rest).decode()
             )
     if plan.prune:
         await conn.execute(
@@ -426,11 +423,6 @@ async def _write(conn: asyncpg.Connection, plan: Plan) -> None:
         )
 
 
-_WRITE_COLUMNS: Mapping[str, tuple[str, ...]] = {
-    "provider": ("type", "base_url"),
-    "model": ("provider", "deployment"),
-    "policy": ("type", "enabled", "on_error"),
-}
 # Insert or overwrite; source becomes 'file'. Unchanged rows are never written (plan).
 _UPSERT: Mapping[str, str] = {
     "provider": """
@@ -670,20 +662,12 @@ def run_apply(ns: argparse.Namespace, settings: Settings) -> int:
             file=sys.stderr,
         )
         return EXIT_INVALID
-    if not settings.database_url:
-        print("ext-proc apply: DATABASE_URL is not set", file=sys.stderr)
-        return EXIT_INVALID
+    assert settings.database_url, "the caller checks DATABASE_URL"
     try:
         return asyncio.run(_run(ns, settings, config))
-    except CatalogNotMigrated as exc:
-        print(f"ext-proc apply: {exc}", file=sys.stderr)
-        return EXIT_INVALID
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        print(
-            f"ext-proc apply: cannot use the database at {redact_url(settings.database_url)}: "
-            f"{type(exc).__name__}: {exc}",
-            file=sys.stderr,
-        )
+    except DATABASE_ERRORS as exc:
+        message = database_error_message(settings.database_url, exc)
+        print(f"ext-proc apply: {message}", file=sys.stderr)
         return EXIT_INVALID
 
 
@@ -692,11 +676,9 @@ async def _run(ns: argparse.Namespace, settings: Settings, config: GatewayConfig
     pool = await create_pool(settings.database_url, min_size=1, max_size=2)
     redis = create_redis(settings.redis_url) if settings.redis_url and not ns.dry_run else None
     try:
-        if not await is_migrated(pool):
-            raise CatalogNotMigrated()
         try:
             the_plan = await plan(pool, config, prune=ns.prune)
-        except CatalogError as exc:
+        except CatalogError as exc:  # CatalogNotMigrated too
             print(f"ext-proc apply: {exc}", file=sys.stderr)
             return EXIT_INVALID
         print(format_plan(the_plan))

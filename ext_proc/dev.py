@@ -31,7 +31,7 @@ from typing import IO
 from ext_proc.config.loader import load_config
 from ext_proc.config.model import DEFAULT_ENVIRONMENT, GatewayConfig
 from ext_proc.envoy_config import EnvoyOptions, render_yaml
-from ext_proc.procutil import die_with_parent
+from ext_proc.procutil import die_with_parent, stop_process
 from ext_proc.settings import Settings
 from ext_proc.stores import embedded
 
@@ -361,14 +361,8 @@ class Stack:
         """Stop children in reverse order (Envoy first, so no new requests arrive; then
         ext_proc, which flushes usage records on SIGTERM), then the databases."""
         for name, process in reversed(self.processes):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=30 if name == "ext-proc" else 10)
-                except subprocess.TimeoutExpired:
-                    self._say(f"{name} did not stop in time; killing it")
-                    process.kill()
-                    process.wait()
+            if stop_process(process, timeout=30 if name == "ext-proc" else 10):
+                self._say(f"{name} did not stop in time; killing it")
         self.processes.clear()
         for log in self._logs:
             with contextlib.suppress(OSError):

@@ -32,7 +32,7 @@ from ext_proc.config.durations import DurationError, parse_duration
 from ext_proc.config.model import DEFAULT_ENVIRONMENT
 from ext_proc.settings import Settings
 from ext_proc.stores.catalog import CatalogNotMigrated, is_migrated
-from ext_proc.stores.postgres import create_pool, redact_url
+from ext_proc.stores.postgres import DATABASE_ERRORS, create_pool, database_error_message
 from ext_proc.stores.redis import create_redis
 
 EXIT_OK = 0
@@ -95,9 +95,7 @@ def add_keys_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_keys(ns: argparse.Namespace, settings: Settings) -> int:
-    if not settings.database_url:
-        print("ext-proc keys: DATABASE_URL is not set", file=sys.stderr)
-        return EXIT_FAILED
+    assert settings.database_url, "the caller checks DATABASE_URL"
     actions: dict[str, Callable[[asyncpg.Pool, aioredis.Redis | None, str], Awaitable[int]]] = {
         "create": lambda pool, _redis, _prefix: _create(pool, ns),
         "list": lambda pool, _redis, _prefix: _list(pool, ns),
@@ -113,12 +111,9 @@ def run_keys(ns: argparse.Namespace, settings: Settings) -> int:
     except CatalogNotMigrated as exc:
         print(f"ext-proc keys: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        print(
-            f"ext-proc keys: cannot use the database at {redact_url(settings.database_url)}: "
-            f"{type(exc).__name__}: {exc}",
-            file=sys.stderr,
-        )
+    except DATABASE_ERRORS as exc:
+        message = database_error_message(settings.database_url, exc)
+        print(f"ext-proc keys: {message}", file=sys.stderr)
         return EXIT_FAILED
 
 

@@ -192,8 +192,8 @@ def key_cache(
     )
 
 
-async def get_key(pool: asyncpg.Pool, key_id: str) -> KeyInfo | None:
-    row = await pool.fetchrow(_INFO + " WHERE k.id = $1", key_id)
+async def get_key(conn: asyncpg.Connection | asyncpg.Pool, key_id: str) -> KeyInfo | None:
+    row = await conn.fetchrow(_INFO + " WHERE k.id = $1", key_id)
     return None if row is None else _info(row)
 
 
@@ -232,9 +232,9 @@ async def create_key(
         app_id = await _application(conn, app)
         env_id = await _environment(conn, app, app_id, environment)
         key, key_id = await _insert(conn, app_id, env_id, description, expires_in, None)
-        row = await conn.fetchrow(_INFO + " WHERE k.id = $1", key_id)
-    assert row is not None
-    return NewKey(key=key, info=_info(row))
+        info = await get_key(conn, key_id)
+    assert info is not None
+    return NewKey(key=key, info=info)
 
 
 async def revoke_key(
@@ -318,17 +318,11 @@ async def rotate_key(
             key_id,
             grace,
         )
-        new_row = await conn.fetchrow(_INFO + " WHERE k.id = $1", new_id)
-        old_row = await conn.fetchrow(_INFO + " WHERE k.id = $1", key_id)
-    assert new_row is not None and old_row is not None
+        info = await get_key(conn, new_id)
+        replaced = await get_key(conn, key_id)
+    assert info is not None and replaced is not None
     published, error = await _invalidate(redis, prefix, old["key_hash"])
-    return NewKey(
-        key=key,
-        info=_info(new_row),
-        replaced=_info(old_row),
-        published=published,
-        publish_error=error,
-    )
+    return NewKey(key=key, info=info, replaced=replaced, published=published, publish_error=error)
 
 
 # --- helpers ----------------------------------------------------------------------------

@@ -103,7 +103,6 @@ class CatalogSnapshot:
     revision: int
     specs: CatalogSpecs
     policy_versions: Mapping[str, int]
-    sources: Mapping[tuple[str, str], str]  # (section, name) -> "file" | "admin"
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,22 +271,20 @@ async def read_snapshot(conn: asyncpg.Connection) -> CatalogSnapshot:
 
 async def _read(conn: asyncpg.Connection) -> CatalogSnapshot:
     revision = await conn.fetchval("SELECT revision FROM catalog_state")
-    sources: dict[tuple[str, str], str] = {}
 
     providers: dict[str, Spec] = {}
     for row in await conn.fetch(
-        "SELECT name, type, base_url, config::text AS config, source FROM providers ORDER BY name"
+        "SELECT name, type, base_url, config::text AS config FROM providers ORDER BY name"
     ):
         providers[row["name"]] = {
             "type": row["type"],
             "base_url": row["base_url"],
             **orjson.loads(row["config"]),
         }
-        sources["providers", row["name"]] = row["source"]
 
     models: dict[str, Spec] = {}
     for row in await conn.fetch(
-        "SELECT m.name, p.name AS provider, m.deployment, m.config::text AS config, m.source "
+        "SELECT m.name, p.name AS provider, m.deployment, m.config::text AS config "
         "FROM models m JOIN providers p ON p.id = m.provider_id ORDER BY m.name"
     ):
         models[row["name"]] = {
@@ -295,12 +292,11 @@ async def _read(conn: asyncpg.Connection) -> CatalogSnapshot:
             "deployment": row["deployment"],
             **orjson.loads(row["config"]),
         }
-        sources["models", row["name"]] = row["source"]
 
     policies: dict[str, Spec] = {}
     versions: dict[str, int] = {}
     for row in await conn.fetch(
-        "SELECT name, type, config::text AS config, enabled, on_error, version, source "
+        "SELECT name, type, config::text AS config, enabled, on_error, version "
         "FROM policies ORDER BY name"
     ):
         policies[row["name"]] = {
@@ -310,11 +306,10 @@ async def _read(conn: asyncpg.Connection) -> CatalogSnapshot:
             "on_error": row["on_error"],
         }
         versions[row["name"]] = row["version"]
-        sources["policies", row["name"]] = row["source"]
 
     applications: dict[str, Spec] = {}
     for row in await conn.fetch(
-        "SELECT a.name, o.name AS org, a.description, a.source FROM applications a "
+        "SELECT a.name, o.name AS org, a.description FROM applications a "
         "JOIN organizations o ON o.id = a.organization_id ORDER BY a.name"
     ):
         spec: Spec = {"org": row["org"]}
@@ -323,7 +318,6 @@ async def _read(conn: asyncpg.Connection) -> CatalogSnapshot:
         spec["policies"] = []
         spec["environments"] = {}
         applications[row["name"]] = spec
-        sources["applications", row["name"]] = row["source"]
     for row in await conn.fetch(
         "SELECT a.name AS app, e.name AS env FROM application_environments e "
         "JOIN applications a ON a.id = e.application_id "
@@ -349,7 +343,6 @@ async def _read(conn: asyncpg.Connection) -> CatalogSnapshot:
             providers=providers, models=models, policies=policies, applications=applications
         ),
         policy_versions=versions,
-        sources=sources,
     )
 
 

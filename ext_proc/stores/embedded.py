@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ext_proc.procutil import die_with_parent
+from ext_proc.procutil import die_with_parent, stop_process
 
 
 class EmbeddedError(RuntimeError):
@@ -54,13 +54,7 @@ class EmbeddedRedis:
     process: subprocess.Popen[bytes]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout=10)
 
 
 def _redis_server_binary() -> str:

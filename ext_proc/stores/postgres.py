@@ -33,6 +33,15 @@ MIGRATION_LOCK_WAIT = 120.0  # how long a runner waits for another one to finish
 _MIGRATION_LOCK_KEY = int.from_bytes(b"ext_proc", "big")
 _FILE_NAME = re.compile(r"^(\d+)_[A-Za-z0-9_.-]+\.sql$")
 
+# How "the database cannot be used" shows: unreachable, refused, timed out, or an error
+# from the server. Commands catch these and answer with ``database_error_message``.
+DATABASE_ERRORS: tuple[type[Exception], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
+
 _CREATE_MIGRATIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
     version    integer     PRIMARY KEY,
@@ -206,6 +215,11 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, f"{userinfo}@{netloc[-1]}", *parts[2:]))
 
 
+def database_error_message(url: str, exc: BaseException) -> str:
+    """``cannot use the database at URL: Error: message``, the password left out."""
+    return f"cannot use the database at {redact_url(url)}: {type(exc).__name__}: {exc}"
+
+
 def run_migrate(url: str) -> int:
     """``ext-proc migrate``: apply pending migrations and say what was done.
 
@@ -217,11 +231,8 @@ def run_migrate(url: str) -> int:
     except MigrationError as exc:
         print(f"migration failed: {exc}", file=sys.stderr)
         return 1
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        print(
-            f"cannot use the database at {redact_url(url)}: {type(exc).__name__}: {exc}",
-            file=sys.stderr,
-        )
+    except DATABASE_ERRORS as exc:
+        print(database_error_message(url, exc), file=sys.stderr)
         return 2
     if not applied:
         print("schema up to date")
