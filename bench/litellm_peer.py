@@ -25,7 +25,7 @@ from pathlib import Path
 
 from bench import procstat
 from ext_proc.dev import free_port
-from ext_proc.procutil import die_with_parent
+from ext_proc.procutil import die_with_parent, stop_process
 
 BENCH_DIR = Path(__file__).resolve().parent
 LITELLM_DIR = BENCH_DIR / ".litellm"
@@ -249,13 +249,7 @@ class LiteLLMPeer:
     def stop(self) -> None:
         if self._proxy is not None:
             self.pids()
-            if self._proxy.poll() is None:
-                self._proxy.send_signal(signal.SIGTERM)
-                try:
-                    self._proxy.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    self._proxy.kill()
-                    self._proxy.wait()
+            stop_process(self._proxy, timeout=20)
             # Workers it did not reap: only the pids we saw in its tree, still ours.
             deadline = time.monotonic() + 10
             for pid in sorted(self._known - {self._proxy.pid}):
@@ -266,13 +260,7 @@ class LiteLLMPeer:
                         os.kill(pid, signal.SIGKILL)
             self._proxy = None
         if self._redis is not None:
-            if self._redis.poll() is None:
-                self._redis.terminate()
-                try:
-                    self._redis.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    self._redis.kill()
-                    self._redis.wait()
+            stop_process(self._redis, timeout=10)
             self._redis = None
 
 

@@ -26,10 +26,10 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from ext_proc.procutil import die_with_parent
+from ext_proc.procutil import die_with_parent, stop_process
 
 BENCH_DIR = Path(__file__).resolve().parent
 POST_SCRIPT = BENCH_DIR / "post.lua"
@@ -69,7 +69,6 @@ class LoadResult:
     latency_ms: dict[str, float]
     errors: dict[str, int]
     exact_count: bool  # True when nothing was in flight at the end (wrk)
-    command: list[str] = field(default_factory=list)
 
     @property
     def rps(self) -> float:
@@ -196,10 +195,6 @@ class LoadRun:
 
     # ----------------------------------------------------------------- wait
 
-    def poll(self) -> bool:
-        """True once the load generator has exited."""
-        return self._process.poll() is not None
-
     def wait(
         self, tick: Callable[[], None] | None = None, tick_seconds: float = 10.0
     ) -> LoadResult:
@@ -227,13 +222,7 @@ class LoadRun:
             self.stop()
 
     def stop(self) -> None:
-        if self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+        stop_process(self._process, timeout=5)
         with contextlib.suppress(OSError):
             self._tmp.cleanup()
 
@@ -272,7 +261,6 @@ class LoadRun:
             # Unanswered when wrk exited (slower than the grace, or lost to a socket
             # error): those may or may not have reached the gateway.
             exact_count=sent == requests,
-            command=self.argv,
         )
 
     def _parse_h2load(self, out: str) -> LoadResult:
@@ -317,7 +305,6 @@ class LoadRun:
                 "timeout": timeout,
             },
             exact_count=False,
-            command=self.argv,
         )
 
 

@@ -73,18 +73,16 @@ class GroupSample:
 
     cpu_seconds: float
     rss_bytes: int
-    pids: tuple[int, ...]
-    missing: tuple[int, ...]  # asked for but gone
+    pids: tuple[int, ...]  # those still running (a process gone is left out, not zero)
 
 
 def sample_group(pids: Iterable[int]) -> GroupSample:
-    cpu, rss, seen, missing = 0.0, 0, [], []
+    cpu, rss, seen = 0.0, 0, []
     for pid in pids:
         one = sample(pid)
         if one is None:
-            missing.append(pid)
             continue
         cpu += one.cpu_seconds
         rss += one.rss_bytes
         seen.append(pid)
-    return GroupSample(cpu_seconds=cpu, rss_bytes=rss, pids=tuple(seen), missing=tuple(missing))
+    return GroupSample(cpu_seconds=cpu, rss_bytes=rss, pids=tuple(seen))

@@ -1,4 +1,4 @@
-"""The benchmark's own database, Redis key prefix and gateway key; all removed at the end.
+"""The benchmark's own database and Redis key prefix; both removed at the end.
 
 Postgres and Redis are shared with everything else on the machine: the benchmark creates
 ``bench_<random>`` on the server ``DATABASE_URL`` names (or on an embedded pgserver under
@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,20 +62,6 @@ class BenchDatabase:
                 return 0
 
         return self._loop.run_until_complete(_count())
-
-    def count_by(self) -> list[dict[str, object]]:
-        """Rows by stream flag, status and decision: what the report shows on a mismatch."""
-
-        async def _query() -> list[dict[str, object]]:
-            if self._conn is None or self._conn.is_closed():
-                self._conn = await asyncpg.connect(self.url, timeout=10)
-            rows = await self._conn.fetch(
-                "SELECT stream, status_code, decision, count(*) AS n FROM usage_records "
-                "GROUP BY 1, 2, 3 ORDER BY 4 DESC"
-            )
-            return [dict(r) for r in rows]
-
-        return self._loop.run_until_complete(_query())
 
     def close(self) -> None:
         """Close our connection and drop the database (FORCE: nothing may hold it)."""
@@ -173,14 +157,6 @@ class Backends:
                 pg.stop()
             raise
 
-    def env(self) -> dict[str, str]:
-        """What an ``ext-proc`` command needs to see our database and Redis prefix."""
-        return {
-            "DATABASE_URL": self.database.url,
-            "REDIS_URL": self.redis_url,
-            "EXT_PROC_REDIS_PREFIX": self.redis_prefix,
-        }
-
     def close(self) -> list[str]:
         """Drop the database, delete our Redis keys, stop embedded servers; problems."""
         problems: list[str] = []
@@ -198,71 +174,3 @@ class Backends:
         if self._pg is not None:
             self._pg.stop()
         return problems
-
-
-# ------------------------------------------------------------------ gateway key
-
-
-@dataclass(frozen=True, slots=True)
-class Provisioned:
-    api_key: str | None
-    note: str  # what happened, for the report
-
-
-def _cli_unavailable(result: subprocess.CompletedProcess[str]) -> bool:
-    """argparse's answer to an unknown subcommand (exit 2, "invalid choice")."""
-    return result.returncode == 2 and "invalid choice" in (result.stderr or "")
-
-
-def provision_key(config_path: Path, env: dict[str, str], cwd: Path) -> Provisioned:
-    """``ext-proc apply -f gateway.yaml`` then ``ext-proc keys create --app bench``.
-
-    While those commands do not exist yet (any bearer passes today) this returns no key
-    and a warning note; any other failure is an error: the benchmark would measure
-    something else than it says.
-    """
-    full_env = {**os.environ, **env}
-    base = [sys.executable, "-m", "ext_proc"]
-
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*base, *args],
-            capture_output=True,
-            text=True,
-            env=full_env,
-            cwd=cwd,
-            timeout=120,
-            stdin=subprocess.DEVNULL,
-        )
-
-    migrate = run("migrate")
-    if migrate.returncode != 0:
-        raise RuntimeError(f"ext-proc migrate failed:\n{migrate.stderr or migrate.stdout}")
-    applied = run("apply", "-f", str(config_path))
-    if _cli_unavailable(applied):
-        return Provisioned(
-            None,
-            "WARNING: `ext-proc apply` does not exist yet: ran without an API key "
-            "(any bearer passes until keys are enforced)",
-        )
-    if applied.returncode != 0:
-        raise RuntimeError(
-            f"ext-proc apply -f {config_path} failed ({applied.returncode}):\n"
-            f"{applied.stderr or applied.stdout}"
-        )
-    created = run("keys", "create", "--app", "bench")
-    if _cli_unavailable(created):
-        return Provisioned(
-            None,
-            "WARNING: `ext-proc keys` does not exist yet: ran without an API key "
-            "(any bearer passes until keys are enforced)",
-        )
-    if created.returncode != 0:
-        raise RuntimeError(
-            f"ext-proc keys create --app bench failed ({created.returncode}):\n"
-            f"{created.stderr or created.stdout}"
-        )
-    lines = [ln.strip() for ln in created.stdout.splitlines() if ln.strip()]
-    if not lines:
-        raise RuntimeError("ext-proc keys create --app bench printed no key")
-    return Provisioned(lines[-1], "config applied; key created for app `bench`")

@@ -52,8 +52,8 @@ from typing import Any
 
 from bench import loadgen, procstat, report
 from bench.litellm_peer import NO_DATABASE_NOTE, LiteLLMPeer, PeerUnavailable
-from bench.loadgen import LoadResult, LoadRun, LoadSpec
-from bench.resources import Backends, provision_key
+from bench.loadgen import LoadResult, LoadSpec
+from bench.resources import Backends
 from ext_proc.dev import Stack, StackError, StackOptions, free_port
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -162,7 +162,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         type=int,
         default=1,
         metavar="N",
-        help="ext_proc processes behind Envoy (needs Stack support for N > 1)",
+        help="ext_proc processes behind Envoy, each its own endpoint (default 1)",
     )
     parser.add_argument(
         "--json",
@@ -233,19 +233,6 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
 
 
 # --------------------------------------------------------------------- helpers
-
-
-def stack_supports_processes() -> bool:
-    """Whether ext_proc/dev.py's Stack can run several ext_proc processes.
-
-    TODO(ext-proc-processes): needs ``StackOptions.ext_proc_processes: int`` in
-    ext_proc/dev.py: N ``ext-proc serve`` processes (``Stack.processes`` names "ext-proc",
-    "ext-proc-1", ...; own gRPC/metrics/admin ports each), each its own endpoint in
-    Envoy's ext_proc cluster (ENVOY-NOTES.md: with SO_REUSEPORT every stream went to one
-    process), and ``Stack.metrics_ports`` listing their metrics ports. Everything here
-    already sums CPU and RSS over all "ext-proc*" processes and scrapes every port.
-    """
-    return "ext_proc_processes" in {f.name for f in dataclasses.fields(StackOptions)}
 
 
 def _say(message: str) -> None:
@@ -362,26 +349,27 @@ class Bench:
 
     def _stack_options(self, config_path: Path, mock_port: int) -> StackOptions:
         assert self.backends is not None
-        kwargs: dict[str, Any] = {
-            "config_path": config_path,
-            "data_dir": self.tmp / "data",
-            "listener_port": free_port(),
-            "envoy_admin_port": free_port(),
-            "grpc_port": free_port(),
-            "metrics_port": free_port(),
-            "admin_port": free_port(),
-            "mock_port": mock_port,
-            "start_mock": True,
-            "database_url": self.backends.database.url,
-            "redis_url": self.backends.redis_url,
-            "redis_prefix": self.backends.redis_prefix,
-            "log_level": "warning",
-            "quiet": True,
-            "envoy_direct_provider": "mock",
-        }
-        if self.options.ext_proc_processes > 1:
-            kwargs["ext_proc_processes"] = self.options.ext_proc_processes
-        return StackOptions(**kwargs)
+        # The Stack migrates, applies the config (`ext-proc apply`) and makes the key for
+        # app `bench` (what `ext-proc keys create --app bench` does) before it starts.
+        return StackOptions(
+            config_path=config_path,
+            data_dir=self.tmp / "data",
+            listener_port=free_port(),
+            envoy_admin_port=free_port(),
+            grpc_port=free_port(),
+            metrics_port=free_port(),
+            admin_port=free_port(),
+            mock_port=mock_port,
+            start_mock=True,
+            database_url=self.backends.database.url,
+            redis_url=self.backends.redis_url,
+            redis_prefix=self.backends.redis_prefix,
+            log_level="warning",
+            quiet=True,
+            envoy_direct_provider="mock",
+            key_app="bench",
+            ext_proc_processes=self.options.ext_proc_processes,
+        )
 
     def setup(self) -> None:
         say = self.say
@@ -395,16 +383,13 @@ class Bench:
         mock_port = free_port()
         config_path = self.tmp / "gateway.yaml"
         config_path.write_text(GATEWAY_TEMPLATE.read_text().replace("{mock_port}", str(mock_port)))
-        provisioned = provision_key(config_path, self.backends.env(), REPO)
-        self.api_key = provisioned.api_key
-        if provisioned.api_key is None:
-            say(provisioned.note)
-        self.notes.append(provisioned.note)
         options = self._stack_options(config_path, mock_port)
         say("starting the stack (mock upstream, ext-proc serve, Envoy) ...")
         started = time.monotonic()
         self.stack = Stack(options)
         self.stack.start()
+        self.api_key = self.stack.api_key
+        self.notes.append("config applied; key created for app `bench`")
         say(f"stack up in {time.monotonic() - started:.1f}s: {self.stack.listener_url}")
         if "litellm" in self.options.targets:
             self._start_litellm(mock_port)
@@ -475,8 +460,7 @@ class Bench:
 
     def _metrics_ports(self) -> list[int]:
         assert self.stack is not None
-        ports = getattr(self.stack, "metrics_ports", None)  # the several-processes hook
-        return list(ports) if ports else [self.stack.options.metrics_port]
+        return [metrics_port for _, metrics_port, _ in self.stack.ext_proc_ports]
 
     def _check_alive(self) -> None:
         assert self.stack is not None
@@ -502,6 +486,11 @@ class Bench:
             elif now - last_change > (1.0 if count > expected else 3.0) or now > deadline:
                 return count
             time.sleep(0.1)
+
+    def _count_sent(self, result: LoadResult) -> None:
+        """Requests a load run sent to a gateway route: each must leave one usage row."""
+        self.rows_sent += result.sent
+        self.rows_exact = self.rows_exact and result.exact_count
 
     # ----------------------------------------------------------- measuring
 
@@ -554,8 +543,7 @@ class Bench:
             self.say(f"warm-up: {target.name}, {self.options.warmup:g}s at 4 connections")
             result = loadgen.run_load(self.tool, self._spec(target, 4, self.options.warmup))
             if target.writes_rows:
-                self.rows_sent += result.sent
-                self.rows_exact = self.rows_exact and result.exact_count
+                self._count_sent(result)
         self._check_alive()
 
     def measure(self, target: Target, connections: int) -> dict[str, Any]:
@@ -568,8 +556,7 @@ class Bench:
         result = loadgen.run_load(self.tool, self._spec(target, connections, self.options.duration))
         rows: dict[str, Any] | None = None
         if target.writes_rows:
-            self.rows_sent += result.sent
-            self.rows_exact = self.rows_exact and result.exact_count
+            self._count_sent(result)
             count = self._await_rows(rows_before + result.sent) - rows_before
             if result.exact_count:
                 ok = count == result.sent
@@ -693,10 +680,8 @@ class Bench:
         )
         cpu_before = procstat.sample_group(groups["ext_proc"])
         sample()
-        run = LoadRun(self.tool, spec)
-        result = run.wait(tick=sample, tick_seconds=10.0)
-        self.rows_sent += result.sent
-        self.rows_exact = self.rows_exact and result.exact_count
+        result = loadgen.run_load(self.tool, spec, tick=sample, tick_seconds=10.0)
+        self._count_sent(result)
         written_now = self._await_rows(rows_before + result.sent) - rows_before
         sample()
         cpu_after = procstat.sample_group(groups["ext_proc"])
@@ -974,14 +959,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             "error: no load generator: install wrk (apt-get install -y wrk) or h2load "
             "(apt-get install -y nghttp2-client)",
-            file=sys.stderr,
-        )
-        return 2
-    if options.ext_proc_processes > 1 and not stack_supports_processes():
-        print(
-            f"error: --ext-proc-processes {options.ext_proc_processes}: ext_proc/dev.py's Stack "
-            "cannot run several ext_proc processes yet (needs StackOptions.ext_proc_processes; "
-            "see stack_supports_processes() in bench/run.py)",
             file=sys.stderr,
         )
         return 2
