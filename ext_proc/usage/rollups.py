@@ -8,7 +8,7 @@ Only identifiers from the fixed ``GROUP_KEYS`` table reach the SQL text; every v
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
@@ -63,17 +63,8 @@ class RollupRow:
         return out
 
 
-_MEASURES = (
-    "requests",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "estimated_rows",
-    "errors",
-    "denied",
-    "avg_latency_ms",
-    "p95_latency_ms",
-)
+# The measures, in column order: every field but the group keys (named as in _AGGREGATES).
+_MEASURES: tuple[str, ...] = tuple(f.name for f in fields(RollupRow) if f.name != "keys")
 
 
 def validate_group_by(group_by: Sequence[str]) -> list[str]:
@@ -159,19 +150,7 @@ async def rollup(
     )
     rows = await pool.fetch(sql, *params)
     return [
-        RollupRow(
-            keys={k: row[k] for k in keys},
-            requests=row["requests"],
-            prompt_tokens=row["prompt_tokens"],
-            completion_tokens=row["completion_tokens"],
-            total_tokens=row["total_tokens"],
-            estimated_rows=row["estimated_rows"],
-            errors=row["errors"],
-            denied=row["denied"],
-            avg_latency_ms=row["avg_latency_ms"],
-            p95_latency_ms=row["p95_latency_ms"],
-        )
-        for row in rows
+        RollupRow(keys={k: row[k] for k in keys}, **{m: row[m] for m in _MEASURES}) for row in rows
     ]
 
 
@@ -188,14 +167,9 @@ _HEADERS = {
     "avg_latency_ms": "avg ms",
     "p95_latency_ms": "p95 ms",
 }
-_SUMMED: tuple[str, ...] = (
-    "requests",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "estimated_rows",
-    "errors",
-    "denied",
+# Averages and percentiles do not add up across groups: the totals line leaves them blank.
+_SUMMED: tuple[str, ...] = tuple(
+    m for m in _MEASURES if m not in ("avg_latency_ms", "p95_latency_ms")
 )
 
 
