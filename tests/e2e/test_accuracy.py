@@ -29,8 +29,8 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.conftest import DatabaseFactory
-from tests.e2e.stack_helpers import OwnStack, metric_sum, poll_async, unique_prefix
+from tests.conftest import DatabaseFactory, poll_async
+from tests.e2e.stack_helpers import OwnStack, metric_sum, unique_prefix
 
 pytestmark = pytest.mark.e2e
 

@@ -23,18 +23,8 @@ MESSAGES = [
 ]
 
 
-def client(e2e: E2E, marker: str, **headers: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(
-        base_url=f"{e2e.base_url}/v1",
-        api_key=e2e.api_key,
-        max_retries=0,
-        default_headers={"x-test-id": marker, **headers},
-        timeout=30,
-    )
-
-
 async def test_chat_plain_usage_row_matches_provider(e2e: E2E, marker: str) -> None:
-    raw = await client(e2e, marker).chat.completions.with_raw_response.create(
+    raw = await e2e.sdk(marker).chat.completions.with_raw_response.create(
         model="gpt-4o-mini", messages=MESSAGES
     )
     completion = raw.parse()
@@ -65,7 +55,7 @@ async def test_chat_plain_usage_row_matches_provider(e2e: E2E, marker: str) -> N
 
 
 async def test_stream_with_include_usage(e2e: E2E, marker: str) -> None:
-    c = client(e2e, marker, **{"x-mock-chunks": "7"})
+    c = e2e.sdk(marker, **{"x-mock-chunks": "7"})
     async with c.chat.completions.with_streaming_response.create(
         model="gpt-4o",
         messages=MESSAGES,
@@ -92,7 +82,7 @@ async def test_stream_with_include_usage(e2e: E2E, marker: str) -> None:
 
 async def test_stream_without_include_usage_is_still_exact(e2e: E2E, marker: str) -> None:
     """The gateway asks the provider for the usage chunk; the SDK accepts the extra chunk."""
-    async with client(e2e, marker).chat.completions.with_streaming_response.create(
+    async with e2e.sdk(marker).chat.completions.with_streaming_response.create(
         model="gpt-4o",
         messages=MESSAGES,
         stream=True,
@@ -110,7 +100,7 @@ async def test_stream_without_include_usage_is_still_exact(e2e: E2E, marker: str
 
 
 async def test_embeddings(e2e: E2E, marker: str) -> None:
-    raw = await client(e2e, marker).embeddings.with_raw_response.create(
+    raw = await e2e.sdk(marker).embeddings.with_raw_response.create(
         model="text-embedding-3-small", input=["first text", "a second, longer text"]
     )
     result = raw.parse()
@@ -124,7 +114,7 @@ async def test_embeddings(e2e: E2E, marker: str) -> None:
 
 
 async def test_client_cancel_mid_stream_counts_what_was_delivered(e2e: E2E, marker: str) -> None:
-    c = client(e2e, marker, **{"x-mock-chunks": "60", "x-mock-chunk-delay-ms": "40"})
+    c = e2e.sdk(marker, **{"x-mock-chunks": "60", "x-mock-chunk-delay-ms": "40"})
     received = ""
     async with c.chat.completions.with_streaming_response.create(
         model="gpt-4o",
@@ -152,8 +142,7 @@ async def test_client_cancel_mid_stream_counts_what_was_delivered(e2e: E2E, mark
 async def test_upstream_cuts_stream(e2e: E2E, marker: str) -> None:
     # Chunks 40 ms apart: the stream is under way (the app has its 200 and some chunks)
     # when the upstream dies.
-    c = client(
-        e2e,
+    c = e2e.sdk(
         marker,
         **{"x-mock-chunks": "10", "x-mock-cut-after": "3", "x-mock-chunk-delay-ms": "40"},
     )
@@ -180,7 +169,7 @@ async def test_upstream_cuts_stream(e2e: E2E, marker: str) -> None:
 
 
 async def test_upstream_500(e2e: E2E, marker: str) -> None:
-    c = client(e2e, marker, **{"x-mock-status": "500"})
+    c = e2e.sdk(marker, **{"x-mock-status": "500"})
     with pytest.raises(openai.InternalServerError) as info:
         await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     request_id = info.value.response.headers["x-request-id"]
@@ -192,7 +181,7 @@ async def test_upstream_500(e2e: E2E, marker: str) -> None:
 
 
 async def test_upstream_429_passes_through(e2e: E2E, marker: str) -> None:
-    c = client(e2e, marker, **{"x-mock-status": "429"})
+    c = e2e.sdk(marker, **{"x-mock-status": "429"})
     with pytest.raises(openai.RateLimitError) as info:
         await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     assert info.value.response.headers.get("retry-after") == "1"
@@ -263,7 +252,7 @@ async def test_bad_requests_get_openai_errors(
 
 
 async def test_one_mib_prompt_passes_and_bigger_gets_413(e2e: E2E, marker: str) -> None:
-    c = client(e2e, marker)
+    c = e2e.sdk(marker)
     big = "word " * (1024 * 1024 // 5)  # 1 MiB of prompt text
     raw = await c.chat.completions.with_raw_response.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": big}], max_tokens=5
@@ -325,7 +314,7 @@ async def test_azure_style_path_and_credentials(e2e: E2E, marker: str) -> None:
 
 
 async def test_openai_sdk_to_azure_served_model(e2e: E2E, marker: str) -> None:
-    raw = await client(e2e, marker).chat.completions.with_raw_response.create(
+    raw = await e2e.sdk(marker).chat.completions.with_raw_response.create(
         model="azure-4o", messages=MESSAGES
     )
     assert raw.status_code == 200
@@ -336,7 +325,7 @@ async def test_openai_sdk_to_azure_served_model(e2e: E2E, marker: str) -> None:
 
 
 async def test_model_renamed_and_provider_key_injected(e2e: E2E, marker: str) -> None:
-    raw = await client(e2e, marker).chat.completions.with_raw_response.create(
+    raw = await e2e.sdk(marker).chat.completions.with_raw_response.create(
         model="renamed", messages=MESSAGES
     )
     assert raw.parse().model == "gpt-4o-mini"
@@ -349,7 +338,7 @@ async def test_model_renamed_and_provider_key_injected(e2e: E2E, marker: str) ->
 
 
 async def test_list_models_answered_by_gateway(e2e: E2E, marker: str) -> None:
-    models = await client(e2e, marker).models.list()
+    models = await e2e.sdk(marker).models.list()
     ids = {m.id async for m in models}
     assert {"gpt-4o-mini", "azure-4o", "text-embedding-3-small"} <= ids
     assert e2e.mock_requests(marker) == []
@@ -367,7 +356,7 @@ async def test_metrics_move(e2e: E2E, marker: str) -> None:
         "gen_ai_client_token_usage_count", gen_ai_token_type="input", gen_ai_request_model="gpt-4"
     )
     written_before = e2e.metric("ext_proc_usage_records_written_total")
-    raw = await client(e2e, marker).chat.completions.with_raw_response.create(
+    raw = await e2e.sdk(marker).chat.completions.with_raw_response.create(
         model="gpt-4", messages=MESSAGES
     )
     await e2e.usage_row(raw.headers["x-request-id"])
@@ -385,7 +374,7 @@ async def test_metrics_move(e2e: E2E, marker: str) -> None:
 
 
 async def test_concurrent_requests_each_leave_one_row(e2e: E2E, marker: str) -> None:
-    c = client(e2e, marker)
+    c = e2e.sdk(marker)
 
     async def one(i: int) -> str:
         raw = await c.chat.completions.with_raw_response.create(

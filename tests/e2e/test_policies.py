@@ -19,16 +19,6 @@ pytestmark = pytest.mark.e2e
 HELLO = [{"role": "user", "content": "Hello there"}]
 
 
-def sdk(e2e: E2E, key: str, **headers: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(
-        base_url=f"{e2e.base_url}/v1",
-        api_key=key,
-        max_retries=0,
-        default_headers=headers or None,
-        timeout=30,
-    )
-
-
 def cli(e2e: E2E, *args: str) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
@@ -95,7 +85,7 @@ async def test_key_in_azure_and_anthropic_headers(e2e: E2E) -> None:
 
 async def test_revoked_key_is_401_within_a_second(e2e: E2E) -> None:
     key = await e2e.create_key("e2e-app")
-    client = sdk(e2e, key)
+    client = e2e.sdk(key=key)
     await client.chat.completions.create(model="gpt-4o-mini", messages=HELLO)  # cached now
     listing = await asyncio.to_thread(cli, e2e, "keys", "list", "--app", "e2e-app")
     assert listing.returncode == 0, listing.stderr
@@ -122,7 +112,7 @@ async def test_expired_key_is_401(e2e: E2E) -> None:
     assert made.returncode == 0, made.stderr
     key = made.stdout.strip().splitlines()[-1]  # contract: the key is the last line
     assert key.startswith("gwk_")
-    client = sdk(e2e, key)
+    client = e2e.sdk(key=key)
     exc = await poll_status(
         lambda: client.chat.completions.create(model="gpt-4o-mini", messages=HELLO),
         openai.AuthenticationError,
@@ -135,7 +125,7 @@ async def test_expired_key_is_401(e2e: E2E) -> None:
 
 
 async def test_model_not_in_allowlist_is_403(e2e: E2E) -> None:
-    client = sdk(e2e, await e2e.create_key("checked-app"))
+    client = e2e.sdk(key=await e2e.create_key("checked-app"))
     with pytest.raises(openai.PermissionDeniedError) as info:
         await client.chat.completions.create(model="gpt-4o", messages=HELLO)
     assert info.value.code == "model_not_allowed"
@@ -150,7 +140,7 @@ async def test_model_not_in_allowlist_is_403(e2e: E2E) -> None:
 
 
 async def test_cel_pre_check_denies_streams(e2e: E2E) -> None:
-    client = sdk(e2e, await e2e.create_key("checked-app"))
+    client = e2e.sdk(key=await e2e.create_key("checked-app"))
     with pytest.raises(openai.PermissionDeniedError) as info:
         await client.chat.completions.create(model="gpt-4o-mini", messages=HELLO, stream=True)
     assert info.value.code == "policy_violation"
@@ -161,14 +151,14 @@ async def test_cel_pre_check_denies_streams(e2e: E2E) -> None:
 
 async def test_unknown_model_is_404(e2e: E2E) -> None:
     with pytest.raises(openai.NotFoundError) as info:
-        await sdk(e2e, e2e.api_key).chat.completions.create(model="gpt-9", messages=HELLO)
+        await e2e.sdk().chat.completions.create(model="gpt-9", messages=HELLO)
     assert info.value.code == "model_not_found"
     row = await e2e.usage_row(info.value.response.headers["x-request-id"])
     assert (row["status_code"], row["decision"], row["model"]) == (404, "denied", "gpt-9")
 
 
 async def test_request_size_policy_is_413(e2e: E2E) -> None:
-    client = sdk(e2e, await e2e.create_key("checked-app"))
+    client = e2e.sdk(key=await e2e.create_key("checked-app"))
     with pytest.raises(openai.APIStatusError) as info:
         await client.chat.completions.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": "x" * 5000}]
@@ -185,7 +175,7 @@ async def test_request_size_policy_is_413(e2e: E2E) -> None:
 
 
 async def test_rate_limit_counts_down_then_429(e2e: E2E) -> None:
-    client = sdk(e2e, await e2e.create_key("limited-app"))
+    client = e2e.sdk(key=await e2e.create_key("limited-app"))
     remaining = []
     for _ in range(3):
         raw = await client.chat.completions.with_raw_response.create(
@@ -208,8 +198,8 @@ async def test_rate_limit_counts_down_then_429(e2e: E2E) -> None:
 
 
 async def test_key_scoped_limit_is_per_key(e2e: E2E) -> None:
-    first = sdk(e2e, await e2e.create_key("keyed-app"))
-    second = sdk(e2e, await e2e.create_key("keyed-app"))
+    first = e2e.sdk(key=await e2e.create_key("keyed-app"))
+    second = e2e.sdk(key=await e2e.create_key("keyed-app"))
     for client in (first, second):
         for _ in range(2):
             await client.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
@@ -219,7 +209,7 @@ async def test_key_scoped_limit_is_per_key(e2e: E2E) -> None:
 
 
 async def test_token_limit_reserves_and_settles(e2e: E2E) -> None:
-    client = sdk(e2e, await e2e.create_key("budget-app"))
+    client = e2e.sdk(key=await e2e.create_key("budget-app"))
     first = await client.chat.completions.with_raw_response.create(
         model="gpt-4o-mini", messages=HELLO, max_tokens=150
     )
@@ -248,7 +238,7 @@ async def test_token_limit_reserves_and_settles(e2e: E2E) -> None:
 
 
 async def test_post_check_violation_marks_row_and_cools_down(e2e: E2E) -> None:
-    client = sdk(e2e, await e2e.create_key("post-app"))
+    client = e2e.sdk(key=await e2e.create_key("post-app"))
     raw = await client.chat.completions.with_raw_response.create(
         model="gpt-4o-mini", messages=HELLO, extra_headers={"x-mock-completion-tokens": "30"}
     )
@@ -265,8 +255,8 @@ async def test_post_check_violation_marks_row_and_cools_down(e2e: E2E) -> None:
 
 
 async def test_environment_adds_policies(e2e: E2E) -> None:
-    prod = sdk(e2e, await e2e.create_key("env-app", "prod"))
-    default = sdk(e2e, await e2e.create_key("env-app"))
+    prod = e2e.sdk(key=await e2e.create_key("env-app", "prod"))
+    default = e2e.sdk(key=await e2e.create_key("env-app"))
     with pytest.raises(openai.PermissionDeniedError):
         await prod.chat.completions.create(model="gpt-4o", messages=HELLO)
     raw = await default.chat.completions.with_raw_response.create(model="gpt-4o", messages=HELLO)

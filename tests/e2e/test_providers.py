@@ -34,15 +34,6 @@ def claude(e2e: E2E, marker: str, **headers: str) -> anthropic.AsyncAnthropic:
     )
 
 
-def gpt(e2e: E2E, marker: str, **headers: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(
-        base_url=f"{e2e.base_url}/v1",
-        api_key=e2e.api_key,
-        max_retries=0,
-        default_headers={"x-test-id": marker, **headers},
-    )
-
-
 async def test_anthropic_sdk_messages(e2e: E2E, marker: str) -> None:
     raw = await claude(e2e, marker).messages.with_raw_response.create(
         model=CLAUDE, max_tokens=64, messages=QUESTION
@@ -84,7 +75,7 @@ async def test_anthropic_sdk_stream_counts_once(e2e: E2E, marker: str) -> None:
 
 
 async def test_openai_sdk_to_anthropic_model(e2e: E2E, marker: str) -> None:
-    raw = await gpt(e2e, marker).chat.completions.with_raw_response.create(
+    raw = await e2e.sdk(marker).chat.completions.with_raw_response.create(
         model=CLAUDE,
         messages=[{"role": "system", "content": "Be brief."}, *QUESTION],
         max_tokens=50,
@@ -106,7 +97,7 @@ async def test_openai_sdk_to_anthropic_model(e2e: E2E, marker: str) -> None:
 
 
 async def test_openai_sdk_stream_to_anthropic_model(e2e: E2E, marker: str) -> None:
-    client = gpt(e2e, marker, **{"x-mock-completion-tokens": "12", "x-mock-chunks": "4"})
+    client = e2e.sdk(marker, **{"x-mock-completion-tokens": "12", "x-mock-chunks": "4"})
     async with client.chat.completions.with_streaming_response.create(
         model=CLAUDE,
         messages=QUESTION,
@@ -137,14 +128,14 @@ async def test_anthropic_errors_are_anthropic_shaped(e2e: E2E) -> None:
 
 async def test_translation_refuses_what_anthropic_cannot_do(e2e: E2E, marker: str) -> None:
     with pytest.raises(openai.BadRequestError) as info:
-        await gpt(e2e, marker).chat.completions.create(model=CLAUDE, messages=QUESTION, n=2)
+        await e2e.sdk(marker).chat.completions.create(model=CLAUDE, messages=QUESTION, n=2)
     assert info.value.param == "n"
     assert e2e.mock_requests(marker) == []
 
 
 async def test_provider_key_file_reloaded_on_sighup(e2e: E2E, marker: str) -> None:
     assert e2e.provider_key_file is not None
-    client = gpt(e2e, marker)
+    client = e2e.sdk(marker)
     await client.chat.completions.create(model="file-model", messages=QUESTION)
     assert e2e.mock_requests(marker)[-1]["headers"]["authorization"] == "Bearer file-key-1"
     e2e.provider_key_file.write_text("file-key-2\n")

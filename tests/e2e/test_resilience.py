@@ -31,8 +31,8 @@ import pytest
 import redis
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.conftest import DatabaseFactory
-from tests.e2e.stack_helpers import OwnStack, metric_sum, poll_async, unique_prefix
+from tests.conftest import DatabaseFactory, poll_async
+from tests.e2e.stack_helpers import OwnStack, metric_sum, unique_prefix
 from tests.private_redis import PrivateRedis
 
 pytestmark = pytest.mark.e2e

@@ -1,15 +1,22 @@
-"""Fixtures the integration tests share: a migrated database, a Redis client, the CLI."""
+"""Fixtures the integration tests share: a migrated database and a pool on it, a Redis
+client, the CLI; and ``envoy_validate``."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
+import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from ext_proc.apply import apply, plan
 from ext_proc.cli import main
-from ext_proc.stores.postgres import migrate
+from ext_proc.config import parse_config
+from ext_proc.dev import envoy_binary
+from ext_proc.stores.postgres import create_pool, migrate
 
 Cli = Callable[..., Awaitable[tuple[int, str, str]]]
 
@@ -22,12 +29,47 @@ async def migrated_url(database_url: str) -> str:
 
 
 @pytest.fixture
+def gateway_yaml() -> str | None:
+    """The gateway.yaml ``pool`` applies first; a module that needs applications in the
+    catalog overrides this fixture with its own text."""
+    return None
+
+
+@pytest.fixture
+async def pool(migrated_url: str, gateway_yaml: str | None) -> AsyncIterator[asyncpg.Pool]:
+    pool = await create_pool(migrated_url, min_size=1, max_size=4)
+    try:
+        if gateway_yaml is not None:
+            await apply(pool, await plan(pool, parse_config(gateway_yaml), prune=False))
+        yield pool
+    finally:
+        # Bounded: a test that left a lock or a hung connection does not hang teardown.
+        try:
+            await asyncio.wait_for(pool.close(), 10)
+        except TimeoutError:
+            pool.terminate()
+
+
+@pytest.fixture
 async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.from_url(redis_url)
     try:
         yield client
     finally:
         await client.aclose()
+
+
+def _cli_runner(capsys: pytest.CaptureFixture[str]) -> Cli:
+    async def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        try:
+            code = await asyncio.to_thread(main, list(args))
+        except SystemExit as exc:  # argparse's usage errors
+            code = exc.code if isinstance(exc.code, int) else 2
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
 
 
 @pytest.fixture
@@ -42,14 +84,34 @@ def cli(
     monkeypatch.setenv("DATABASE_URL", migrated_url)
     monkeypatch.setenv("REDIS_URL", redis_url)
     monkeypatch.setenv("EXT_PROC_REDIS_PREFIX", redis_prefix)
+    return _cli_runner(capsys)
 
-    async def run(*args: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        try:
-            code = await asyncio.to_thread(main, list(args))
-        except SystemExit as exc:  # argparse's usage errors
-            code = exc.code if isinstance(exc.code, int) else 2
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
 
-    return run
+@pytest.fixture
+def unmigrated_cli(
+    database_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> Cli:
+    """As ``cli``, against a fresh database no migration has touched and with no Redis."""
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    return _cli_runner(capsys)
+
+
+def envoy_validate(path: Path) -> subprocess.CompletedProcess[str]:
+    """``envoy --mode validate`` on a bootstrap file (the caller checks the result)."""
+    return subprocess.run(
+        [
+            envoy_binary(),
+            "--mode",
+            "validate",
+            "-c",
+            str(path),
+            "--disable-hot-restart",
+            "--log-level",
+            "error",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -15,11 +14,9 @@ import redis.asyncio as aioredis
 
 from ext_proc.apply import StalePlan, apply, format_plan, plan
 from ext_proc.auth.store import create_key, revoke_key
-from ext_proc.cli import main
 from ext_proc.config import load_config
 from ext_proc.stores.catalog import applied_state, config_version
 from ext_proc.stores.catalog import load_config as load_catalog
-from ext_proc.stores.postgres import create_pool
 from tests.integration.conftest import Cli
 
 pytestmark = pytest.mark.integration
@@ -65,15 +62,6 @@ applications:
       dev:
   batch-jobs: {org: globex, policies: [tokens-per-minute]}
 """
-
-
-@pytest.fixture
-async def pool(migrated_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await create_pool(migrated_url, min_size=1, max_size=4)
-    try:
-        yield pool
-    finally:
-        await pool.close()
 
 
 def write(tmp_path: Path, text: str, name: str = "gateway.yaml") -> Path:
@@ -455,17 +443,10 @@ async def test_cel_syntax_errors_point_into_the_expression_and_all_problems_are_
     assert await pool.fetchval("SELECT count(*) FROM policies") == 0
 
 
-async def test_an_unmigrated_database_is_refused(
-    database_url: str,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-) -> None:
-    monkeypatch.setenv("DATABASE_URL", database_url)
-    monkeypatch.delenv("REDIS_URL", raising=False)
-    code = await asyncio.to_thread(main, ["apply", "-f", str(write(tmp_path, GATEWAY))])
+async def test_an_unmigrated_database_is_refused(unmigrated_cli: Cli, tmp_path: Path) -> None:
+    code, _, err = await unmigrated_cli("apply", "-f", str(write(tmp_path, GATEWAY)))
     assert code == 2
-    assert "run `ext-proc migrate` first" in capsys.readouterr().err
+    assert "run `ext-proc migrate` first" in err
 
 
 async def test_apply_overwrites_admin_edits_to_declared_objects_only(

@@ -10,13 +10,10 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from ext_proc.apply import apply, plan
 from ext_proc.auth.keys import KeyRecord, KeyRecordCodec, hash_key
 from ext_proc.auth.store import create_key, key_cache, lookup_key, revoke_key
-from ext_proc.config import parse_config
 from ext_proc.metrics import Metrics
 from ext_proc.stores.cache import TieredCache, invalidate_shared, redis_key
-from ext_proc.stores.postgres import create_pool, migrate
 from ext_proc.stores.redis import create_redis
 
 pytestmark = pytest.mark.integration
@@ -30,14 +27,9 @@ applications:
 
 
 @pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    await migrate(database_url)
-    pool = await create_pool(database_url, min_size=1, max_size=4)
-    try:
-        await apply(pool, await plan(pool, parse_config(GATEWAY), prune=False))
-        yield pool
-    finally:
-        await pool.close()
+def gateway_yaml() -> str:
+    """What the shared ``pool`` fixture applies."""
+    return GATEWAY
 
 
 @pytest.fixture

@@ -31,6 +31,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.integration.conftest import envoy_validate
+
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yaml"
 DOCKERFILE = REPO / "deploy/Dockerfile"
@@ -228,24 +230,7 @@ def _container_argv(container: dict[str, Any]) -> list[str]:
 
 
 def _envoy_validate(path: Path) -> None:
-    from ext_proc.dev import envoy_binary
-
-    result = subprocess.run(
-        [
-            envoy_binary(),
-            "--mode",
-            "validate",
-            "-c",
-            str(path),
-            "--disable-hot-restart",
-            "--log-level",
-            "error",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = envoy_validate(path)
     assert result.returncode == 0, f"{path}: {result.stdout}{result.stderr}"
 
 

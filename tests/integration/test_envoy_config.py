@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
 from ext_proc.config.loader import load_config, parse_config
-from ext_proc.dev import envoy_binary
 from ext_proc.envoy_config import (
     LUA_FILTER,
     REQUEST_FILTER,
@@ -18,6 +16,7 @@ from ext_proc.envoy_config import (
     render,
     render_yaml,
 )
+from tests.integration.conftest import envoy_validate
 
 PRODUCTION_LIKE = """
 providers:
@@ -33,25 +32,6 @@ models:
 applications:
   support-bot: {org: acme}
 """
-
-
-def validate(path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            envoy_binary(),
-            "--mode",
-            "validate",
-            "-c",
-            str(path),
-            "--disable-hot-restart",
-            "--log-level",
-            "error",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def test_checked_in_dev_config_is_current(repo_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -78,7 +58,7 @@ def test_checked_in_production_config_is_current(
 
 @pytest.mark.parametrize("name", ["dev.yaml", "production.yaml"])
 def test_shipped_envoy_configs_validate(repo_root: Path, name: str) -> None:
-    result = validate(repo_root / "envoy" / name)
+    result = envoy_validate(repo_root / "envoy" / name)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK" in result.stdout + result.stderr
 
@@ -87,7 +67,7 @@ def test_rendered_production_like_config_validates(tmp_path: Path) -> None:
     config = parse_config(PRODUCTION_LIKE)
     path = tmp_path / "envoy.yaml"
     path.write_text(render_yaml(config, EnvoyOptions()))
-    result = validate(path)
+    result = envoy_validate(path)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -9,21 +9,18 @@ import contextlib
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from ext_proc.apply import apply, plan
 from ext_proc.auth.keys import hash_key
 from ext_proc.auth.store import create_key
-from ext_proc.cli import main
-from ext_proc.config import parse_config
 from ext_proc.stores.cache import TieredCache, invalidate_shared
 from ext_proc.stores.invalidation import InvalidationListener, publish
-from ext_proc.stores.postgres import create_pool
+from tests.conftest import poll_async
+from tests.integration.conftest import Cli
 
 pytestmark = pytest.mark.integration
 
@@ -80,23 +77,9 @@ REPLICA = textwrap.dedent(
 
 
 @pytest.fixture
-async def pool(migrated_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await create_pool(migrated_url, min_size=1, max_size=4)
-    try:
-        await apply(pool, await plan(pool, parse_config(GATEWAY), prune=False))
-        yield pool
-    finally:
-        await pool.close()
-
-
-async def poll(predicate: Callable[[], bool], timeout: float) -> bool:
-    """Bounded poll on the event loop (no fixed sleeps to wait for conditions)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.005)
-    return predicate()
+def gateway_yaml() -> str:
+    """What the shared ``pool`` fixture applies."""
+    return GATEWAY
 
 
 async def read_line(stream: asyncio.StreamReader, timeout: float) -> str:
@@ -105,11 +88,11 @@ async def read_line(stream: asyncio.StreamReader, timeout: float) -> str:
 
 async def test_a_revoked_key_is_dropped_by_another_process_within_a_second(
     pool: asyncpg.Pool,
+    cli: Cli,
     migrated_url: str,
     redis_url: str,
     redis_prefix: str,
     capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     new = await create_key(pool, "support-bot")
     replica = await asyncio.create_subprocess_exec(
@@ -125,13 +108,10 @@ async def test_a_revoked_key_is_dropped_by_another_process_within_a_second(
     assert replica.stdout is not None
     try:
         assert await read_line(replica.stdout, 30) == "ready active"
-        monkeypatch.setenv("DATABASE_URL", migrated_url)
-        monkeypatch.setenv("REDIS_URL", redis_url)
-        monkeypatch.setenv("EXT_PROC_REDIS_PREFIX", redis_prefix)
         started = time.monotonic()
-        code = await asyncio.to_thread(main, ["keys", "revoke", new.info.key_id])
+        code, _, err = await cli("keys", "revoke", new.info.key_id)
         revoked = time.monotonic()
-        assert code == 0, capsys.readouterr().err
+        assert code == 0, err
         line = await read_line(replica.stdout, 10)
         seen = time.monotonic()
     finally:
@@ -165,7 +145,9 @@ async def test_every_listener_drops_the_entry_within_a_second(
         assert heard == [["*"], ["*"]]  # connecting drops everything
         started = time.monotonic()
         await invalidate_shared(redis, redis_prefix, "keys", "key", "abc123")
-        assert await poll(lambda: all("abc123" in sink for sink in heard), 1.0)
+        assert await poll_async(
+            lambda: all("abc123" in sink for sink in heard), timeout=1.0, interval=0.005
+        )
         elapsed = time.monotonic() - started
         with capsys.disabled():
             print(f"\nboth listeners dropped the entry {1000 * elapsed:.1f} ms after the publish")
@@ -199,7 +181,7 @@ async def test_bad_messages_and_failing_callbacks_do_not_stop_the_listener(
         await redis.publish(f"{redis_prefix}invalidate", "no-separator")
         await redis.publish(f"{redis_prefix}invalidate", "other:1")
         await publish(redis, redis_prefix, "config", "*")
-        assert await poll(lambda: heard.count("*") == 2, 5)
+        assert await poll_async(lambda: heard.count("*") == 2, timeout=5, interval=0.005)
         assert heard == ["*", "async:*", "*", "async:*"]
         assert calls == ["*", "*"] and listener.connected
         with pytest.raises(ValueError, match="invalid invalidation kind"):
@@ -291,18 +273,20 @@ async def test_a_listener_that_lost_redis_drops_everything_when_it_reconnects(
         assert loads == ["a"]
 
         await proxy.cut()
-        assert await poll(lambda: not listener.connected, 15)
+        assert await poll_async(lambda: not listener.connected, timeout=15, interval=0.005)
         # Missed: sent while this listener is away.
         await publish(redis, redis_prefix, "thing", "a")
         assert await cache.get("a") == "A" and loads == ["a"]  # still the old entry
 
         await proxy.start()
-        assert await poll(lambda: listener.connected and listener.connections == 2, 15)
+        assert await poll_async(
+            lambda: listener.connected and listener.connections == 2, timeout=15, interval=0.005
+        )
         assert calls == ["*", "*"]  # reconnecting dropped everything
         assert await cache.get("a") == "A"
         assert loads == ["a", "a"]
         await publish(redis, redis_prefix, "thing", "b")
-        assert await poll(lambda: calls == ["*", "*", "b"], 5)
+        assert await poll_async(lambda: calls == ["*", "*", "b"], timeout=5, interval=0.005)
     finally:
         await listener.close()
         with contextlib.suppress(AssertionError):

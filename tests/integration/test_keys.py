@@ -4,17 +4,13 @@ what authentication answers for each state."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from ext_proc.apply import apply, plan
 from ext_proc.auth import Authenticator, AuthError, Identity, key_cache
 from ext_proc.auth.keys import KEY_ID_PATTERN, KEY_PATTERN, hash_key
 from ext_proc.auth.store import (
@@ -28,10 +24,7 @@ from ext_proc.auth.store import (
     revoke_key,
     rotate_key,
 )
-from ext_proc.cli import main
-from ext_proc.config import parse_config
 from ext_proc.stores.cache import redis_key
-from ext_proc.stores.postgres import create_pool
 from tests.integration.conftest import Cli
 
 pytestmark = pytest.mark.integration
@@ -51,13 +44,9 @@ applications:
 
 
 @pytest.fixture
-async def pool(migrated_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await create_pool(migrated_url, min_size=1, max_size=4)
-    try:
-        await apply(pool, await plan(pool, parse_config(GATEWAY), prune=False))
-        yield pool
-    finally:
-        await pool.close()
+def gateway_yaml() -> str:
+    """What the shared ``pool`` fixture applies."""
+    return GATEWAY
 
 
 @pytest.fixture
@@ -272,15 +261,7 @@ async def test_store_errors(pool: asyncpg.Pool) -> None:
         await list_keys(pool, app="nope")
 
 
-async def test_keys_on_an_unmigrated_database(
-    database_url: str,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-) -> None:
-    monkeypatch.setenv("DATABASE_URL", database_url)
-    monkeypatch.delenv("REDIS_URL", raising=False)
-    code = await asyncio.to_thread(main, ["keys", "create", "--app", "x"])
+async def test_keys_on_an_unmigrated_database(unmigrated_cli: Cli) -> None:
+    code, out, err = await unmigrated_cli("keys", "create", "--app", "x")
     assert code == 2
-    captured = capsys.readouterr()
-    assert captured.out == "" and "run `ext-proc migrate` first" in captured.err
+    assert out == "" and "run `ext-proc migrate` first" in err

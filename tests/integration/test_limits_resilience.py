@@ -24,6 +24,7 @@ from ext_proc.policies.local_limiter import LocalLimits
 from ext_proc.stores.circuit import CircuitBreaker
 from ext_proc.stores.redis import DEFAULT_TIMEOUT, create_redis
 from ext_proc.stores.redis_limits import RedisLimits
+from tests.metric_samples import circuit_state, dependency_up, fallbacks
 from tests.private_redis import PrivateRedis
 
 pytestmark = pytest.mark.integration
@@ -52,21 +53,6 @@ class SpyRedisLimits(RedisLimits):
     ) -> AcquireResult:
         self.states.append(circuit_state(self.metrics))
         return await super().acquire_many(specs, cooldown_keys, now=now)
-
-
-def circuit_state(metrics: Metrics) -> float | None:
-    return metrics.registry.get_sample_value("ext_proc_circuit_state", {"dependency": "redis"})
-
-
-def dependency_up(metrics: Metrics) -> float | None:
-    return metrics.registry.get_sample_value("ext_proc_dependency_up", {"dependency": "redis"})
-
-
-def fallbacks(metrics: Metrics, policy: str, action: str) -> float:
-    value = metrics.registry.get_sample_value(
-        "ext_proc_policy_fallback_total", {"policy": policy, "action": action}
-    )
-    return 0.0 if value is None else value
 
 
 class Rig:

@@ -9,21 +9,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
+from ext_proc.dev import free_port
 from ext_proc.metrics import Metrics
-from ext_proc.stores.postgres import create_pool, migrate
+from ext_proc.stores.postgres import create_pool
 from ext_proc.usage.record import UsageRecord
 from ext_proc.usage.recorder import UsageRecorder
 from ext_proc.usage.spool import Spool, encode_record
+from tests.conftest import poll_async
 
 pytestmark = pytest.mark.integration
 
@@ -31,19 +32,6 @@ T0 = datetime(2025, 6, 1, 12, 0, 0, 123456, tzinfo=UTC)
 
 
 # --- helpers ---
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], *, within: float = 15.0, interval: float = 0.02
-) -> bool:
-    """Poll an async condition with a bound (never a fixed sleep)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while loop.time() < deadline:
-        if await check():
-            return True
-        await asyncio.sleep(interval)
-    return await check()
 
 
 def _sample(metrics: Metrics, name: str, **labels: str) -> float:
@@ -113,26 +101,33 @@ async def fetch_records(url: str, ids: list[str]) -> dict[str, UsageRecord]:
     return {row["request_id"]: UsageRecord(**dict(row)) for row in rows}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def url_with(url: str, *, port: int | None = None) -> str:
+def url_with(url: str, *, port: int) -> str:
+    """``url`` pointed at ``port`` over TCP: on its host, or on 127.0.0.1 when it names a
+    Unix socket (the embedded pgserver's ``?host=/dir``, dropped here)."""
     parts = urlsplit(url)
     host = parts.hostname or "127.0.0.1"
     userinfo = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
-    netloc = f"{userinfo}{host}:{port if port is not None else parts.port or 5432}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k != "host"])
+    return urlunsplit((parts.scheme, f"{userinfo}{host}:{port}", parts.path, query, ""))
+
+
+def postgres_address(url: str) -> tuple[str, int] | str:
+    """Where ``url``'s server listens: (host, port), or the path of its Unix socket."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    port = parts.port or int(query.get("port", 5432))
+    socket_dir = query.get("host", "")
+    if socket_dir.startswith("/"):
+        return f"{socket_dir}/.s.PGSQL.{port}"
+    return (parts.hostname or "127.0.0.1", port)
 
 
 class TcpProxy:
     """A TCP forwarder to Postgres that can be cut (listener closed, connections reset)
     and restored on the same port: a real network outage for the pool behind it."""
 
-    def __init__(self, target_host: str, target_port: int) -> None:
-        self.target = (target_host, target_port)
+    def __init__(self, target: tuple[str, int] | str) -> None:
+        self.target = target  # (host, port), or a Unix socket's path
         self.port = 0
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -152,7 +147,10 @@ class TcpProxy:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
+            if isinstance(self.target, str):
+                up_reader, up_writer = await asyncio.open_unix_connection(self.target)
+            else:
+                up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
             writer.transport.abort()
             return
@@ -173,22 +171,6 @@ class TcpProxy:
 
 
 # --- fixtures ---
-
-
-@pytest.fixture
-async def migrated_url(database_url: str) -> str:
-    await migrate(database_url)
-    return database_url
-
-
-@pytest.fixture
-async def pool(migrated_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await create_pool(migrated_url, min_size=1, max_size=4)
-    yield pool
-    try:
-        await asyncio.wait_for(pool.close(), 10)
-    except TimeoutError:
-        pool.terminate()
 
 
 @pytest.fixture
@@ -307,7 +289,7 @@ async def test_duplicate_request_ids_are_written_once(
     metrics2 = Metrics()
     replayer = recorders(pool, metrics2, Spool(spool.directory))
     await replayer.start()
-    assert await eventually(lambda: spool_is_empty(spool))
+    assert await poll_async(lambda: spool_is_empty(spool), timeout=15.0, interval=0.02)
     assert await count_rows(migrated_url) == 60
     assert written(metrics2) == 10
     assert replayer.stats.replayed_records == 40
@@ -332,7 +314,7 @@ async def test_unreachable_postgres_spools_then_replays_when_a_pool_is_given(
     assert len(await spooled_records(spool)) == 1000
 
     recorder.attach_pool(pool)  # Postgres is reachable now
-    assert await eventually(lambda: spool_is_empty(spool))
+    assert await poll_async(lambda: spool_is_empty(spool), timeout=15.0, interval=0.02)
     assert await count_rows(migrated_url) == 1000
     assert written(metrics) == 1000
     assert postgres_up(metrics) == 1
@@ -342,8 +324,7 @@ async def test_unreachable_postgres_spools_then_replays_when_a_pool_is_given(
 async def test_outage_and_recovery_behind_a_real_network_cut(
     migrated_url: str, spool: Spool, recorders: Callable[..., UsageRecorder]
 ) -> None:
-    parts = urlsplit(migrated_url)
-    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    proxy = TcpProxy(postgres_address(migrated_url))
     await proxy.start()
     via_proxy = await create_pool(url_with(migrated_url, port=proxy.port), max_size=2)
     metrics = Metrics()
@@ -370,9 +351,9 @@ async def test_outage_and_recovery_behind_a_real_network_cut(
         async def all_landed() -> bool:
             return await count_rows(migrated_url) == 400
 
-        assert await eventually(all_landed)
+        assert await poll_async(all_landed, timeout=15.0, interval=0.02)
         await recorder.flush()
-        assert await eventually(lambda: spool_is_empty(spool))
+        assert await poll_async(lambda: spool_is_empty(spool), timeout=15.0, interval=0.02)
         assert written(metrics) == 400
         assert postgres_up(metrics) == 1
     finally:
@@ -396,7 +377,7 @@ async def test_full_queue_spills_to_the_spool_and_nothing_is_lost(
 
     await recorder.start()  # writes the queue, replays the spill
     await recorder.flush()
-    assert await eventually(lambda: spool_is_empty(spool))
+    assert await poll_async(lambda: spool_is_empty(spool), timeout=15.0, interval=0.02)
     assert await count_rows(migrated_url) == 25
     assert written(metrics) == 25
 
@@ -488,7 +469,7 @@ async def test_close_spools_what_cannot_be_written_in_time(
 
     replayer = recorders(pool, Metrics(), Spool(spool.directory))
     await replayer.start()
-    assert await eventually(lambda: spool_is_empty(spool))
+    assert await poll_async(lambda: spool_is_empty(spool), timeout=15.0, interval=0.02)
     assert await count_rows(migrated_url) == 120
     assert replayer.stats.replayed_records == 120
 
@@ -513,7 +494,7 @@ async def test_replay_survives_a_torn_segment_left_by_a_crash(
 
     recorder = recorders(pool, Metrics(), spool)
     await recorder.start()
-    assert await eventually(lambda: spool_is_empty(spool))
+    assert await poll_async(lambda: spool_is_empty(spool), timeout=15.0, interval=0.02)
     assert await count_rows(migrated_url) == 20
     stored = await fetch_records(migrated_url, [good[3].request_id])
     assert stored[good[3].request_id] == good[3]

@@ -7,6 +7,7 @@ import pytest
 from ext_proc.metrics import CIRCUIT_CLOSED, CIRCUIT_HALF_OPEN, CIRCUIT_OPEN, Metrics
 from ext_proc.stores.circuit import CircuitBreaker
 from ext_proc.stores.redis import Breaker
+from tests.metric_samples import circuit_state, dependency_up
 
 
 class FakeClock:
@@ -15,14 +16,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.t
-
-
-def circuit_state(metrics: Metrics, dependency: str = "redis") -> float | None:
-    return metrics.registry.get_sample_value("ext_proc_circuit_state", {"dependency": dependency})
-
-
-def dependency_up(metrics: Metrics, dependency: str = "redis") -> float | None:
-    return metrics.registry.get_sample_value("ext_proc_dependency_up", {"dependency": dependency})
 
 
 @pytest.fixture

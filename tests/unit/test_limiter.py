@@ -17,6 +17,7 @@ from ext_proc.policies.local_limiter import LocalLimits
 from ext_proc.stores.circuit import CircuitBreaker
 from ext_proc.stores.redis import create_redis
 from ext_proc.stores.redis_limits import RedisLimits
+from tests.metric_samples import fallbacks
 
 NOW = 1000.0
 
@@ -318,13 +319,6 @@ def test_local_limits_rejects_a_zero_bound() -> None:
 # --- the Limits facade (no Redis here: none configured, or one that refuses) ---
 
 
-def _fallbacks(metrics: Metrics, policy: str, action: str) -> float:
-    value = metrics.registry.get_sample_value(
-        "ext_proc_policy_fallback_total", {"policy": policy, "action": action}
-    )
-    return 0.0 if value is None else value
-
-
 def test_key_for_names_kind_policy_scope_and_id() -> None:
     metrics = Metrics()
     limits = Limits(None, LocalLimits(), CircuitBreaker("redis", metrics), metrics, "gw:")
@@ -338,7 +332,7 @@ async def test_limits_without_redis_are_local_and_not_a_fallback() -> None:
     results = [await limits.acquire_many([s]) for _ in range(3)]
     assert [r.allowed for r in results] == [True, True, False]
     assert all(r.results[0].source == "local" for r in results)
-    assert _fallbacks(metrics, "p", "deny") == 0 and _fallbacks(metrics, "p", "local") == 0
+    assert fallbacks(metrics, "p", "deny") == 0 and fallbacks(metrics, "p", "local") == 0
 
 
 async def test_limits_fall_back_per_policy_when_redis_refuses() -> None:
@@ -362,7 +356,7 @@ async def test_limits_fall_back_per_policy_when_redis_refuses() -> None:
         blocked = await limits.acquire_many([fail_open], ["gw:cool"])
         assert not blocked.allowed and blocked.cooldown_key == "gw:cool"
         assert blocked.results[0].remaining == 0
-        assert _fallbacks(metrics, "open", "local") == 3
-        assert _fallbacks(metrics, "closed", "deny") == 1
+        assert fallbacks(metrics, "open", "local") == 3
+        assert fallbacks(metrics, "closed", "deny") == 1
     finally:
         await client.aclose()
