@@ -415,11 +415,8 @@ class RequestProcessor:
                     param=exc.param,
                     error_type="invalid_request_error",
                 ) from None
-            facts.translation = "openai_anthropic"
-            facts.include_usage = bool(
-                isinstance(body.get("stream_options"), dict)
-                and body["stream_options"].get("include_usage") is True
-            )
+            facts.translation = translated.translation
+            facts.include_usage = translated.include_usage
             respond = True
             path, call_headers, new_body = translated.path, translated.headers, translated.body
         else:

@@ -22,7 +22,7 @@ from ext_proc.routing.endpoints import Endpoint, Operation
 from ext_proc.routing.providers.base import UpstreamCall, api_root
 from ext_proc.routing.translate.base import TranslatedRequest
 from ext_proc.routing.translate.openai_anthropic import (
-    MessagesToChatCompletion,
+    TRANSLATION,
     to_anthropic_request,
     wants_usage_chunk,
 )
@@ -73,5 +73,10 @@ class AnthropicAdapter:
         if endpoint.operation is not Operation.CHAT:
             raise ValueError(f"AnthropicAdapter.translate serves chat only, not {endpoint.path}")
         request = to_anthropic_request(body, deployment)
-        translator = MessagesToChatCompletion(include_usage=wants_usage_chunk(body))
-        return TranslatedRequest(self._path, self._headers, orjson.dumps(request), translator)
+        return TranslatedRequest(
+            self._path,
+            self._headers,
+            orjson.dumps(request),
+            TRANSLATION,
+            include_usage=wants_usage_chunk(body),
+        )

@@ -7,17 +7,19 @@ process) rebuilds the translator from it.
 
 from collections.abc import Callable
 
+from ext_proc.routing.translate import openai_anthropic
 from ext_proc.routing.translate.base import (
     ResponseTranslator,
     TranslatedRequest,
     TranslatingAdapter,
     TranslationError,
 )
-from ext_proc.routing.translate.openai_anthropic import MessagesToChatCompletion
 
 # name -> factory(include_usage) for the response translator
 RESPONSE_TRANSLATORS: dict[str, Callable[[bool], ResponseTranslator]] = {
-    "openai_anthropic": lambda include_usage: MessagesToChatCompletion(include_usage=include_usage),
+    openai_anthropic.TRANSLATION: lambda include_usage: openai_anthropic.MessagesToChatCompletion(
+        include_usage=include_usage
+    ),
 }
 
 __all__ = [

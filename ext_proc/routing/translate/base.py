@@ -2,10 +2,12 @@
 
 A translation is used when the app speaks one provider's API (OpenAI Chat Completions,
 say) and the model it named is served by a provider that speaks another (Anthropic
-Messages). The adapter turns the request into a ``TranslatedRequest``; the processor
-sends its path, headers and body upstream and passes the response body through its
-``ResponseTranslator`` before the app sees it. Usage accounting never reads the
-translation: it parses the provider's own bytes with the provider's own format.
+Messages). The adapter turns the request into a ``TranslatedRequest``; the request
+processor sends its path, headers and body upstream and records the translation's name,
+and the response processor (possibly in another process) builds the pair's
+``ResponseTranslator`` from that name (``RESPONSE_TRANSLATORS``) and passes the answer
+through it before the app sees it. Usage accounting never reads the translation: it
+parses the provider's own bytes with the provider's own format.
 
 The pairs live in files named for them (``openai_anthropic.py``), like Envoy AI
 Gateway's ``translator/openai_awsbedrock.go``.
@@ -65,7 +67,16 @@ class TranslatedRequest:
     path: str  # the :path sent upstream (with query string)
     headers: Headers  # credential and static headers to set
     body: bytes  # the replacement body (always: a translated request is a new body)
-    response: ResponseTranslator | None  # None: the response needs no translation
+    translation: str  # the pair's name, a key of RESPONSE_TRANSLATORS ("openai_anthropic")
+    include_usage: bool  # the app asked for a stream's final usage chunk
+
+    @property
+    def response(self) -> ResponseTranslator:
+        """A new translator for this request's answer (what the response processor
+        builds from ``translation`` and ``include_usage``)."""
+        from ext_proc.routing.translate import RESPONSE_TRANSLATORS  # imports this module
+
+        return RESPONSE_TRANSLATORS[self.translation](self.include_usage)
 
 
 @runtime_checkable

@@ -78,6 +78,9 @@ from ext_proc.routing.translate.base import TranslationError
 from ext_proc.tokens.parsers.anthropic import update_counts
 from ext_proc.tokens.sse import SSEDecoder
 
+# This pair's name: what the request side records and RESPONSE_TRANSLATORS is keyed by.
+TRANSLATION = "openai_anthropic"
+
 # Anthropic requires max_tokens; OpenAI lets the model stop on its own. 4096 is the
 # largest output every current Claude model accepts (Claude 3 Haiku's ceiling), so the
 # default is never refused, and long enough for an ordinary chat answer. An app that
