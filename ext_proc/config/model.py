@@ -16,7 +16,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from ext_proc.policies.base import PolicyParams
-from ext_proc.tokens.encodings import encoding_name_for_model
+from ext_proc.tokens.encodings import encoding_name_for_model, known_encoding_name
 
 ProviderType = Literal["openai", "azure_openai", "anthropic"]
 # Known provider types; an adapter per type lives in the routing package.
@@ -118,7 +118,14 @@ class Model:
 
     @property
     def encoding_name(self) -> str:
-        return self.encoding or encoding_name_for_model(self.name)
+        """What its prompts and answers are counted in: the ``encoding`` override, else
+        the family of the model served (``deployment``), else of the name apps send (an
+        Azure deployment's own name may say nothing, e.g. ``prod-chat``)."""
+        return (
+            self.encoding
+            or known_encoding_name(self.deployment)
+            or encoding_name_for_model(self.name)
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -85,7 +85,7 @@ async def finish(gw: Gateway, facts: Facts, ending: Ending, recorded_by: str) ->
             "client_closed_request" if status == CLIENT_CLOSED_REQUEST else "upstream_error"
         )
     try:
-        await _fill_tokens(rec, facts, ending)
+        await _fill_tokens(gw, rec, facts, ending)
         if rec.decision != "denied":
             rt = gw.runtime
             bound = rt.engine.bound(facts.app_id, facts.environment) if facts.app_id else None
@@ -111,7 +111,7 @@ async def finish(gw: Gateway, facts: Facts, ending: Ending, recorded_by: str) ->
     return rec
 
 
-async def _fill_tokens(rec: UsageRecord, facts: Facts, ending: Ending) -> None:
+async def _fill_tokens(gw: Gateway, rec: UsageRecord, facts: Facts, ending: Ending) -> None:
     usage = ending.usage
     if usage is not None and usage.prompt_tokens is not None:
         rec.prompt_tokens = usage.prompt_tokens
@@ -135,7 +135,9 @@ async def _fill_tokens(rec: UsageRecord, facts: Facts, ending: Ending) -> None:
         return
     prompt = facts.estimated_tokens or 0
     completion = (
-        await estimator.count_texts_async(facts.deployment or facts.model, delivered)
+        await estimator.count_texts_async(
+            facts.deployment or facts.model, delivered, encoding=_encoding_of(gw, facts)
+        )
         if delivered
         else 0
     )
@@ -143,6 +145,13 @@ async def _fill_tokens(rec: UsageRecord, facts: Facts, ending: Ending) -> None:
     rec.completion_tokens = completion
     rec.total_tokens = prompt + completion
     rec.tokens_estimated = True
+
+
+def _encoding_of(gw: Gateway, facts: Facts) -> str | None:
+    """The catalog route's encoding (what the prompt was estimated in), if the model is
+    still in the catalog; else None: the deployment's name decides."""
+    route = gw.runtime.catalog.resolve(facts.catalog_model) if facts.catalog_model else None
+    return route.encoding_name if route is not None else None
 
 
 def observe(gw: Gateway, facts: Facts, rec: UsageRecord) -> None:

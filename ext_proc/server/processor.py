@@ -511,14 +511,16 @@ class RequestProcessor:
 
 
 async def _estimate_prompt(endpoint: Endpoint, route: Route, body: dict[str, Any]) -> int:
-    model = route.model.deployment
+    model, encoding = route.deployment, route.encoding_name
     operation = endpoint.operation
     if operation is Operation.CHAT:
-        return await estimator.estimate_chat_async(model, body.get("messages"), body.get("tools"))
+        return await estimator.estimate_chat_async(
+            model, body.get("messages"), body.get("tools"), encoding=encoding
+        )
     if operation is Operation.EMBEDDINGS:
-        return await estimator.estimate_input_async(model, body.get("input"))
+        return await estimator.estimate_input_async(model, body.get("input"), encoding=encoding)
     if operation is Operation.TEXT_COMPLETION:
-        return await estimator.estimate_input_async(model, body.get("prompt"))
+        return await estimator.estimate_input_async(model, body.get("prompt"), encoding=encoding)
     if operation is Operation.MESSAGES:
         return await estimator.estimate_anthropic_async(
             model, body.get("system"), body.get("messages"), body.get("tools")

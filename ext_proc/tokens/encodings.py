@@ -39,7 +39,8 @@ ENCODING_FILES: dict[str, EncodingFile] = {
 DEFAULT_ENCODING = "o200k_base"
 
 # Prefix → encoding, longest prefix first. Names follow OpenAI's model families;
-# Azure deployments are resolved to their catalog model name before lookup.
+# A catalog model is placed by its upstream name (deployment), else by its app-facing
+# name (an Azure deployment is often named freely): config.model.Model.encoding_name.
 _PREFIXES: tuple[tuple[str, str], ...] = (
     ("gpt-4o", "o200k_base"),
     ("gpt-4.1", "o200k_base"),
@@ -60,13 +61,18 @@ _PREFIXES: tuple[tuple[str, str], ...] = (
 _env_lock = threading.Lock()
 
 
-def encoding_name_for_model(model: str | None) -> str:
+def known_encoding_name(model: str | None) -> str | None:
+    """The encoding of ``model``'s family, or None for a name no prefix places."""
     if model:
         name = model.lower()
         for prefix, encoding in _PREFIXES:
             if name.startswith(prefix):
                 return encoding
-    return DEFAULT_ENCODING
+    return None
+
+
+def encoding_name_for_model(model: str | None) -> str:
+    return known_encoding_name(model) or DEFAULT_ENCODING
 
 
 def _point_tiktoken_at_bundle() -> None:

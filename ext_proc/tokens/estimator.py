@@ -59,7 +59,11 @@ ANTHROPIC_REQUEST_TOKENS = 3
 _SHORT_MAX_CHARS = 64
 
 
-def _encoding(model: str | None) -> tiktoken.Encoding:
+def _encoding(model: str | None, name: str | None = None) -> tiktoken.Encoding:
+    """The encoding called ``name`` when given (a catalog route's, resolved at config
+    load), else the one ``model``'s name implies."""
+    if name is not None:
+        return get_encoding(name)
     if type(model) is not str:  # junk (maybe unhashable) from a body: the default
         return _encoding_cached(None)
     if len(model) > _SHORT_MAX_CHARS:  # no real model name is this long: keep it out
@@ -228,20 +232,20 @@ class _Collector:
                     self.text(block.get("text"))
 
 
-def _chat(model: str | None, messages: Any, tools: Any) -> _Collector:
-    collector = _Collector(_encoding(model))
+def _chat(model: str | None, messages: Any, tools: Any, encoding: str | None) -> _Collector:
+    collector = _Collector(_encoding(model, encoding))
     collector.chat(messages, tools)
     return collector
 
 
-def _input(model: str | None, value: Any) -> _Collector:
-    collector = _Collector(_encoding(model))
+def _input(model: str | None, value: Any, encoding: str | None) -> _Collector:
+    collector = _Collector(_encoding(model, encoding))
     collector.input(value)
     return collector
 
 
-def _texts(model: str | None, parts: Any) -> _Collector:
-    collector = _Collector(_encoding(model))
+def _texts(model: str | None, parts: Any, encoding: str | None) -> _Collector:
+    collector = _Collector(_encoding(model, encoding))
     if type(parts) is list:
         for part in parts:
             collector.text(part)
@@ -270,17 +274,24 @@ def count_text(model: str | None, text: str) -> int:
     return len(_encoding(model).encode_ordinary(text))
 
 
-def count_texts(model: str | None, parts: list[str]) -> int:
-    """Sum of the tokens of each part (for ``ResponseSummary.delivered_text``)."""
-    return _texts(model, parts).total()
+def count_texts(model: str | None, parts: list[str], *, encoding: str | None = None) -> int:
+    """Sum of the tokens of each part (for ``ResponseSummary.delivered_text``).
+
+    Here and below, ``encoding`` (an encoding's name) overrides what ``model`` implies.
+    """
+    return _texts(model, parts, encoding).total()
 
 
-async def count_texts_async(model: str | None, parts: list[str]) -> int:
+async def count_texts_async(
+    model: str | None, parts: list[str], *, encoding: str | None = None
+) -> int:
     """``count_texts``, in a worker thread when encoding is costly (see ``_total_async``)."""
-    return await _total_async(_texts(model, parts))
+    return await _total_async(_texts(model, parts, encoding))
 
 
-def estimate_chat(model: str | None, messages: Any, tools: Any = None) -> int:
+def estimate_chat(
+    model: str | None, messages: Any, tools: Any = None, *, encoding: str | None = None
+) -> int:
     """Prompt tokens of a chat/completions request (``messages`` and optional ``tools``).
 
     ``REPLY_PRIMING_TOKENS`` + per message: ``TOKENS_PER_MESSAGE`` + tokens(role) +
@@ -290,16 +301,16 @@ def estimate_chat(model: str | None, messages: Any, tools: Any = None) -> int:
     ``image_url`` costs ``IMAGE_TOKENS_LOW`` at ``detail: "low"`` else
     ``IMAGE_TOKENS_HIGH``, other part types 0.
     """
-    return _chat(model, messages, tools).total()
+    return _chat(model, messages, tools, encoding).total()
 
 
-def estimate_input(model: str | None, input: Any) -> int:
+def estimate_input(model: str | None, input: Any, *, encoding: str | None = None) -> int:
     """Tokens of an embeddings ``input`` or a legacy completions ``prompt``.
 
     A string or list of strings is encoded; token arrays (``list[int]`` or
     ``list[list[int]]``) count their length. No per-item overhead.
     """
-    return _input(model, input).total()
+    return _input(model, input, encoding).total()
 
 
 def estimate_anthropic(model: str | None, system: Any, messages: Any, tools: Any = None) -> int:
@@ -313,14 +324,18 @@ def estimate_anthropic(model: str | None, system: Any, messages: Any, tools: Any
     return _anthropic(system, messages, tools).total()
 
 
-async def estimate_chat_async(model: str | None, messages: Any, tools: Any = None) -> int:
+async def estimate_chat_async(
+    model: str | None, messages: Any, tools: Any = None, *, encoding: str | None = None
+) -> int:
     """``estimate_chat``; encodes in a worker thread above ``LARGE_TEXT_CHARS`` of text."""
-    return await _total_async(_chat(model, messages, tools))
+    return await _total_async(_chat(model, messages, tools, encoding))
 
 
-async def estimate_input_async(model: str | None, input: Any) -> int:
+async def estimate_input_async(
+    model: str | None, input: Any, *, encoding: str | None = None
+) -> int:
     """``estimate_input``; encodes in a worker thread above ``LARGE_TEXT_CHARS`` of text."""
-    return await _total_async(_input(model, input))
+    return await _total_async(_input(model, input, encoding))
 
 
 async def estimate_anthropic_async(

@@ -391,6 +391,21 @@ def test_retries_read_the_on_key_as_a_name_and_check_conditions() -> None:
     assert "between 0 and 5" in found["providers.o.retries.attempts"].message
 
 
+def test_encoding_follows_the_served_model_then_the_name() -> None:
+    text = OPENAI + (
+        "models:\n"
+        "  my-gpt4: {provider: openai, deployment: gpt-4}\n"  # the model served decides
+        "  gpt-35-turbo: {provider: openai, deployment: prod-chat}\n"  # else the name
+        "  gpt-4o: {provider: openai, deployment: prod-chat, encoding: cl100k_base}\n"
+        "  acme: {provider: openai, deployment: acme-7b}\n"  # else the default
+    )
+    models = parse_config(text).models
+    assert models["my-gpt4"].encoding_name == "cl100k_base"
+    assert models["gpt-35-turbo"].encoding_name == "cl100k_base"
+    assert models["gpt-4o"].encoding_name == "cl100k_base"  # the override wins
+    assert models["acme"].encoding_name == "o200k_base"
+
+
 def test_model_names_aliases_and_encodings() -> None:
     text = OPENAI + (
         "models:\n"

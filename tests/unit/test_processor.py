@@ -28,6 +28,7 @@ from ext_proc.server.processor import ATTRIBUTES_KEY, RequestError, RequestProce
 from ext_proc.server.response import ResponseProcessor
 from ext_proc.stores.cache import TieredCache
 from ext_proc.stores.circuit import CircuitBreaker
+from ext_proc.tokens import estimator
 from ext_proc.usage.record import UsageRecord
 
 CONFIG = """
@@ -69,9 +70,9 @@ class ListSink:
 
 
 def make_gateway(
-    *, max_bytes: int = 4096, az_key: str | None = "az-secret"
+    *, max_bytes: int = 4096, az_key: str | None = "az-secret", config_text: str = CONFIG
 ) -> tuple[Gateway, ListSink]:
-    config = parse_config(CONFIG)
+    config = parse_config(config_text)
     catalog = Catalog.build(config, {"mock": None, "az": az_key, "claude": "anthropic-secret"})
     sink = ListSink()
     metrics = Metrics()
@@ -163,6 +164,47 @@ async def test_forward_carries_route_and_facts() -> None:
     assert facts.estimated_tokens is not None and facts.estimated_tokens > 0
     assert not response.request_body.response.HasField("body_mutation")
     assert sink.records == []  # a forwarded request is finished by the access log
+
+
+# A self-hosted model whose upstream name places no encoding, counted in cl100k_base.
+IN_HOUSE = CONFIG.replace(
+    "models:\n",
+    "models:\n  in-house: {provider: mock, deployment: acme-7b, encoding: cl100k_base}\n",
+)
+# Counts differ between cl100k_base and o200k_base (the default for unknown names).
+RUSSIAN = "Привет, как дела? Это проверка подсчёта токенов для старой модели."
+
+
+async def test_prompt_estimate_uses_the_models_encoding() -> None:
+    gw, _ = make_gateway(config_text=IN_HOUSE)
+    messages = [{"role": "user", "content": RUSSIAN}]
+    body = {"model": "in-house", "messages": messages}
+    response = await send(RequestProcessor(gw), request(body))
+    facts = Facts.from_struct(response.dynamic_metadata.fields["gw"].struct_value)
+    assert facts is not None
+    in_cl100k = estimator.estimate_chat(None, messages, encoding="cl100k_base")
+    assert facts.estimated_tokens == in_cl100k
+    assert in_cl100k != estimator.estimate_chat("acme-7b", messages)
+
+
+async def test_delivered_text_is_counted_in_the_models_encoding() -> None:
+    gw, sink = make_gateway(config_text=IN_HOUSE)
+    first = forwarded(model="in-house", catalog_model="in-house", deployment="acme-7b")
+    proc = ResponseProcessor(gw, first)
+    await proc.on_response_headers(first.response_headers, first)
+    chunk = {"model": "acme-7b", "choices": [{"index": 0, "delta": {"content": RUSSIAN}}]}
+    msg = pb.ProcessingRequest(
+        response_body=pb.HttpBody(body=b"data: " + orjson.dumps(chunk) + b"\n\n")
+    )
+    await proc.on_response_body(msg.response_body, msg)
+    proc.close(cancelled=True)
+    await settle()
+    [record] = sink.records
+    assert record.tokens_estimated is True
+    assert record.completion_tokens == estimator.count_texts(
+        None, [RUSSIAN], encoding="cl100k_base"
+    )
+    assert record.completion_tokens != estimator.count_texts("acme-7b", [RUSSIAN])
 
 
 async def test_azure_route_injects_key_and_stream_usage() -> None:
