@@ -48,6 +48,7 @@ from ext_proc.config.model import GatewayConfig
 from ext_proc.settings import Settings
 from ext_proc.stores.cache import invalidate_shared
 from ext_proc.stores.catalog import (
+    CONFIG_KIND,
     POSTGRES_SOURCE,
     SECTIONS,
     CatalogError,
@@ -64,7 +65,6 @@ from ext_proc.stores.redis import create_redis
 Kind = Literal["provider", "model", "policy", "application", "binding"]
 Action = Literal["create", "update", "delete", "keep"]
 
-CONFIG_KIND = "config"  # invalidation message "config:*": reload the catalog
 
 EXIT_OK = 0
 EXIT_REFUSED = 1  # the plan cannot be applied as it is (nothing written)

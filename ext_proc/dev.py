@@ -361,7 +361,7 @@ class Stack:
         """Stop children in reverse order (Envoy first, so no new requests arrive; then
         ext_proc, which flushes usage records on SIGTERM), then the databases."""
         for name, process in reversed(self.processes):
-            if stop_process(process, timeout=30 if name == "ext-proc" else 10):
+            if stop_process(process, timeout=30 if name.startswith("ext-proc") else 10):
                 self._say(f"{name} did not stop in time; killing it")
         self.processes.clear()
         for log in self._logs:

@@ -171,7 +171,7 @@ class Service:
         if settings.redis_url:
             self._listener = InvalidationListener(settings.redis_url, settings.redis_prefix)
             self._listener.subscribe(KEY_KIND, keys.invalidate)
-            self._listener.subscribe("config", lambda _id: self.schedule_reload())
+            self._listener.subscribe(catalog_store.CONFIG_KIND, lambda _id: self.schedule_reload())
             await self._listener.start()
         self._tasks.append(asyncio.create_task(self._poll_config()))
 
@@ -252,16 +252,18 @@ class Service:
         if pool is not None:
             try:
                 config = await catalog_store.load_config(pool)
-                version = await catalog_store.config_version(pool)
             except catalog_store.CatalogNotMigrated:
                 log.error(
                     "the database is not migrated: run `ext-proc migrate`, then "
                     "`ext-proc apply -f gateway.yaml`"
                 )
-                config, version = None, None
+                config = None
             if config is not None:
                 self.config_source = "postgres"
-                self._version = version
+                # What config_version reports for this catalog, taken from the snapshot
+                # just read: no second read (which parsed the catalog again after SQL
+                # edits), and a change landing in between is not taken as loaded.
+                self._version = config.fingerprint
                 return config
             log.warning(
                 "nothing applied to the database yet: run `ext-proc apply -f FILE`; "

@@ -47,6 +47,8 @@ from ext_proc.config.model import (
 
 # What a config loaded from the catalog names as its source (and its issues' file).
 POSTGRES_SOURCE = "postgres"
+# The invalidation kind of the catalog: "config:*" tells every ext_proc to reload it.
+CONFIG_KIND = "config"
 SECTIONS: tuple[str, ...] = ("providers", "models", "policies", "applications")
 
 # One object's fields as gateway.yaml would write them (JSON values).
