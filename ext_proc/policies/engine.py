@@ -25,8 +25,8 @@ from ext_proc.metrics import Metrics
 from ext_proc.policies import POLICY_TYPES
 from ext_proc.policies.base import Denial, Enforcer, Outcome, RequestFacts
 from ext_proc.policies.custom_cel import CelEvaluationError
-from ext_proc.policies.limiter import AcquireResult, LimitResult, LimitSpec
-from ext_proc.policies.limits import Limits
+from ext_proc.policies.limiter import ON_ERROR_DENY, AcquireResult, LimitResult, LimitSpec
+from ext_proc.policies.limits import KIND_COOLDOWN, SOURCE_UNAVAILABLE, Limits
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class LimitState:
         return {
             spec.policy: spec.cost
             for _, spec, result in self.tokens
-            if result.source != "unavailable"
+            if result.source != SOURCE_UNAVAILABLE
         }
 
 
@@ -175,7 +175,7 @@ class PolicyEngine:
         )
 
     def _cooldown_key(self, enforcer: Enforcer, facts: RequestFacts) -> str:
-        return self._limits.key_for(enforcer.name, "app", facts.app_id, "cooldown")
+        return self._limits.key_for(enforcer.name, "app", facts.app_id, KIND_COOLDOWN)
 
     # ------------------------------------------------------------------ phases
 
@@ -307,7 +307,7 @@ class PolicyEngine:
     # ---------------------------------------------------------------- answers
 
     def _evaluation_failed(self, enforcer: Enforcer, exc: Exception) -> Denial | None:
-        if enforcer.on_error == "deny":
+        if enforcer.on_error == ON_ERROR_DENY:
             self._metrics.policy_fallbacks.labels(enforcer.name, "deny").inc()
             return Denial(
                 enforcer.name,
@@ -326,7 +326,7 @@ class PolicyEngine:
         unit: str,
     ) -> Denial:
         for spec, result in zip(specs, results, strict=True):
-            if result.source == "unavailable":
+            if result.source == SOURCE_UNAVAILABLE:
                 return Denial(
                     spec.policy,
                     503,

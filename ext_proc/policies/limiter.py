@@ -50,7 +50,6 @@ from dataclasses import dataclass
 # unit. The Lua script embeds this same constant.
 SLACK = 1e-6
 
-ON_ERROR_ALLOW = "allow"
 ON_ERROR_DENY = "deny"
 
 

@@ -45,11 +45,9 @@ from ext_proc.stores.redis_limits import RedisLimits
 log = logging.getLogger(__name__)
 
 KIND_REQUESTS = "requests"
-KIND_TOKENS = "tokens"
 KIND_COOLDOWN = "cooldown"
 
-SOURCE_REDIS = "redis"
-SOURCE_LOCAL = "local"
+# LimitResult.source when a limit could not be checked and its policy fails closed.
 SOURCE_UNAVAILABLE = "unavailable"
 
 # What a failed Redis call raises: the client's errors (connection, timeout, script

@@ -60,7 +60,8 @@ class CircuitBreaker:
         self.name = name
         self.failure_threshold = failure_threshold
         self.open_seconds = open_seconds
-        # How many times the breaker has opened (lets callers log once per opening).
+        # How many times the breaker has opened (for tests and debugging; Limits keeps
+        # its own degraded flag to log once per outage).
         self.openings = 0
         self._clock = clock
         self._state = CIRCUIT_CLOSED
