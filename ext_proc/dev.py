@@ -36,6 +36,8 @@ from ext_proc.settings import Settings
 from ext_proc.stores import embedded
 
 MOCK_PORT = 8001
+# How often Envoy writes its buffered usage log lines to the file (its default is 10 s).
+USAGE_LOG_FLUSH_MS = 100
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -120,6 +122,8 @@ class Stack:
         data = options.data_dir
         self.log_dir = data / "logs"
         self.envoy_config_path = data / "envoy.yaml"
+        # Envoy's usage log, tailed by the ext_proc server (plain requests end there).
+        self.usage_log = (data / "usage-log" / "envoy.jsonl").resolve()
 
     # ------------------------------------------------------------------ start
 
@@ -261,6 +265,8 @@ class Stack:
                 "EXT_PROC_ADMIN_PORT": str(self.options.admin_port),
                 "EXT_PROC_REDIS_PREFIX": self.options.redis_prefix,
                 "EXT_PROC_SPOOL_DIR": str((self.options.data_dir / "usage-spool").resolve()),
+                "EXT_PROC_USAGE_LOG": str(self.usage_log),
+                "EXT_PROC_ENVOY_ADMIN_URL": f"http://127.0.0.1:{self.options.envoy_admin_port}",
                 "PYTHONUNBUFFERED": "1",
             }
         )
@@ -299,24 +305,45 @@ class Stack:
         self.mock_port = port
 
     def _start_ext_proc(self) -> None:
-        for index, (grpc_port, metrics_port, admin_port) in enumerate(self.ext_proc_ports):
-            name = "ext-proc" if index == 0 else f"ext-proc-{index + 1}"
-            self._say(
-                f"starting the ext_proc server (gRPC :{grpc_port}, metrics :{metrics_port}, "
-                f"admin :{admin_port}) ..."
-            )
-            process = self._spawn(
-                name,
-                self._cli("serve", "-c", str(self.options.config_path)),
-                {
-                    "EXT_PROC_GRPC_PORT": str(grpc_port),
-                    "EXT_PROC_METRICS_PORT": str(metrics_port),
-                    "EXT_PROC_ADMIN_PORT": str(admin_port),
-                },
-            )
-            _wait_http(
-                f"http://127.0.0.1:{admin_port}/readyz", process, "ext_proc server", self.log_dir
-            )
+        for index in range(len(self.ext_proc_ports)):
+            self._start_one_ext_proc(index)
+
+    def _start_one_ext_proc(self, index: int) -> subprocess.Popen[bytes]:
+        grpc_port, metrics_port, admin_port = self.ext_proc_ports[index]
+        self._say(
+            f"starting the ext_proc server (gRPC :{grpc_port}, metrics :{metrics_port}, "
+            f"admin :{admin_port}) ..."
+        )
+        process = self._spawn(
+            _ext_proc_name(index),
+            self._cli("serve", "-c", str(self.options.config_path)),
+            {
+                "EXT_PROC_GRPC_PORT": str(grpc_port),
+                "EXT_PROC_METRICS_PORT": str(metrics_port),
+                "EXT_PROC_ADMIN_PORT": str(admin_port),
+            },
+        )
+        _wait_http(
+            f"http://127.0.0.1:{admin_port}/readyz", process, "ext_proc server", self.log_dir
+        )
+        return process
+
+    def restart_dead_ext_procs(self) -> list[str]:
+        """Start again every ext_proc process that exited (a crash, a kill): what an
+        orchestrator does in production. Returns how each one had ended."""
+        dead = [
+            (name, process)
+            for name, process in self.processes
+            if name.startswith("ext-proc") and process.poll() is not None
+        ]
+        ended = []
+        for name, process in dead:
+            ended.append(f"{name} exited with {process.returncode}")
+            self._say(f"{ended[-1]}; restarting it (its log: {self.log_dir / name}.log)")
+            self.processes.remove((name, process))
+            index = 0 if name == "ext-proc" else int(name.rsplit("-", 1)[1]) - 1
+            self._start_one_ext_proc(index)
+        return ended
 
     def _start_envoy(self) -> None:
         options = EnvoyOptions(
@@ -326,6 +353,7 @@ class Stack:
             ext_proc_port=self.options.grpc_port,
             ext_proc_ports=tuple(ports[0] for ports in self.ext_proc_ports),
             access_log_path=str((self.log_dir / "envoy-access.log").resolve()),
+            usage_log_path=str(self.usage_log),
             headers_phase=self.options.envoy_headers_phase,
             direct_prefix="/__direct/" if self.options.envoy_direct_provider else None,
             direct_provider=self.options.envoy_direct_provider,
@@ -346,6 +374,9 @@ class Stack:
                 "warn",
                 "--concurrency",
                 str(min(2, os.cpu_count() or 1)),
+                # The usage log reaches the ext_proc server this often (default 10 s).
+                "--file-flush-interval-msec",
+                str(USAGE_LOG_FLUSH_MS),
             ],
         )
         _wait_http(
@@ -385,6 +416,10 @@ class Stack:
     @property
     def listener_url(self) -> str:
         return f"http://127.0.0.1:{self.options.listener_port}"
+
+
+def _ext_proc_name(index: int) -> str:
+    return "ext-proc" if index == 0 else f"ext-proc-{index + 1}"
 
 
 def _wait_http(
@@ -457,6 +492,13 @@ Stop: Ctrl-C
     )
     try:
         while not stopping:
+            # A crashed ext_proc is started again (Envoy answers 503 meanwhile, and every
+            # request is still recorded: its usage log waits for the new process).
+            try:
+                stack.restart_dead_ext_procs()
+            except StackError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
             dead = stack.check_alive()
             if dead:
                 print(f"error: {dead}; see {stack.log_dir}/", file=sys.stderr)

@@ -12,10 +12,15 @@ Choices, with the reasons (ENVOY-NOTES.md has the measurements behind them):
   get a headers message through a per-route override instead.
 - The decision comes back as dynamic metadata, applied by a small Lua filter (a header
   mutation returned with the body is dropped when the headers phase is skipped).
-- Plain answers never reach Python: ``json_to_metadata`` reads their usage and the gRPC
-  access log brings it, batched, to the usage writer. Streams and translated answers go
-  through a second, response-only ext_proc filter enabled by their route (it counts the
-  delivered text exactly and rewrites translated bodies).
+- Plain answers never reach Python as messages: ``json_to_metadata`` reads their usage
+  (any JSON content-type spelling, or none), and a file access log, the usage log, gives
+  one JSON line per finished request to the ext_proc server, which tails it. A file,
+  not the gRPC access log: lines written while the processor is down or restarting are
+  read when it is back (the gRPC logger drops them). When Envoy cannot read the usage
+  (no ``usage`` in the body, a compressed or non-JSON body) a small Lua filter keeps the
+  body in metadata for the line, and the server counts what was delivered. Streams and
+  translated answers go through a second, response-only ext_proc filter enabled by
+  their route (it counts the delivered text exactly and rewrites translated bodies).
 - Provider selection: one route pair and one cluster per provider, host rewritten to the
   provider's; OpenAI's rate-limit headers are added by the route from metadata.
 - Fail closed with 503 when the processor is unreachable.
@@ -36,6 +41,7 @@ import yaml
 
 from ext_proc.config.model import GatewayConfig, Provider
 from ext_proc.server.context import DEFAULT_MAX_REQUEST_BYTES
+from ext_proc.server.envoy_log import BODY_CAPTURE_LIMIT, BODY_NAMESPACE, LOG_FIELDS
 from ext_proc.server.facts import NAMESPACE, RESPONSE_NAMESPACE, ROUTE_NAMESPACE, USAGE_NAMESPACE
 from ext_proc.server.processor import (
     PROVIDER_HEADER,
@@ -43,8 +49,11 @@ from ext_proc.server.processor import (
     REQUEST_ATTRIBUTES,
     RESPONSE_HEADER,
 )
+from ext_proc.server.response import RESPONSE_ATTRIBUTES
+from ext_proc.settings import DEFAULT_USAGE_LOG
 
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+DEV_USAGE_LOG = ".data/usage-log/envoy.jsonl"
 DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 
 
@@ -63,7 +72,11 @@ class EnvoyOptions:
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
     message_timeout_ms: int = 2000
     ca_bundle: str = SYSTEM_CA_BUNDLE
-    access_log_path: str | None = None  # None: no access log file
+    access_log_path: str | None = None  # None: no plain access log file
+    # The usage log: one JSON line per finished request, which the ext_proc server tails
+    # (ext_proc.server.envoy_log). A file, so that entries written while the processor is
+    # down or restarting are read when it is back: none is lost.
+    usage_log_path: str = str(DEFAULT_USAGE_LOG)
     # A second listener serving only GET /stats/prometheus and GET /ready from the admin
     # interface, for Prometheus and kubelet probes from outside the pod; the admin
     # interface itself stays on loopback (it can stop or reconfigure Envoy). None: none.
@@ -79,8 +92,9 @@ class EnvoyOptions:
 
     @classmethod
     def dev(cls) -> EnvoyOptions:
-        """``envoy/dev.yaml`` and ``ext-proc dev``: everything on loopback, contract ports."""
-        return cls(listener_host="127.0.0.1")
+        """``envoy/dev.yaml``: everything on loopback, contract ports, the usage log under
+        ``.data/`` (Envoy run from the repository, as ``make run`` does)."""
+        return cls(listener_host="127.0.0.1", usage_log_path=DEV_USAGE_LOG)
 
 
 def cluster_name(provider: Provider) -> str:
@@ -177,6 +191,7 @@ def _provider_routes(provider: Provider) -> list[dict[str, Any]]:
             "match": {"prefix": "/", "headers": [provider_match, response_match]},
             "route": route,
             "response_headers_to_add": _RATELIMIT_RESPONSE_HEADERS,
+            "typed_per_filter_config": _lua_disabled(CAPTURE_FILTER),
         },
         {
             "name": f"to_{provider.name}",
@@ -191,7 +206,10 @@ def _provider_routes(provider: Provider) -> list[dict[str, Any]]:
 REQUEST_FILTER = "envoy.filters.http.ext_proc"
 RESPONSE_FILTER = "gateway.response_processor"  # the second ext_proc filter
 LUA_FILTER = "envoy.filters.http.lua"
-ACCESS_LOG_NAME = "llm_gateway"
+# A second Lua filter, on plain answers only: keeps the body of an answer whose usage
+# json_to_metadata could not read, for the ext_proc server to count (see _CAPTURE_LUA).
+CAPTURE_FILTER = "gateway.usage_capture"
+DIRECT_ROUTE = "direct_without_ext_proc"  # benchmarks only: the Envoy-alone floor
 _EXT_PROC_PER_ROUTE = (
     "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
 )
@@ -251,6 +269,39 @@ def _disabled(filter_name: str) -> dict[str, Any]:
     return {filter_name: {"@type": _EXT_PROC_PER_ROUTE, "disabled": True}}
 
 
+def _lua_disabled(*filter_names: str) -> dict[str, Any]:
+    return {name: {"@type": _LUA_PER_ROUTE, "disabled": True} for name in filter_names}
+
+
+# The rare path of plain answers. Envoy's json_to_metadata reads `usage` from a JSON
+# answer; when it could not (no usage in the body, a content type or encoding it does not
+# parse: gzip, deflate, br, text/plain, an SSE body to a non-stream request), this keeps
+# the body, base64, in metadata `gw_body` for the usage log, and the ext_proc server
+# counts what was delivered. A 2xx answer with usage costs one body callback and one
+# metadata read here, nothing more; error answers are not kept (nothing was generated).
+# Bodies over the limit keep only their length (the server estimates from it).
+_CAPTURE_LUA = r"""
+function envoy_on_response(h)
+  local status = h:headers():get(":status")
+  if status == nil or string.byte(status, 1) ~= 50 then return end
+  local body = h:body()
+  if body == nil then return end
+  local n = body:length()
+  if n == 0 then return end
+  local md = h:streamInfo():dynamicMetadata()
+  local usage = md:get("@USAGE@")
+  if usage ~= nil and (usage["prompt_tokens"] ~= nil or usage["input_tokens"] ~= nil) then
+    return
+  end
+  if n > @LIMIT@ then
+    md:set("@BODY@", "n", tostring(n))
+    return
+  end
+  md:set("@BODY@", "b", h:base64Escape(body:getBytes(0, n)))
+end
+"""
+
+
 def _http_filters(options: EnvoyOptions) -> list[dict[str, Any]]:
     timeout = f"{options.message_timeout_ms / 1000:g}s"
     usage_rules = [
@@ -307,6 +358,9 @@ def _http_filters(options: EnvoyOptions) -> list[dict[str, Any]]:
                 "status_on_error": {"code": "ServiceUnavailable"},
                 "message_timeout": timeout,
                 "allow_mode_override": True,
+                # Whether the answer is the provider's or Envoy's own (a timeout, a reset):
+                # the prompt of a request Envoy gave up on still counts.
+                "response_attributes": list(RESPONSE_ATTRIBUTES),
                 "processing_mode": {
                     "request_header_mode": "SKIP",
                     "request_body_mode": "NONE",
@@ -322,12 +376,31 @@ def _http_filters(options: EnvoyOptions) -> list[dict[str, Any]]:
             },
         },
         {
-            # A plain JSON answer's usage, read by Envoy for the access log: such answers
-            # never go through Python.
+            # Plain answers whose usage Envoy could not read keep their body for the usage
+            # log (responses pass the filters in reverse order: this runs after
+            # json_to_metadata). Disabled on every route but the plain provider routes.
+            "name": CAPTURE_FILTER,
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+                "default_source_code": {
+                    "inline_string": _CAPTURE_LUA.replace("@USAGE@", USAGE_NAMESPACE)
+                    .replace("@BODY@", BODY_NAMESPACE)
+                    .replace("@LIMIT@", str(BODY_CAPTURE_LIMIT))
+                },
+            },
+        },
+        {
+            # A plain JSON answer's usage, read by Envoy for the usage log: such answers
+            # never go through Python. Every JSON content-type spelling (any case,
+            # parameters such as `; charset=utf-8`, `+json` types) and none at all.
             "name": "envoy.filters.http.json_to_metadata",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
-                "response_rules": {"rules": usage_rules},
+                "response_rules": {
+                    "rules": usage_rules,
+                    "allow_content_types_regex": {"regex": _JSON_CONTENT_TYPES},
+                    "allow_empty_content_type": True,
+                },
             },
         },
         {
@@ -339,8 +412,11 @@ def _http_filters(options: EnvoyOptions) -> list[dict[str, Any]]:
     ]
 
 
+# Content types json_to_metadata parses (RE2, matched against the whole header value).
+_JSON_CONTENT_TYPES = r"(?i)\s*(application|text)/([a-z0-9.+-]+\+)?json\s*(;.*)?"
+
 # json_to_metadata: metadata key -> JSON path in the provider's answer (OpenAI and
-# Anthropic names; the access-log handler maps them).
+# Anthropic names; ext_proc.server.envoy_log maps them).
 _USAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "model": ("model",),
     "prompt_tokens": ("usage", "prompt_tokens"),
@@ -355,20 +431,39 @@ _USAGE_FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _grpc_access_log() -> dict[str, Any]:
-    return {
-        "name": "envoy.access_loggers.http_grpc",
+def _usage_log(options: EnvoyOptions) -> dict[str, Any]:
+    """One JSON line per finished request, for the ext_proc server to tail."""
+    log: dict[str, Any] = {
+        "name": "envoy.access_loggers.file",
         "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
-            "common_config": {
-                "log_name": ACCESS_LOG_NAME,
-                "transport_api_version": "V3",
-                "grpc_service": {"envoy_grpc": {"cluster_name": "ext_proc"}},
-                # Entries are batched; a short interval keeps usage rows timely.
-                "buffer_flush_interval": "0.1s",
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": options.usage_log_path,
+            "log_format": {
+                "json_format": dict(LOG_FIELDS),
+                "omit_empty_values": True,
+                "formatters": [
+                    {
+                        "name": "envoy.formatter.req_without_query",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.formatter.req_without_query.v3.ReqWithoutQuery"
+                        },
+                    }
+                ],
             },
         },
     }
+    if options.direct_prefix:
+        # The benchmark's Envoy-alone floor is not the gateway's traffic: not logged.
+        log["filter"] = {
+            "extension_filter": {
+                "name": "envoy.access_loggers.extension_filters.cel",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                    "expression": f"xds.route_name != '{DIRECT_ROUTE}'",
+                },
+            }
+        }
+    return log
 
 
 def _error_json(error_type: str) -> dict[str, Any]:
@@ -441,6 +536,7 @@ def _local_reply_config() -> dict[str, Any]:
 def _stats_listener(options: EnvoyOptions) -> dict[str, Any]:
     assert options.stats_port is not None
     get_only = [{"name": ":method", "string_match": {"exact": "GET"}}]
+    post_only = [{"name": ":method", "string_match": {"exact": "POST"}}]
     return {
         "name": "envoy_stats",
         "address": _socket_address(options.stats_host, options.stats_port),
@@ -460,11 +556,22 @@ def _stats_listener(options: EnvoyOptions) -> dict[str, Any]:
                                         "name": "envoy_stats",
                                         "domains": ["*"],
                                         "routes": [
+                                            *(
+                                                {
+                                                    "match": {"path": path, "headers": get_only},
+                                                    "route": {"cluster": "envoy_admin"},
+                                                }
+                                                for path in ("/stats/prometheus", "/ready")
+                                            ),
                                             {
-                                                "match": {"path": path, "headers": get_only},
+                                                # The ext_proc server rotates the usage
+                                                # log, then asks Envoy to reopen it.
+                                                "match": {
+                                                    "path": "/reopen_logs",
+                                                    "headers": post_only,
+                                                },
                                                 "route": {"cluster": "envoy_admin"},
-                                            }
-                                            for path in ("/stats/prometheus", "/ready")
+                                            },
                                         ],
                                     }
                                 ],
@@ -532,7 +639,7 @@ def render(config: GatewayConfig, options: EnvoyOptions = EnvoyOptions()) -> dic
                         }
                     },
                 },
-                LUA_FILTER: {"@type": _LUA_PER_ROUTE, "disabled": True},
+                **_lua_disabled(LUA_FILTER, CAPTURE_FILTER),
                 **_disabled(RESPONSE_FILTER),
             },
         },
@@ -544,7 +651,7 @@ def render(config: GatewayConfig, options: EnvoyOptions = EnvoyOptions()) -> dic
         routes.insert(
             0,
             {
-                "name": "direct_without_ext_proc",
+                "name": DIRECT_ROUTE,
                 "match": {"prefix": options.direct_prefix},
                 "route": {
                     "cluster": cluster_name(direct),
@@ -553,7 +660,7 @@ def render(config: GatewayConfig, options: EnvoyOptions = EnvoyOptions()) -> dic
                 },
                 "typed_per_filter_config": {
                     **_disabled(REQUEST_FILTER),
-                    LUA_FILTER: {"@type": _LUA_PER_ROUTE, "disabled": True},
+                    **_lua_disabled(LUA_FILTER, CAPTURE_FILTER),
                     **_disabled(RESPONSE_FILTER),
                 },
             },
@@ -566,7 +673,10 @@ def render(config: GatewayConfig, options: EnvoyOptions = EnvoyOptions()) -> dic
                 "status": 503,
                 "body": {"inline_string": "the gateway did not select a provider for this request"},
             },
-            "typed_per_filter_config": _disabled(RESPONSE_FILTER),
+            "typed_per_filter_config": {
+                **_disabled(RESPONSE_FILTER),
+                **_lua_disabled(CAPTURE_FILTER),
+            },
         }
     )
     buffer_limit = max(options.max_request_bytes, options.max_response_bytes)
@@ -586,7 +696,7 @@ def render(config: GatewayConfig, options: EnvoyOptions = EnvoyOptions()) -> dic
             "virtual_hosts": [{"name": "gateway", "domains": ["*"], "routes": routes}],
         },
         "http_filters": _http_filters(options),
-        "access_log": [_grpc_access_log()],
+        "access_log": [_usage_log(options)],
     }
     if options.access_log_path:
         hcm["access_log"].append(

@@ -176,6 +176,22 @@ class Metrics:
             "Usage records lost (neither Postgres nor the disk spool took them).",
             registry=r,
         )
+        self.usage_fallbacks = Counter(
+            "ext_proc_usage_fallback_records_total",
+            "Usage records rebuilt from Envoy's usage log for requests another replica owned, "
+            "or this process lost (a crash); the owner's record replaces them when it lands.",
+            registry=r,
+        )
+        self.usage_log_lines = Counter(
+            "ext_proc_usage_log_lines_total",
+            "Lines read from Envoy's usage log (one per finished request).",
+            registry=r,
+        )
+        self.usage_log_skipped_bytes = Counter(
+            "ext_proc_usage_log_skipped_bytes_total",
+            "Bytes of Envoy's usage log that were not a complete line (a torn write).",
+            registry=r,
+        )
         self.usage_rejected = Counter(
             "ext_proc_usage_records_rejected_total",
             "Usage records Postgres refused for their content (kept in the spool's rejected "

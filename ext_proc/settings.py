@@ -14,6 +14,9 @@ from pathlib import Path
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_ADMIN_PORT = 8080
 DEFAULT_METRICS_PORT = 9464
+# Envoy's usage log (one JSON line per finished request), on a volume both share; the
+# Envoy templates rendered by `ext-proc envoy-config` write here too.
+DEFAULT_USAGE_LOG = Path("/var/lib/ext-proc/usage-log/envoy.jsonl")
 
 
 class SettingsError(ValueError):
@@ -46,6 +49,11 @@ class Settings:
     spool_dir: Path = field(default_factory=lambda: Path(".data/usage-spool"))
     # Prefix for every Redis key this process touches (tests give each run its own).
     redis_prefix: str = "gw:"
+    # The usage log Envoy writes and this process tails (plain requests end there).
+    usage_log: Path = DEFAULT_USAGE_LOG
+    # Envoy's admin URL, to ask it to reopen the usage log after rotating it (None: the
+    # log is not rotated; a warning says when it grows large).
+    envoy_admin_url: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -61,4 +69,6 @@ class Settings:
             admin_token=env.get("EXT_PROC_ADMIN_TOKEN") or None,
             spool_dir=Path(env.get("EXT_PROC_SPOOL_DIR") or ".data/usage-spool"),
             redis_prefix=env.get("EXT_PROC_REDIS_PREFIX") or "gw:",
+            usage_log=Path(env.get("EXT_PROC_USAGE_LOG") or DEFAULT_USAGE_LOG),
+            envoy_admin_url=(env.get("EXT_PROC_ENVOY_ADMIN_URL") or "").rstrip("/") or None,
         )

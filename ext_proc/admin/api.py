@@ -7,6 +7,7 @@ $EXT_PROC_ADMIN_TOKEN``; with no token configured they are refused, not open.
 
 from __future__ import annotations
 
+import argparse
 import hmac
 import logging
 from datetime import UTC, datetime, timedelta
@@ -64,7 +65,7 @@ class AdminApi:
             if route == ("POST", "/v1/reload"):
                 denied = self._authorize(request)
                 return denied or await self._reload()
-        except ValueError as exc:
+        except (ValueError, argparse.ArgumentTypeError) as exc:  # a bad `by`, `since`, ...
             return _error(400, str(exc), "invalid_parameter")
         return _error(404, f"no admin endpoint {request.method} {request.path}", "not_found")
 
@@ -91,6 +92,9 @@ class AdminApi:
         return _json(200 if ready else 503, payload)
 
     async def _usage(self, request: Request) -> Response:
+        """Rollups as JSON: ``by`` any of the rollup's group keys (org_id, app_id,
+        key_id, environment, model, provider, deployment, decision, hour, day); each row's
+        ``cost_usd`` is a decimal string (exact) or null when no row of it has a cost."""
         pool = self._service.pool
         if pool is None:
             return _error(503, "Postgres is not connected", "postgres_unavailable")

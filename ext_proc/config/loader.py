@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
@@ -51,6 +52,7 @@ from ext_proc.config.model import (
 )
 from ext_proc.policies.base import COMMON_FIELDS, PolicyType
 from ext_proc.tokens.encodings import ENCODING_FILES
+from ext_proc.usage.pricing import Price
 
 _TAG = "tag:yaml.org,2002:"
 _STRING_TAGS = frozenset(_TAG + kind for kind in ("str", "int", "float", "bool", "timestamp"))
@@ -82,7 +84,16 @@ _PROVIDER_FIELDS = (
     "inject_stream_usage",
 )
 _RETRY_FIELDS = ("attempts", "on", "retriable_status_codes")
-_MODEL_FIELDS = ("provider", "deployment", "encoding", "aliases")
+_MODEL_FIELDS = ("provider", "deployment", "encoding", "aliases", "price")
+_PRICE_FIELDS = ("input", "output", "cached_input", "cache_write")
+# USD per million tokens: no model costs anywhere near this; with at most 6 decimal
+# places a price has at most 11 significant digits, so it survives the catalog's JSON
+# (a double) exactly.
+_MAX_PRICE = Decimal(100_000)
+_PRICE_PLACES = 6
+# A number written as a plain YAML scalar that YAML 1.1 does not resolve to a number
+# (`1e-05`, as JSON writes small floats) is still a number here.
+_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
 _APPLICATION_FIELDS = ("org", "description", "policies", "environments")
 _ENVIRONMENT_FIELDS = ("policies",)
 
@@ -274,6 +285,49 @@ class _Document:
             self.report(node, path, str(exc))
             return None
 
+    def decimal_of(
+        self,
+        node: Node,
+        path: str,
+        *,
+        minimum: Decimal | None = None,
+        maximum: Decimal | None = None,
+        positive: bool = False,
+        places: int | None = None,
+    ) -> Decimal | None:
+        """An exact decimal from a YAML number, taken as written (``0.1`` is 1/10, not
+        the double nearest to it)."""
+        if not isinstance(node, ScalarNode):
+            self.wrong_type(node, path, "a number")
+            return None
+        numeric = node.tag in (_TAG + "int", _TAG + "float")
+        plain_number = node.tag == _TAG + "str" and node.style is None
+        if not (numeric or plain_number):
+            self.wrong_type(node, path, "a number")
+            return None
+        text = node.value.replace("_", "") if numeric else node.value
+        if plain_number and not _NUMBER.fullmatch(text):
+            self.wrong_type(node, path, "a number")
+            return None
+        try:
+            value = Decimal(text)
+        except InvalidOperation:
+            value = Decimal("NaN")
+        if not value.is_finite():  # .inf, .nan, 0x1f, 1:30: YAML numbers that are no price
+            self.report(node, path, f"expected a decimal number, got {node.value!r}")
+            return None
+        if positive and value <= 0:
+            self.report(node, path, f"must be greater than 0, not {node.value}")
+        elif minimum is not None and value < minimum:
+            self.report(node, path, f"must be at least {minimum}, not {node.value}")
+        elif maximum is not None and value > maximum:
+            self.report(node, path, f"must be at most {maximum}, not {node.value}")
+        elif places is not None and -int(value.normalize().as_tuple().exponent) > places:
+            self.report(node, path, f"use at most {places} decimal places, not {node.value}")
+        else:
+            return value
+        return None
+
     def items_of(self, node: Node, path: str, what: str) -> list[Node] | None:
         if isinstance(node, SequenceNode):
             return list(node.value)
@@ -435,6 +489,28 @@ class _Map:
         if node is None:
             return None
         return self._document.duration_of(node, self.field_path(key), allow_zero)
+
+    def get_decimal(
+        self,
+        key: str,
+        *,
+        required: bool = False,
+        minimum: Decimal | None = None,
+        maximum: Decimal | None = None,
+        positive: bool = False,
+        places: int | None = None,
+    ) -> Decimal | None:
+        node = self._value(key, required)
+        if node is None:
+            return None
+        return self._document.decimal_of(
+            node,
+            self.field_path(key),
+            minimum=minimum,
+            maximum=maximum,
+            positive=positive,
+            places=places,
+        )
 
     def get_choice(
         self, key: str, choices: Sequence[_Choice], *, required: bool = False
@@ -800,7 +876,8 @@ class _Builder:
                 fields.error("aliases", f"invalid alias '{alias}': {_MODEL_NAME_HELP}", index=index)
             else:
                 self.model_names[alias] = name
-        if provider is None:
+        price = self._price(fields)
+        if provider is None or (price is None and fields.has("price")):
             return None
         return Model(
             name=name,
@@ -808,6 +885,39 @@ class _Builder:
             deployment=deployment or name,
             encoding=encoding,
             aliases=tuple(aliases),
+            price=price,
+        )
+
+    def _price(self, fields: _Map) -> Price | None:
+        """``price: {input, output, cached_input?, cache_write?}``, USD per million tokens."""
+        node = fields.node("price")
+        if node is None:
+            return None
+        path = fields.field_path("price")
+        price = _Map.of(self.doc, node, path, fields.key_node("price"), _PRICE_FIELDS)
+        if price is None:
+            return None
+        values = {
+            key: price.get_decimal(
+                key,
+                required=key in ("input", "output"),
+                minimum=Decimal(0),
+                maximum=_MAX_PRICE,
+                places=_PRICE_PLACES,
+            )
+            for key in _PRICE_FIELDS
+        }
+        input_price, output_price = values["input"], values["output"]
+        if input_price is None or output_price is None:
+            return None
+        if any(values[key] is None and price.has(key) for key in _PRICE_FIELDS):
+            return None
+        return Price(
+            input=input_price,
+            output=output_price,
+            cached_input=values["cached_input"],
+            cache_write=values["cache_write"],
+            source="config",
         )
 
     # --- policies ---------------------------------------------------------------

@@ -11,12 +11,14 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from types import MappingProxyType
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from ext_proc.policies.base import PolicyParams
 from ext_proc.tokens.encodings import encoding_name_for_model, known_encoding_name
+from ext_proc.usage.pricing import Price, decimal_text
 
 ProviderType = Literal["openai", "azure_openai", "anthropic"]
 # Known provider types; an adapter per type lives in the routing package.
@@ -55,6 +57,10 @@ ON_ERROR_CHOICES: tuple[OnError, ...] = ("allow", "deny")
 
 # The environment of keys created without one; every application has it.
 DEFAULT_ENVIRONMENT = "default"
+
+# Field metadata: leave the field out of the canonical form while it is None, so adding
+# an optional field does not change the fingerprint of configs that do not use it.
+OMIT_IF_NONE: Mapping[str, bool] = MappingProxyType({"omit_if_none": True})
 
 
 def _empty_mapping() -> Mapping[str, Any]:
@@ -115,6 +121,9 @@ class Model:
     deployment: str  # Azure deployment, or the model name sent upstream
     encoding: str | None = None  # tiktoken encoding override
     aliases: tuple[str, ...] = ()  # more app-facing names for the same model
+    # USD per million tokens as the file gives it (it wins over the public table, which
+    # the routing catalog consults when this is None).
+    price: Price | None = field(default=None, metadata=OMIT_IF_NONE)
 
     @property
     def encoding_name(self) -> str:
@@ -215,7 +224,9 @@ def _plain(value: Any) -> Any:
         # Fields that are not compared (compiled CEL programs, derived lookups) are
         # derived from the ones that are, so they add nothing to the fingerprint.
         return {
-            f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.compare
+            f.name: _plain(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if f.compare and not (f.metadata.get("omit_if_none") and getattr(value, f.name) is None)
         }
     if isinstance(value, Mapping):
         return {str(key): _plain(item) for key, item in value.items()}
@@ -223,4 +234,6 @@ def _plain(value: Any) -> Any:
         return [_plain(item) for item in value]
     if isinstance(value, frozenset | set):
         return sorted(_plain(item) for item in value)
+    if isinstance(value, Decimal):
+        return decimal_text(value)  # JSON has no decimals; "2.5" and "2.50" mean the same
     return value

@@ -8,7 +8,9 @@ chat prompt = 3 (reply priming) + for each message:
     3 + tokens(role) + tokens(content) [+ tokens(name) + 1 when "name" is present]
     content: str -> tokens; None -> 0; list of parts -> text parts' tokens,
     image_url parts 85 (detail "low") or 765 (otherwise), other parts 0.
-    assistant tool_calls: each 3 + tokens(function.name) + tokens(function.arguments).
+    assistant tool_calls: each 3 + tokens(id) + tokens(function.name)
+    + tokens(function.arguments); a tool message's ``tool_call_id``: tokens(it) (the ids
+    are part of the prompt the model reads: a realistic ``call_...`` id is ~10 tokens).
   + tokens(compact JSON of the request's ``tools``) when present:
     ``json.dumps(tools, separators=(",", ":"), ensure_ascii=False)``.
 legacy completion prompt = tokens of the prompt (summed over a list; token arrays count
@@ -87,10 +89,13 @@ class TokenCounter:
             name = message.get("name")
             if isinstance(name, str):
                 total += self.text(name) + 1
+            total += self._str(message.get("tool_call_id"))
             tool_calls = message.get("tool_calls")
             if isinstance(tool_calls, list):
                 for call in tool_calls:
                     total += _PER_TOOL_CALL
+                    if isinstance(call, dict):
+                        total += self._str(call.get("id"))
                     function = call.get("function") if isinstance(call, dict) else None
                     if isinstance(function, dict):
                         total += self._str(function.get("name"))

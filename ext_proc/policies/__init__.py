@@ -10,7 +10,14 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from ext_proc.policies import custom_cel, model_allowlist, rate_limit, request_size, token_limit
+from ext_proc.policies import (
+    budget,
+    custom_cel,
+    model_allowlist,
+    rate_limit,
+    request_size,
+    token_limit,
+)
 from ext_proc.policies.base import (
     COMMON_FIELDS,
     SCOPES,
@@ -23,7 +30,7 @@ from ext_proc.policies.base import (
 POLICY_TYPES: Mapping[str, PolicyType[Any]] = MappingProxyType(
     {
         module.POLICY_TYPE.name: module.POLICY_TYPE
-        for module in (rate_limit, token_limit, model_allowlist, request_size, custom_cel)
+        for module in (rate_limit, token_limit, budget, model_allowlist, request_size, custom_cel)
     }
 )
 

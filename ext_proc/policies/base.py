@@ -15,7 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, Protocol, TypeVar
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    from ext_proc.policies.limiter import LimitResult, LimitSpec
+    from ext_proc.usage.pricing import Price
 
 # Whose counter a limit draws from: the application's (default), the API key's or the org's.
 Scope = Literal["app", "key", "org"]
@@ -71,6 +76,20 @@ class ParamReader(Protocol):
         self, key: str, *, required: bool = False, allow_zero: bool = False
     ) -> float | None:
         """Seconds, from ``500ms`` / ``60s`` / ``5m`` / ``1h`` / ``1d`` or a bare number."""
+        ...
+
+    def get_decimal(
+        self,
+        key: str,
+        *,
+        required: bool = False,
+        minimum: Decimal | None = None,
+        maximum: Decimal | None = None,
+        positive: bool = False,
+        places: int | None = None,
+    ) -> Decimal | None:
+        """An exact decimal number as written (amounts of money), at most ``places``
+        decimal places."""
         ...
 
     def get_choice(
@@ -139,6 +158,8 @@ class RequestFacts:
     max_tokens: int = 0  # max_tokens / max_completion_tokens, 0 when the request sets none
     estimated_tokens: int = 0  # filled before body checks when a bound policy needs it
     generates: bool = True  # False for embeddings: no completion tokens to reserve
+    price: Price | None = None  # of the model served; None when it has none
+    started: float = 0.0  # epoch seconds the request arrived (calendar budget periods)
 
     def scope_id(self, scope: Scope) -> str:
         if scope == "key":
@@ -174,6 +195,7 @@ class Outcome:
     latency_ms: float
     response_size_bytes: int
     failed: bool  # no usable answer: the provider erred, or nothing was generated
+    cost_usd: Decimal | None = None  # the usage row's cost; None when the model has no price
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +217,7 @@ class Enforcer:
     is_limit = False  # provides limit_spec() (taken together, all-or-nothing)
     has_post_check = False
     cooldown: float | None = None  # after a post-check violation, block the app this long
+    rate_limit_headers = True  # its limit results feed the x-ratelimit-* headers
 
     def __init__(self, name: str, on_error: str) -> None:
         self.name = name
@@ -215,6 +238,21 @@ class Enforcer:
     def settle_delta(self, reserved: int, outcome: Outcome) -> int:
         """After the call: units to add (or, negative, give back) to the reservation."""
         return 0
+
+    def limit_applies(self, facts: RequestFacts) -> bool:
+        """Whether this request draws from the limit at all (limits only; a budget lets
+        a request to a model without a price pass uncharged)."""
+        return True
+
+    def limit_period(self, facts: RequestFacts) -> tuple[str, float] | None:
+        """A limit counted per calendar period instead of a rolling window: (the
+        period's label, seconds until it ends). None: a rolling window (GCRA)."""
+        return None
+
+    def limit_denial(self, spec: LimitSpec, result: LimitResult) -> Denial | None:
+        """The answer when this limit refuses a request; None: the engine's default
+        (429 ``rate_limit_exceeded``)."""
+        return None
 
     def post_check(self, facts: RequestFacts, outcome: Outcome) -> bool:
         """True when the finished call violates the policy."""

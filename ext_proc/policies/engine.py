@@ -2,8 +2,9 @@
 
 Built once per config version (enforcers and per-(app, environment) bindings are made
 here, never per request). Per request it does at most one Redis call in the headers
-phase (request limits + cooldowns) and one in the body phase (token reservations), and
-after the response at most one per token limit to settle, off the response path.
+phase (request limits + cooldowns) and one in the body phase (token and budget
+reservations), and after the response at most one per reservation to settle, off the
+response path.
 
 Order (see ``base.py``): within a phase, plain checks run first in bound order (first
 denial wins); limits are then taken together, all-or-nothing, so a refused request
@@ -151,9 +152,7 @@ class PolicyEngine:
         enforcers = [self._enforcers[n] for n in names if n in self._enforcers]
         return BoundPolicies(
             header_limits=tuple(e for e in enforcers if e.is_limit and e.phase == "headers"),
-            body_checks=tuple(
-                e for e in enforcers if not e.is_limit and type(e).check is not Enforcer.check
-            ),
+            body_checks=tuple(e for e in enforcers if type(e).check is not Enforcer.check),
             body_limits=tuple(e for e in enforcers if e.is_limit and e.phase == "body"),
             post_checks=tuple(e for e in enforcers if e.has_post_check),
             cooldowns=tuple(e for e in enforcers if e.cooldown),
@@ -165,13 +164,20 @@ class PolicyEngine:
 
     def _spec(self, enforcer: Enforcer, facts: RequestFacts) -> LimitSpec:
         limit, window, scope, kind = enforcer.limit_params()
+        key = self._limits.key_for(enforcer.name, scope, facts.scope_id(scope), kind)
+        left: float | None = None
+        period = enforcer.limit_period(facts)
+        if period is not None:  # a counter per calendar period: its key names the period
+            label, left = period
+            key = f"{key}:{label}"
         return LimitSpec(
-            key=self._limits.key_for(enforcer.name, scope, facts.scope_id(scope), kind),
+            key=key,
             limit=limit,
             window=window,
             cost=enforcer.limit_cost(facts),
             policy=enforcer.name,
             on_error=enforcer.on_error,
+            period_left=left,
         )
 
     def _cooldown_key(self, enforcer: Enforcer, facts: RequestFacts) -> str:
@@ -242,10 +248,13 @@ class PolicyEngine:
                 return denial
         request_limits = () if header_checks_done else bound.header_limits
         cooldowns = () if header_checks_done else bound.cooldowns
-        if not bound.body_limits and not request_limits and not cooldowns:
+        body_limits = bound.body_limits
+        if body_limits and not all(e.limit_applies(facts) for e in body_limits):
+            body_limits = tuple(e for e in body_limits if self._applies(e, facts))
+        if not body_limits and not request_limits and not cooldowns:
             return None
         request_specs = [self._spec(e, facts) for e in request_limits]
-        token_specs = [self._spec(e, facts) for e in bound.body_limits]
+        token_specs = [self._spec(e, facts) for e in body_limits]
         started = time.perf_counter()
         result = await self._limits.acquire_many(
             request_specs + token_specs, [self._cooldown_key(e, facts) for e in cooldowns]
@@ -256,9 +265,7 @@ class PolicyEngine:
         split = len(request_specs)
         if request_specs:
             state.requests = list(zip(request_specs, result.results[:split], strict=True))
-        state.tokens = list(
-            zip(bound.body_limits, token_specs, result.results[split:], strict=True)
-        )
+        state.tokens = list(zip(body_limits, token_specs, result.results[split:], strict=True))
         if not result.allowed:  # all-or-nothing: nothing was taken
             for specs, results, unit in (
                 (request_specs, result.results[:split], "requests"),
@@ -284,6 +291,8 @@ class PolicyEngine:
                 continue  # the policy went away with a config change: nothing to settle
             delta = enforcer.settle_delta(reserved, outcome)
             if delta:
+                # (A calendar-period spec is rebuilt from the request's start, so it names
+                # the period the reservation was taken in.)
                 spec = replace(self._spec(enforcer, facts), cost=reserved)
                 await self._limits.adjust(spec, delta)
         violations: list[str] = []
@@ -303,6 +312,13 @@ class PolicyEngine:
                     self._cooldown_key(enforcer, facts), enforcer.cooldown
                 )
         return violations
+
+    def _applies(self, enforcer: Enforcer, facts: RequestFacts) -> bool:
+        if enforcer.limit_applies(facts):
+            return True
+        # Passes uncharged (a budget and a model without a price): counted, so it shows.
+        self._metrics.policy_fallbacks.labels(enforcer.name, "uncharged").inc()
+        return False
 
     # ---------------------------------------------------------------- answers
 
@@ -337,6 +353,10 @@ class PolicyEngine:
         for spec, result in zip(specs, results, strict=True):
             if result.allowed:
                 continue
+            enforcer = self._enforcers.get(spec.policy)
+            own = enforcer.limit_denial(spec, result) if enforcer is not None else None
+            if own is not None:
+                return own
             if result.retry_after is None:
                 return Denial(
                     spec.policy,
@@ -367,8 +387,9 @@ class PolicyEngine:
                 ("x-ratelimit-remaining-requests", str(max(0, r.remaining))),
                 ("x-ratelimit-reset-requests", format_reset(r.reset_after)),
             ]
-        if state.tokens:
-            r = _tightest([res for _, _, res in state.tokens])
+        token_results = [res for e, _, res in state.tokens if e.rate_limit_headers]
+        if token_results:
+            r = _tightest(token_results)
             headers += [
                 ("x-ratelimit-limit-tokens", str(r.limit)),
                 ("x-ratelimit-remaining-tokens", str(max(0, r.remaining))),

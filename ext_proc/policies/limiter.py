@@ -25,6 +25,14 @@ fresh bucket N unit requests pass, the N+1st is told to retry in T, and ``remain
 counts N-1, ..., 0. A cost above ``limit`` can never fit and is denied with
 ``retry_after=None``.
 
+**Calendar periods.** A budget counted per UTC day or month (``period: month``) is not a
+rolling window but a fixed one: a plain counter of the units used in the period, whose
+key names the period (``...:2026-12``) and expires when it ends, so the next period
+starts at zero. A spec with ``period_left`` set is one of those; :func:`acquire_fixed`
+and :func:`adjust_fixed` are its arithmetic (a request passes iff ``used + cost <=
+limit``; ``retry_after`` is the time left in the period). Settling may push the counter
+past the limit (debt, as with GCRA) and never below zero.
+
 ``ext_proc.stores.redis_limits`` runs the very same arithmetic in Lua (same operations
 in the same order, so the same doubles come out; it reports durations in whole
 microseconds); the tests hold the two together.
@@ -87,6 +95,9 @@ class LimitSpec:
     cost: int
     policy: str
     on_error: str
+    # Set for a calendar-period counter (see the module docstring): the seconds until
+    # its period ends (<= 0: it has ended, nothing is charged to it any more).
+    period_left: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +173,40 @@ def adjust(tat: float | None, now: float, limit: int, window: float, delta: int)
     return now if new_tat < now else new_tat
 
 
+def fixed_left(spec: LimitSpec) -> float:
+    """The seconds a calendar-period counter still lives, as the stores use it: at least
+    1 ms (a request at the very end of its period is still counted in it)."""
+    left = spec.period_left or 0.0
+    return left if left > 0.001 else 0.001
+
+
+def acquire_fixed(
+    used: float | None, limit: int, cost: int, left: float, *, source: str = "local"
+) -> tuple[LimitResult, float | None]:
+    """Try to take ``cost`` units from a period counter holding ``used`` (None: nothing
+    used yet) that resets in ``left`` seconds; the result and the new count (None:
+    unchanged)."""
+    base = 0.0 if used is None else used
+    if cost > limit:
+        return LimitResult(False, limit, _units_left(limit, base), left, None, source), None
+    after = base + cost
+    if after > limit:
+        return LimitResult(False, limit, _units_left(limit, base), left, left, source), None
+    result = LimitResult(True, limit, _units_left(limit, after), left, 0.0, source)
+    return result, (after if cost > 0 else None)
+
+
+def adjust_fixed(used: float | None, delta: int) -> float:
+    """Settle on a period counter: the new count (past the limit is allowed, below zero
+    is not); 0 means nothing is used (the key can be dropped)."""
+    after = (0.0 if used is None else used) + delta
+    return after if after > 0 else 0.0
+
+
+def _units_left(limit: int, used: float) -> int:
+    return int(limit - used) if used < limit else 0
+
+
 def acquire_all(
     state: Mapping[str, float],
     now: float,
@@ -173,8 +218,9 @@ def acquire_all(
     """All-or-nothing over several limits: the results and the TATs to store (None when
     nothing may be consumed: a limit denied, or ``blocked`` by an active cooldown).
 
-    ``state`` maps key -> TAT (missing = full bucket). A key listed twice is charged
-    twice (the second check sees the first one's pending charge).
+    ``state`` maps key -> TAT (missing = full bucket), or for a calendar-period spec key
+    -> units used in the period (missing = none). A key listed twice is charged twice
+    (the second check sees the first one's pending charge).
     """
     pending: dict[str, float] = {}
     ok = not blocked
@@ -182,7 +228,12 @@ def acquire_all(
     for spec in specs:
         key = spec.key
         tat = pending[key] if key in pending else state.get(key)
-        result, new_tat = acquire(tat, now, spec.limit, spec.window, spec.cost, source=source)
+        if spec.period_left is None:
+            result, new_tat = acquire(tat, now, spec.limit, spec.window, spec.cost, source=source)
+        else:  # ``tat`` is the period's count here
+            result, new_tat = acquire_fixed(
+                tat, spec.limit, spec.cost, fixed_left(spec), source=source
+            )
         if not result.allowed:
             ok = False
         elif new_tat is not None:
@@ -194,6 +245,9 @@ def acquire_all(
     results = []
     for spec, (result, tat) in zip(specs, attempts, strict=True):
         if result.allowed:
-            result = peek(tat, now, spec.limit, spec.window, source=source)
+            if spec.period_left is None:
+                result = peek(tat, now, spec.limit, spec.window, source=source)
+            else:
+                result = acquire_fixed(tat, spec.limit, 0, fixed_left(spec), source=source)[0]
         results.append(result)
     return tuple(results), None

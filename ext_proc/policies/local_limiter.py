@@ -6,6 +6,10 @@ process only, so while it is in use **limits are enforced per replica**: with R
 replicas behind Envoy an app may get up to R times its limit. That is the price of
 failing open (``on_error: allow``); policies that cannot accept it say ``deny``.
 
+Calendar-period counters (budgets with ``period:``) live beside the buckets with the
+monotonic time their period ends; an ended one reads as empty and is swept like a full
+bucket.
+
 Memory is bounded: at most ``max_keys`` buckets and ``max_keys`` cooldowns. When a
 table is over its bound, entries that no longer matter go first (buckets that are full
 again, cooldowns that have expired), then the least recently used. Evicting a live
@@ -45,6 +49,9 @@ class LocalLimits:
         self._tats: OrderedDict[str, float] = OrderedDict()
         # key -> monotonic time the cooldown ends.
         self._cooldowns: OrderedDict[str, float] = OrderedDict()
+        # Calendar-period counters: key -> monotonic time the period ends (their counts
+        # are in _tats, so one LRU order and one bound cover both).
+        self._period_ends: dict[str, float] = {}
 
     def __len__(self) -> int:
         """Buckets held now (full ones included until they are swept)."""
@@ -77,10 +84,16 @@ class LocalLimits:
         """
         now = self._clock()
         cooldown_remaining, cooldown_key = self._active_cooldown(cooldown_keys, now)
+        for spec in specs:
+            if spec.period_left is not None:
+                self._expire_period(spec.key, now)
         results, updates = limiter.acquire_all(
             self._tats, now, specs, blocked=blocked or cooldown_key is not None, source="local"
         )
         if updates:
+            for spec in specs:
+                if spec.period_left is not None and spec.key in updates:
+                    self._period_ends[spec.key] = now + limiter.fixed_left(spec)
             self._store(updates)
         else:
             for spec in specs:  # a read is a use, for the LRU order
@@ -100,11 +113,34 @@ class LocalLimits:
         if delta == 0:
             return
         now = self._clock()
+        if spec.period_left is not None:
+            self._adjust_period(spec, delta, now)
+            return
         new_tat = limiter.adjust(self._tats.get(spec.key), now, spec.limit, spec.window, delta)
         if new_tat <= now:
             self._tats.pop(spec.key, None)  # full bucket: nothing to remember
         else:
             self._store({spec.key: new_tat})
+
+    def _adjust_period(self, spec: LimitSpec, delta: int, now: float) -> None:
+        left = spec.period_left
+        if left is None or left <= 0:
+            return  # the period is over: nothing is charged to it any more
+        self._expire_period(spec.key, now)
+        used = limiter.adjust_fixed(self._tats.get(spec.key), delta)
+        if used <= 0:
+            self._tats.pop(spec.key, None)
+            self._period_ends.pop(spec.key, None)
+        else:
+            self._period_ends[spec.key] = now + left
+            self._store({spec.key: used})
+
+    def _expire_period(self, key: str, now: float) -> None:
+        """Forget a period counter whose period has ended (the next one starts empty)."""
+        end = self._period_ends.get(key)
+        if end is not None and end <= now:
+            del self._period_ends[key]
+            self._tats.pop(key, None)
 
     async def set_cooldown(self, key: str, seconds: float) -> None:
         self.set_cooldown_now(key, seconds)
@@ -145,9 +181,14 @@ class LocalLimits:
             self._evict(tats, self._clock())
 
     def _evict(self, table: OrderedDict[str, float], now: float) -> None:
-        """Drop entries that are spent (time <= now: full bucket / expired cooldown),
-        then the least recently used, down to the low-water mark."""
-        for key in [k for k, t in table.items() if t <= now]:
+        """Drop entries that are spent (time <= now: full bucket / expired cooldown; a
+        period counter whose period ended), then the least recently used, down to the
+        low-water mark."""
+        ends = self._period_ends if table is self._tats else {}
+        spent = [k for k, t in table.items() if (ends[k] <= now if k in ends else t <= now)]
+        for key in spent:
             del table[key]
+            ends.pop(key, None)
         while len(table) > self._low_water:
-            table.popitem(last=False)
+            key, _ = table.popitem(last=False)
+            ends.pop(key, None)

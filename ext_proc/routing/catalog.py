@@ -1,6 +1,8 @@
 """The model catalog: app-facing model name (or Azure deployment) → where it is served.
 
-Built once per config version (and credentials reload); lookups are dict gets.
+Built once per config version (and credentials reload); lookups are dict gets. Each
+route's price is resolved here too, once: the model's ``price:`` from the file, else the
+public table (``ext_proc.usage.pricing``), else none.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from dataclasses import dataclass
 
 from ext_proc.config.model import GatewayConfig, Model, Provider
 from ext_proc.routing.providers import ProviderAdapter, adapter_for
+from ext_proc.usage.pricing import Price, table_price
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,6 +21,20 @@ class Route:
     provider: Provider
     adapter: ProviderAdapter
     encoding_name: str
+    price: Price | None = None  # None: no price known (usage rows get cost_usd NULL)
+    price_code: str = ""  # ``price.encode()``, computed once: what requests carry
+
+    @classmethod
+    def of(cls, model: Model, provider: Provider, adapter: ProviderAdapter) -> Route:
+        price = resolve_price(model, provider)
+        return cls(
+            model,
+            provider,
+            adapter,
+            model.encoding_name,
+            price,
+            price.encode() if price is not None else "",
+        )
 
     @property
     def deployment(self) -> str:
@@ -40,7 +57,7 @@ class Catalog:
         by_deployment: dict[str, Route] = {}
         for model in config.models.values():
             provider = config.providers[model.provider]
-            route = Route(model, provider, adapters[model.provider], model.encoding_name)
+            route = Route.of(model, provider, adapters[model.provider])
             for name in (model.name, *model.aliases):
                 routes[name] = route
             if provider.type == "azure_openai":
@@ -55,3 +72,11 @@ class Catalog:
 
     def resolve_deployment(self, deployment: str) -> Route | None:
         return self._by_deployment.get(deployment)
+
+
+def resolve_price(model: Model, provider: Provider) -> Price | None:
+    """The file's price, else the table's for the model served (``deployment``), else
+    for the name apps send, in the provider type's price list."""
+    if model.price is not None:
+        return model.price
+    return table_price(provider.type, model.deployment, model.name)

@@ -15,13 +15,13 @@ import contextlib
 import logging
 import signal
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import grpc
-from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -38,8 +38,8 @@ from ext_proc.policies.limits import Limits
 from ext_proc.policies.local_limiter import LocalLimits
 from ext_proc.routing.catalog import Catalog
 from ext_proc.routing.credentials import load_credentials
-from ext_proc.server.access_log import AccessLogService
 from ext_proc.server.context import Gateway, Runtime
+from ext_proc.server.envoy_log import UsageLog
 from ext_proc.server.servicer import ExternalProcessor
 from ext_proc.settings import Settings
 from ext_proc.stores import catalog as catalog_store
@@ -52,6 +52,7 @@ from ext_proc.stores.redis_limits import RedisLimits
 from ext_proc.stores.resp import RespClient, close_quietly
 from ext_proc.usage.recorder import UsageRecorder
 from ext_proc.usage.spool import Spool
+from ext_proc.usage.tail import LogTail
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ class Service:
         self._pool: asyncpg.Pool | None = None
         self._redis: Any = None
         self._lua: RespClient | None = None
+        self._usage_log: LogTail | None = None
         self._limits: Limits | None = None
         self._listener: InvalidationListener | None = None
         self._grpc: grpc.aio.Server | None = None
@@ -185,15 +187,20 @@ class Service:
             ]
         )
         pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(self.gateway), self._grpc)
-        als_pb2_grpc.add_AccessLogServiceServicer_to_server(
-            AccessLogService(self.gateway), self._grpc
-        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         bind = f"{self.options.grpc_host}:{settings.grpc_port}"
         self.grpc_port = self._grpc.add_insecure_port(bind)
         if self.grpc_port == 0:
             raise OSError(f"cannot bind the gRPC port {bind}")
         await self._grpc.start()
+        self._usage_log = LogTail(
+            settings.usage_log,
+            UsageLog(self.gateway).consume,
+            self.recorder.flush,
+            reopen=self._reopen_envoy_logs if settings.envoy_admin_url else None,
+            on_skipped=self.metrics.usage_log_skipped_bytes.inc,
+        )
+        self._usage_log.start()
         for name in ("", EXT_PROC_SERVICE):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -327,6 +334,21 @@ class Service:
             if version != self._version:
                 await self._reload_logged()
 
+    async def _reopen_envoy_logs(self) -> bool:
+        """Ask Envoy to reopen its log files (after the usage log was rotated)."""
+        url = f"{self.settings.envoy_admin_url}/reopen_logs"
+
+        def post() -> bool:
+            request = urllib.request.Request(url, method="POST", data=b"")
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return bool(response.status == 200)
+
+        return await asyncio.to_thread(post)
+
+    @property
+    def usage_log(self) -> LogTail | None:
+        return self._usage_log
+
     # ---------------------------------------------------------------- serving
 
     async def _metrics_handler(self, request: Request) -> Response:
@@ -357,6 +379,9 @@ class Service:
             await self._grpc.stop(GRACE_SECONDS)
         if self.gateway is not None:
             await self.gateway.drain()
+        if self._usage_log is not None:
+            # Reads what Envoy already wrote and saves the position once it is written.
+            await self._usage_log.stop()
         if self.recorder is not None:
             await self.recorder.close()
         for server in self._http:

@@ -1,9 +1,10 @@
 """Finishing a request: one usage record, limits settled, post-checks run, metrics.
 
-Three places finish requests — the request side for its own denials, the access-log
-handler for plain responses (usage from Envoy's ``json_to_metadata``), the response
-processor for streams and translated answers — and all of them end here, so a record
-means the same whoever wrote it.
+Three places finish requests — the request side for its own denials, the usage-log
+reader for plain responses (usage from Envoy's ``json_to_metadata``, or the body when
+Envoy could not read one), the response processor for streams and translated answers —
+and all of them end here, so a record means the same whoever wrote it: the token rules
+are ``_fill_tokens``.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 
 from ext_proc.policies.base import Outcome
 from ext_proc.server.context import Gateway
 from ext_proc.server.facts import Facts
 from ext_proc.tokens import estimator
 from ext_proc.tokens.types import Usage
+from ext_proc.usage.pricing import Price
 from ext_proc.usage.record import Decision, UsageRecord
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,11 @@ class Ending:
     usage: Usage | None = None  # as the provider reported it
     response_model: str | None = None
     delivered_text: list[str] = field(default_factory=list)  # when usage is missing
+    # The provider may have worked on the request (and bills it): it answered 2xx, timed
+    # out, was cut, or the app went away after the request was sent. Its prompt counts
+    # even when no usage came back. False: refused, never sent, or the provider's error.
+    billable: bool = False
+    attempts: int | None = None  # upstream tries (Envoy's count, retries included)
     decision: Decision | None = None  # None: from the status
     error_code: str | None = None
     error_message: str | None = None
@@ -63,8 +71,21 @@ def new_record(facts: Facts) -> UsageRecord:
     )
 
 
-async def finish(gw: Gateway, facts: Facts, ending: Ending, recorded_by: str) -> UsageRecord:
-    """Write the request's record and settle what it reserved. Never raises."""
+# Who wrote a record when Envoy's usage log had to stand in for the part of the gateway
+# that owned the request (another replica, or this process before a crash): such a
+# record never replaces the owner's (see ext_proc.usage.record.RECORDER_RANK).
+FALLBACK_RECORDER = "access_log_fallback"
+
+
+async def finish(
+    gw: Gateway, facts: Facts, ending: Ending, recorded_by: str, *, settle: bool = True
+) -> UsageRecord:
+    """Write the request's record and settle what it reserved. Never raises.
+
+    ``settle=False`` (fallback records): the record only; reservations, post-checks and
+    request metrics belong to whoever owned the request.
+    """
+    gw.recorded.add(facts.request_id)  # before any await: the usage log may be read now
     rec = new_record(facts)
     rec.recorded_by = recorded_by
     rec.status_code = ending.status or CLIENT_CLOSED_REQUEST
@@ -73,6 +94,7 @@ async def finish(gw: Gateway, facts: Facts, ending: Ending, recorded_by: str) ->
     rec.response_bytes = ending.response_bytes
     rec.partial = ending.partial or rec.status_code == CLIENT_CLOSED_REQUEST
     rec.response_model = ending.response_model
+    rec.attempts = ending.attempts
     rec.policy = ending.policy
     rec.error_message = ending.error_message
     status = rec.status_code
@@ -86,7 +108,8 @@ async def finish(gw: Gateway, facts: Facts, ending: Ending, recorded_by: str) ->
         )
     try:
         await _fill_tokens(gw, rec, facts, ending)
-        if rec.decision != "denied":
+        rec.cost_usd = _cost(facts, rec)
+        if settle and rec.decision != "denied":
             rt = gw.runtime
             bound = rt.engine.bound(facts.app_id, facts.environment) if facts.app_id else None
             if bound is not None and not bound.empty:
@@ -98,6 +121,7 @@ async def finish(gw: Gateway, facts: Facts, ending: Ending, recorded_by: str) ->
                     latency_ms=rec.latency_ms or 0.0,
                     response_size_bytes=rec.response_bytes or 0,
                     failed=not rec.total_tokens or status >= 400,
+                    cost_usd=rec.cost_usd,
                 )
                 violations = await rt.engine.settle(
                     bound, facts.policy_facts(), facts.reservations, outcome
@@ -106,34 +130,44 @@ async def finish(gw: Gateway, facts: Facts, ending: Ending, recorded_by: str) ->
     except Exception:  # accounting must never lose the record
         log.exception("request %s: settling failed; the record is written anyway", facts.request_id)
         gw.metrics.stream_errors.labels(kind="settle").inc()
-    gw.usage.submit(rec)
-    observe(gw, facts, rec)
+    gw.record(rec)
+    if settle:
+        observe(gw, facts, rec)
     return rec
 
 
 async def _fill_tokens(gw: Gateway, rec: UsageRecord, facts: Facts, ending: Ending) -> None:
+    """The token rules of every record, in one place (README "Usage records"):
+
+    - reported by the provider (prompt and completion) -> exact;
+    - otherwise, for a request the provider may have worked on (``Ending.billable``: it
+      answered, timed out, was cut or cancelled) -> counted: the provider's prompt count
+      if it gave one (Anthropic's ``message_start``), else the gateway's estimate, and
+      the completion counted from what was delivered (0 if nothing), marked estimated;
+    - refused by the gateway, or never worked on (the provider's own error answer, a
+      connection that never opened) -> 0 tokens.
+    Never "0 tokens, exact" for work a provider did; a placeholder count is never final.
+    """
     usage = ending.usage
-    if usage is not None and usage.prompt_tokens is not None:
-        rec.prompt_tokens = usage.prompt_tokens
-        rec.completion_tokens = usage.completion_tokens or 0
-        rec.total_tokens = (
-            usage.total_tokens
-            if usage.total_tokens is not None
-            else rec.prompt_tokens + rec.completion_tokens
-        )
+    if usage is not None:
         rec.cached_tokens = usage.cached_tokens
         rec.cache_creation_tokens = usage.cache_creation_tokens
         rec.reasoning_tokens = usage.reasoning_tokens
-        return
+        if usage.prompt_tokens is not None and usage.completion_tokens is not None:
+            rec.prompt_tokens = usage.prompt_tokens
+            rec.completion_tokens = usage.completion_tokens
+            rec.total_tokens = (
+                usage.total_tokens
+                if usage.total_tokens is not None
+                else rec.prompt_tokens + rec.completion_tokens
+            )
+            return
     delivered = ending.delivered_text
-    status = rec.status_code or 0
-    if rec.decision == "denied" or (
-        status >= 400 and status != CLIENT_CLOSED_REQUEST and not delivered
-    ):
-        # Refused, or the provider answered an error: nothing was generated or billed.
+    if rec.decision == "denied" or not (ending.billable or delivered):
         rec.prompt_tokens = rec.completion_tokens = rec.total_tokens = 0
         return
-    prompt = facts.estimated_tokens or 0
+    reported = usage.prompt_tokens if usage is not None else None
+    prompt = reported if reported is not None else facts.estimated_tokens or 0
     completion = (
         await estimator.count_texts_async(
             facts.deployment or facts.model, delivered, encoding=_encoding_of(gw, facts)
@@ -145,6 +179,17 @@ async def _fill_tokens(gw: Gateway, rec: UsageRecord, facts: Facts, ending: Endi
     rec.completion_tokens = completion
     rec.total_tokens = prompt + completion
     rec.tokens_estimated = True
+
+
+def _cost(facts: Facts, rec: UsageRecord) -> Decimal | None:
+    """The request's cost at the price it started with (carried in its facts, so a
+    price change meanwhile does not reprice it); None when its model has no price."""
+    price = Price.decode(facts.price) if facts.price else None
+    if price is None:
+        return None
+    return price.cost_usd(
+        rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens, rec.cache_creation_tokens
+    )
 
 
 def _encoding_of(gw: Gateway, facts: Facts) -> str | None:

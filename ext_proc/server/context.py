@@ -44,6 +44,31 @@ class Runtime:
     limits: RequestLimits = RequestLimits()
 
 
+class RecentIds:
+    """The last ``capacity`` request ids recorded by this process (an insertion-ordered
+    dict used as a bounded set: O(1) add and lookup, the oldest dropped first)."""
+
+    __slots__ = ("_capacity", "_ids")
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._ids: dict[str, None] = {}
+
+    def add(self, request_id: str) -> None:
+        ids = self._ids
+        ids[request_id] = None
+        if len(ids) > self._capacity:
+            del ids[next(iter(ids))]
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._ids
+
+
+# Request ids remembered as "recorded here": far more than the requests whose usage-log
+# lines can be waiting to be read (a few seconds' worth at thousands per second).
+RECENT_RECORDS = 200_000
+
+
 class Gateway:
     """Process-wide collaborators of the request processors."""
 
@@ -55,6 +80,15 @@ class Gateway:
         self.metrics = metrics
         self.auth = auth
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Requests whose record this process handed to the writer. The usage log reader
+        # skips their lines; a line it does not find here (another replica's request, or
+        # one this process lost in a crash) becomes a fallback record.
+        self.recorded = RecentIds(RECENT_RECORDS)
+
+    def record(self, record: UsageRecord) -> None:
+        """Hand a finished request's record to the writer (never raises)."""
+        self.usage.submit(record)
+        self.recorded.add(record.request_id)
 
     def swap_runtime(self, runtime: Runtime) -> None:
         self.runtime = runtime

@@ -1,7 +1,7 @@
 """What the request side decided, carried to whoever finishes the request.
 
 The request processor (one ext_proc message per request) decides; the usage record is
-written later by the access-log handler (plain responses) or by the response processor
+written later by the usage-log reader (plain responses) or by the response processor
 (streams and translated answers), possibly in another process. Everything they need
 travels in Envoy's dynamic metadata, namespace ``gw``: one string of compact JSON with
 short keys (it is forwarded with every response-body message, so it stays small). Provider
@@ -17,12 +17,16 @@ import orjson
 from google.protobuf import struct_pb2
 
 from ext_proc.policies.base import RequestFacts
+from ext_proc.usage.pricing import Price
 
-NAMESPACE = "gw"  # request facts: read by the access log and the response processor
+NAMESPACE = "gw"  # request facts: read by the usage log reader and the response processor
 ROUTE_NAMESPACE = "gw_route"  # routing + credentials for the Lua filter (scrubbed after use)
 RESPONSE_NAMESPACE = "gw_response"  # set by the response processor: "it wrote the record"
 USAGE_NAMESPACE = "gw_usage"  # set by Envoy's json_to_metadata from a JSON response body
 FIELD = "f"  # the field of NAMESPACE that holds the facts (compact JSON)
+# Beside the facts of a request the gateway answered itself: [decision, policy, code],
+# so that its record can be rebuilt from Envoy's usage log (see server/envoy_log.py).
+DENIAL_FIELD = "d"
 
 
 @dataclass(slots=True)
@@ -53,6 +57,7 @@ class Facts:
     # owns the record.
     response_processor: bool = False
     reservations: dict[str, int] = field(default_factory=dict)  # token limit -> units taken
+    price: str = ""  # the served model's price, ``Price.encode()``d ("" = none known)
 
     def policy_facts(self) -> RequestFacts:
         return RequestFacts(
@@ -70,6 +75,8 @@ class Facts:
             max_tokens=self.max_tokens,
             estimated_tokens=self.estimated_tokens or 0,
             generates=self.operation != "embeddings",
+            price=Price.decode(self.price) if self.price else None,
+            started=self.started,
         )
 
     # The metadata form: one string field holding compact JSON with short keys (one
@@ -103,6 +110,8 @@ class Facts:
             out["rp"] = True
         if self.reservations:
             out["res"] = self.reservations
+        if self.price:
+            out["pr"] = self.price
         return orjson.dumps(out).decode()
 
     def write_to(self, struct: struct_pb2.Struct) -> None:
@@ -115,8 +124,13 @@ class Facts:
         value = struct.fields.get(FIELD)
         if value is None:
             return None
+        return cls.from_json(value.string_value)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Facts | None:
+        """The facts from their metadata form (``to_json``), or None when it is junk."""
         try:
-            d = orjson.loads(value.string_value)
+            d = orjson.loads(text)
         except orjson.JSONDecodeError:
             return None
         if not isinstance(d, dict) or "id" not in d:
@@ -145,4 +159,5 @@ class Facts:
             include_usage=bool(d.get("iu")),
             response_processor=bool(d.get("rp")),
             reservations={str(k): int(v) for k, v in res.items()} if isinstance(res, dict) else {},
+            price=d["pr"] if isinstance(d.get("pr"), str) else "",
         )

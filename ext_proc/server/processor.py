@@ -7,7 +7,7 @@ body-less ``GET /v1/models``, or a deployment that prefers refusing floods befor
 bodies are read). The answer is either a denial (an immediate response, and the usage
 record written now) or the routing decision as dynamic metadata — the path, provider,
 and credential headers for the Lua filter (``gw_route``), and the request's facts for
-whoever finishes it (``gw``: the access-log handler, or the response processor for
+whoever finishes it (``gw``: the usage-log reader, or the response processor for
 streams and translated answers). Nothing here waits on Postgres.
 """
 
@@ -32,7 +32,7 @@ from ext_proc.routing.translate.base import TranslationError
 from ext_proc.server import responses as r
 from ext_proc.server.completion import Ending, finish
 from ext_proc.server.context import Gateway, Runtime
-from ext_proc.server.facts import NAMESPACE, ROUTE_NAMESPACE, Facts
+from ext_proc.server.facts import DENIAL_FIELD, NAMESPACE, ROUTE_NAMESPACE, Facts
 from ext_proc.stores.cache import CacheUnavailable
 from ext_proc.tokens import estimator
 
@@ -239,6 +239,7 @@ class RequestProcessor:
         route = self._resolve(endpoint, body)
         facts.provider = route.provider.name
         facts.deployment = route.deployment
+        facts.price = route.price_code
         facts.catalog_model = route.model.name
         facts.response_format = route.adapter.response_format
         stream = body.get("stream", False)
@@ -478,7 +479,7 @@ class RequestProcessor:
         headers = error.headers
         if self._bound.limited and not headers:
             headers = tuple(PolicyEngine.response_headers(self._limit_state))
-        return r.immediate(
+        response = r.immediate(
             error.status,
             error.message,
             code=error.code,
@@ -487,6 +488,14 @@ class RequestProcessor:
             headers=headers,
             anthropic=self._endpoint is not None and self._endpoint.style == "anthropic",
         )
+        # The request's facts and the decision go with the answer into Envoy's usage log:
+        # if this process dies before its record is written, the log has what it needs.
+        gw = response.dynamic_metadata.fields[NAMESPACE].struct_value
+        self._facts.write_to(gw)
+        gw.fields[DENIAL_FIELD].string_value = orjson.dumps(
+            [error.decision, error.policy, error.code]
+        ).decode()
+        return response
 
     def internal_error(self, exc: BaseException) -> pb.ProcessingResponse:
         log.error("request %s failed in the gateway", self._facts.request_id, exc_info=exc)
@@ -502,7 +511,7 @@ class RequestProcessor:
 
     def close(self, *, cancelled: bool) -> None:
         """The request side's stream ended. A request that was forwarded is finished by
-        the access log or the response processor; nothing to do here."""
+        the usage log or the response processor; nothing to do here."""
 
     def _record_now(self, ending: Ending) -> None:
         if not self._facts.request_id:  # failed before the request was even read

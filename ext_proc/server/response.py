@@ -1,12 +1,13 @@
 """The response side of a stream or a translated answer, from a second ext_proc filter.
 
 Envoy routes a response here only when the request side asked for it (``stream`` or a
-translation); plain JSON answers are accounted from the access log instead, without a
-single message through Python. The request's facts arrive forwarded from the request
+translation); plain JSON answers are accounted from Envoy's usage log instead, without
+a single message through Python. The request's facts arrive forwarded from the request
 side's metadata (``gw``). This processor counts exactly what the app received: the
 provider's usage when its stream reports it, otherwise the delivered text, including
 when the app cancels or the provider cuts the stream. It then writes the record; its
-first answer marks the request (``gw_response``) so the access log does not write it too.
+first answer marks the request (``gw_response``) so the usage log reader does not write
+it too. Any content-type spelling, none at all, and compressed answers are read.
 """
 
 from __future__ import annotations
@@ -22,23 +23,36 @@ from ext_proc.server import responses as r
 from ext_proc.server.completion import Ending, finish
 from ext_proc.server.context import Gateway
 from ext_proc.server.facts import NAMESPACE, RESPONSE_NAMESPACE, Facts
+from ext_proc.tokens.bodies import Decoder, decoder_for, is_event_stream, looks_like_sse
 from ext_proc.tokens.parsers import new_stream_parser, parse_json
 from ext_proc.tokens.parsers.base import StreamParser
+from ext_proc.tokens.types import ResponseSummary
 
 log = logging.getLogger(__name__)
 
-_EVENT_STREAM = "text/event-stream"
+# What the response filter attaches to its first message (see envoy_config.py).
+RESPONSE_ATTRIBUTES = ("response.code_details",)
+_ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
+# Envoy's own answers for a request that never reached the provider (nothing to bill).
+_NEVER_SENT_DETAILS = ("connection_failure", "no_healthy_upstream", "overflow", "route_not_found")
+
 _RECORDED = struct_pb2.Struct()
 _RECORDED.update({RESPONSE_NAMESPACE: {"recorded": "1"}})
+# Streamed bodies keep at most this much of their start, to read an answer that turned
+# out not to be SSE (an error JSON without a content type, to a stream request).
+_SNIFF_BYTES = 64 * 1024
 
 
 class ResponseProcessor:
     __slots__ = (
+        "_billable",
         "_bytes",
+        "_decoder",
         "_ended",
         "_facts",
         "_finished",
         "_gw",
+        "_head",
         "_json",
         "_parser",
         "_status",
@@ -52,7 +66,7 @@ class ResponseProcessor:
         self._facts = Facts.from_struct(forwarded) if forwarded is not None else None
         if self._facts is None:
             # Misconfigured Envoy (metadata not forwarded): pass the answer through and
-            # leave the record to the access log.
+            # leave the record to the usage log.
             log.error(
                 "response processor got no request facts; check the Envoy config's "
                 "metadata_options.forwarding_namespaces"
@@ -60,11 +74,14 @@ class ResponseProcessor:
         self._status = 0
         self._parser: StreamParser | None = None
         self._json: bytearray | None = None
+        self._head: bytearray | None = None  # a stream's first bytes (see _SNIFF_BYTES)
+        self._decoder: Decoder | None = None  # a body the provider compressed
         self._translator: ResponseTranslator | None = None
         self._t_first: float | None = None
         self._bytes = 0
         self._finished = self._facts is None
         self._ended = False
+        self._billable = False
 
     @property
     def done(self) -> bool:
@@ -75,18 +92,34 @@ class ResponseProcessor:
         self, msg: pb.HttpHeaders, request: pb.ProcessingRequest
     ) -> pb.ProcessingResponse:
         facts = self._facts
-        status = content_type = ""
+        status = content_type = encoding = ""
         for h in msg.headers.headers:
-            if h.key == ":status":
+            key = h.key
+            if key == ":status":
                 status = h.raw_value.decode() if h.raw_value else h.value
-            elif h.key == "content-type":
-                content_type = h.raw_value.decode() if h.raw_value else h.value
+            elif key == "content-type":
+                content_type = h.raw_value.decode("latin-1") if h.raw_value else h.value
+            elif key == "content-encoding":
+                encoding = h.raw_value.decode("latin-1") if h.raw_value else h.value
         self._status = int(status) if status.isdigit() else 0
+        self._billable = _billable(self._status, request)
         if facts is None:
-            return r.CONTINUE_RESPONSE_HEADERS
-        streamed = content_type.startswith(_EVENT_STREAM)
+            return r.continue_response_headers()
+        # SSE by its content type in any spelling; with none at all, by what the app
+        # asked for (read as JSON at the end if it turns out not to be SSE).
+        streamed = is_event_stream(content_type) or (not content_type and facts.stream)
         if streamed:
             self._parser = new_stream_parser(facts.response_format)
+            self._head = bytearray()
+        if encoding and encoding.strip().lower() not in ("identity", ""):
+            self._decoder = decoder_for(encoding)
+            if self._decoder is None:
+                log.warning(
+                    "request %s: the provider's answer has content-encoding %r; its usage "
+                    "cannot be read",
+                    facts.request_id,
+                    encoding[:40],
+                )
         if facts.translation:
             factory = RESPONSE_TRANSLATORS.get(facts.translation)
             if factory is not None:
@@ -95,24 +128,39 @@ class ResponseProcessor:
             self._ended = True
             self._finish(cancelled=False)
         if self._translator is not None:
-            # Rewritten into the app's API: its length changes, and a buffered answer (JSON
-            # or an error page) always becomes JSON.
+            # Rewritten into the app's API: its length changes, it is sent decoded, and a
+            # buffered answer (JSON or an error page) always becomes JSON.
             set_headers = [] if streamed else [("content-type", "application/json")]
+            remove = (
+                ("content-length", "content-encoding") if self._decoder else ("content-length",)
+            )
             return r.continue_response_headers(
-                set_headers, remove=("content-length",), stream_body=streamed, metadata=_RECORDED
+                set_headers, remove=remove, stream_body=streamed, metadata=_RECORDED
             )
         return r.continue_response_headers(stream_body=streamed, metadata=_RECORDED)
 
     async def on_response_body(
         self, msg: pb.HttpBody, request: pb.ProcessingRequest
     ) -> pb.ProcessingResponse:
-        chunk = msg.body
-        self._bytes += len(chunk)
-        if self._t_first is None and chunk:
+        raw = msg.body
+        self._bytes += len(raw)
+        if self._t_first is None and raw:
             self._t_first = time.time()
+        decoder = self._decoder
+        chunk = raw if decoder is None else decoder.decode(raw)
+        if msg.end_of_stream and decoder is not None:
+            chunk += decoder.flush()
         parser = self._parser
         if parser is not None:
             parser.feed(chunk)
+            head = self._head
+            if head is not None:
+                # Kept only until the body shows what it is: SSE (the usual case: dropped
+                # at its first event) or something else (kept, to be read as JSON).
+                head += chunk[: _SNIFF_BYTES - len(head)]
+                start = head.lstrip()
+                if len(start) >= 6 and looks_like_sse(bytes(start[:6])):
+                    self._head = None
         elif chunk:
             if self._json is None:
                 self._json = bytearray(chunk)
@@ -146,6 +194,22 @@ class ResponseProcessor:
         """The stream ended: normally, or cancelled (app gone, upstream reset)."""
         self._finish(cancelled=True)  # a no-op when end_of_stream already finished it
 
+    def _summary(self) -> tuple[ResponseSummary | None, bool]:
+        """What the answer said, and whether it was read as a stream."""
+        facts = self._facts
+        assert facts is not None
+        parser = self._parser
+        if parser is not None:
+            summary = parser.finish()
+            head = self._head
+            if summary.events == 0 and head and not looks_like_sse(bytes(head.lstrip()[:6])):
+                # Not SSE after all (an error JSON without a content type, say).
+                return parse_json(facts.response_format, bytes(head)), False
+            return summary, True
+        if self._json is not None:
+            return parse_json(facts.response_format, bytes(self._json)), False
+        return None, False
+
     def _finish(self, *, cancelled: bool) -> None:
         if self._finished:
             return
@@ -153,11 +217,7 @@ class ResponseProcessor:
         facts = self._facts
         assert facts is not None
         now = time.time()
-        summary = None
-        if self._parser is not None:
-            summary = self._parser.finish()
-        elif self._json is not None:
-            summary = parse_json(facts.response_format, bytes(self._json))
+        summary, streamed = self._summary()
         complete = summary is not None and summary.complete
         ending = Ending(
             status=self._status,
@@ -168,9 +228,29 @@ class ResponseProcessor:
                 else None
             ),
             response_bytes=self._bytes or None,
-            partial=cancelled or (self._parser is not None and not complete),
+            # A stream without its terminal event is an incomplete answer whatever cut
+            # it; any answer the app stopped reading before its end is partial, unless it
+            # had already received all of it (the openai SDK closes right after [DONE]);
+            # so is Envoy's error for a request it gave up on (a timeout, a reset).
+            partial=(not complete if streamed else cancelled and not complete)
+            or (self._billable and self._status >= 400),
             usage=summary.usage if summary is not None else None,
             response_model=summary.response_model if summary is not None else None,
             delivered_text=summary.delivered_text if summary is not None else [],
+            billable=self._billable,
         )
         self._gw.spawn(finish(self._gw, facts, ending, "response"))
+
+
+def _billable(status: int, request: pb.ProcessingRequest) -> bool:
+    """Whether the provider may have worked on the request (``Ending.billable``): it
+    answered 2xx, or Envoy answered for it after sending the request (a timeout, a reset);
+    not the provider's own error answer, nor a connection that never opened."""
+    if status < 400:
+        return True
+    struct = request.attributes.get(_ATTRIBUTES_KEY)
+    value = struct.fields.get("response.code_details") if struct is not None else None
+    details = value.string_value if value is not None else ""
+    if not details or details == "via_upstream":
+        return False
+    return not any(marker in details for marker in _NEVER_SENT_DETAILS)

@@ -28,6 +28,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
@@ -44,6 +45,7 @@ from ext_proc.config.model import (
     Policy,
     Provider,
 )
+from ext_proc.usage.pricing import Price, json_number
 
 # What a config loaded from the catalog names as its source (and its issues' file).
 POSTGRES_SOURCE = "postgres"
@@ -181,6 +183,18 @@ def model_spec(model: Model) -> Spec:
         spec["encoding"] = model.encoding
     if model.aliases:
         spec["aliases"] = list(model.aliases)
+    if model.price is not None:
+        spec["price"] = price_spec(model.price)
+    return spec
+
+
+def price_spec(price: Price) -> Spec:
+    """A model's ``price:`` as numbers (stored in the model's ``config`` jsonb)."""
+    spec: Spec = {"input": json_number(price.input), "output": json_number(price.output)}
+    if price.cached_input is not None:
+        spec["cached_input"] = json_number(price.cached_input)
+    if price.cache_write is not None:
+        spec["cache_write"] = json_number(price.cache_write)
     return spec
 
 
@@ -189,7 +203,8 @@ def policy_spec(policy: Policy) -> Spec:
 
     Parameters are read generically from the params dataclass (a field per YAML key,
     compared fields only: compiled programs and derived lookups are rebuilt on load).
-    Floats are durations: a ``ParamReader`` has no other way to produce one.
+    Floats are durations: a ``ParamReader`` has no other way to produce one (amounts of
+    money are ``Decimal``).
     """
     spec: Spec = {"type": policy.type}
     for field in dataclasses.fields(policy.params):
@@ -228,6 +243,8 @@ def duration_text(seconds: float) -> str | float:
 
 
 def _param_value(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return json_number(value)
     if isinstance(value, float):
         return duration_text(value)
     if isinstance(value, tuple | list):

@@ -10,7 +10,10 @@ Key layout (keys arrive fully qualified; the caller owns the prefix):
 - a limit key holds its TAT as a float string (``%.17g``: round-trips exactly) with a
   PEXPIRE of the time until the bucket is full again, so idle keys vanish;
 - a cooldown key holds ``1`` with a PEXPIRE of the cooldown; it is active while it
-  exists.
+  exists;
+- a calendar-period counter (a budget's ``period: month``) holds the units used in the
+  period, its key names the period, and it expires when the period ends (the caller
+  sends the seconds left: the period's calendar is the caller's, its clock is UTC).
 
 The Lua repeats the Python arithmetic operation for operation (both are IEEE doubles),
 so for the same inputs both produce the same bits (durations are sent back as whole
@@ -29,7 +32,7 @@ from typing import Any, Protocol
 
 from redis.exceptions import NoScriptError
 
-from ext_proc.policies.limiter import SLACK, AcquireResult, LimitResult, LimitSpec
+from ext_proc.policies.limiter import SLACK, AcquireResult, LimitResult, LimitSpec, fixed_left
 
 # Both limit scripts start by reading the clock: the server's TIME, or ARGV[1] when a
 # test passes ``now`` ('' = TIME). Sets ``now`` (seconds, a double).
@@ -45,7 +48,8 @@ end
 
 # KEYS: the cooldown keys (ARGV[2] of them), then one key per limit.
 # ARGV: now override ('' = server TIME), cooldown key count, then per limit:
-#       limit, window (s), cost.
+#       limit, window (s), cost, period left (s; 0 = a GCRA bucket, > 0 = a calendar-
+#       period counter ending in that many seconds).
 # Reply: one string of space-separated numbers: allowed 0|1, index of the longest
 #        active cooldown (0 = none), its PTTL ms, then per limit: allowed 0|1,
 #        remaining, reset_after µs, retry_after µs (-1 = never).
@@ -53,7 +57,9 @@ end
 # element (a 1-limit reply was 16 µs slower as an array). Durations go back as whole
 # microseconds rounded up (a client that waits that long is never early), so Lua
 # formats no floats; the TAT itself is stored with all its bits.
-# Mirrors limiter.acquire_all (+ acquire, remaining_units, peek).
+# Mirrors limiter.acquire_all (+ acquire, remaining_units, peek, acquire_fixed).
+# ``remaining`` is written with %d: tostring would switch to exponent notation from
+# 1e14 units (a budget's nano-dollars reach that).
 _ACQUIRE_LUA = (
     _NOW_LUA
     + """local slack = @SLACK@
@@ -61,9 +67,14 @@ local floor, ceil = math.floor, math.ceil
 
 local function remaining(used, window, interval, limit)
   local units = floor((window - used + slack) / interval)
-  if units < 0 then return 0 end
-  if units > limit then return limit end
-  return units
+  if units < 0 then return '0' end
+  if units > limit then return string.format('%d', limit) end
+  return string.format('%d', units)
+end
+
+local function units_left(limit, used)
+  if used < limit then return string.format('%d', limit - used) end
+  return '0'
 end
 
 local ncool = tonumber(ARGV[2])
@@ -76,38 +87,59 @@ local ok = cool_i == 0
 
 local out = {0, cool_i, cool_ms}
 local used = {}
-local pending = {}  -- key -> new TAT, written only if every limit allows
+local pending = {}  -- key -> new TAT (or period count), written only if every limit allows
+local fixed = {}  -- key -> seconds its period has left, for period counters
 for j = 1, #KEYS - ncool do
   local key = KEYS[ncool + j]
-  local limit = tonumber(ARGV[3 * j])
-  local window = tonumber(ARGV[3 * j + 1])
-  local cost = tonumber(ARGV[3 * j + 2])
+  local limit = tonumber(ARGV[4 * j - 1])
+  local window = tonumber(ARGV[4 * j])
+  local cost = tonumber(ARGV[4 * j + 1])
+  local left = tonumber(ARGV[4 * j + 2])
   local interval = window / limit
   local tat = pending[key]
   if tat == nil then
     local v = redis.call('GET', key)
     if v then tat = tonumber(v) end
   end
-  local base = now
-  if tat ~= nil and tat >= now then base = tat end
-  local u = base - now
-  used[j] = u
   local k = 4 * j
-  if cost > limit then
-    ok = false
-    out[k], out[k + 1], out[k + 2], out[k + 3] =
-      0, remaining(u, window, interval, limit), ceil(u * 1000000), -1
+  if left > 0 then
+    -- A calendar-period counter (limiter.acquire_fixed): ``tat`` is the period's count.
+    fixed[key] = left
+    local u = tat or 0
+    used[j] = u
+    local reset = ceil(left * 1000000)
+    if cost > limit then
+      ok = false
+      out[k], out[k + 1], out[k + 2], out[k + 3] = 0, units_left(limit, u), reset, -1
+    elseif u + cost > limit then
+      ok = false
+      out[k], out[k + 1], out[k + 2], out[k + 3] = 0, units_left(limit, u), reset, reset
+    else
+      out[k], out[k + 1], out[k + 2], out[k + 3] = 1, units_left(limit, u + cost), reset, 0
+      if cost > 0 then pending[key] = u + cost end
+    end
   else
-    local nt = base + cost * interval
-    local a = nt - now
-    if a > window + slack then
+    -- A GCRA bucket (limiter.acquire): ``tat`` is its theoretical arrival time.
+    local base = now
+    if tat ~= nil and tat >= now then base = tat end
+    local u = base - now
+    used[j] = u
+    if cost > limit then
       ok = false
       out[k], out[k + 1], out[k + 2], out[k + 3] =
-        0, remaining(u, window, interval, limit), ceil(u * 1000000), ceil((a - window) * 1000000)
+        0, remaining(u, window, interval, limit), ceil(u * 1000000), -1
     else
-      out[k], out[k + 1], out[k + 2], out[k + 3] =
-        1, remaining(a, window, interval, limit), ceil(a * 1000000), 0
-      if cost > 0 then pending[key] = nt end
+      local nt = base + cost * interval
+      local a = nt - now
+      if a > window + slack then
+        ok = false
+        out[k], out[k + 1], out[k + 2], out[k + 3] =
+          0, remaining(u, window, interval, limit), ceil(u * 1000000), ceil((a - window) * 1000000)
+      else
+        out[k], out[k + 1], out[k + 2], out[k + 3] =
+          1, remaining(a, window, interval, limit), ceil(a * 1000000), 0
+        if cost > 0 then pending[key] = nt end
+      end
     end
   end
 end
@@ -115,19 +147,28 @@ end
 if ok then
   out[1] = 1
   for key, nt in pairs(pending) do
-    redis.call('SET', key, string.format('%.17g', nt),
-               'PX', math.max(1, ceil((nt - now) * 1000)))
+    local left = fixed[key]
+    if left then
+      redis.call('SET', key, string.format('%.17g', nt), 'PX', math.max(1, ceil(left * 1000)))
+    else
+      redis.call('SET', key, string.format('%.17g', nt),
+                 'PX', math.max(1, ceil((nt - now) * 1000)))
+    end
   end
 else
   -- Nothing is consumed: limits that would have allowed show their untouched state.
   for j = 1, #KEYS - ncool do
     local k = 4 * j
     if out[k] == 1 then
-      local limit = tonumber(ARGV[3 * j])
-      local window = tonumber(ARGV[3 * j + 1])
+      local limit = tonumber(ARGV[4 * j - 1])
       local u = used[j]
-      out[k + 1] = remaining(u, window, window / limit, limit)
-      out[k + 2] = ceil(u * 1000000)
+      if tonumber(ARGV[4 * j + 2]) > 0 then
+        out[k + 1] = units_left(limit, u)
+      else
+        local window = tonumber(ARGV[4 * j])
+        out[k + 1] = remaining(u, window, window / limit, limit)
+        out[k + 2] = ceil(u * 1000000)
+      end
     end
   end
 end
@@ -135,13 +176,25 @@ return table.concat(out, ' ')
 """
 ).replace("@SLACK@", repr(SLACK))
 
-# KEYS[1]: the limit key. ARGV: now override ('' = TIME), limit, window, delta.
-# Mirrors limiter.adjust; a full bucket (new TAT <= now) deletes the key. Reply: 0.
+# KEYS[1]: the limit key. ARGV: now override ('' = TIME), limit, window, delta, period
+# left (s; 0 = a GCRA bucket). Mirrors limiter.adjust (a full bucket, new TAT <= now,
+# deletes the key) and limiter.adjust_fixed (a count of 0 deletes it). Reply: 0.
 _ADJUST_LUA = (
     _NOW_LUA
     + """local limit = tonumber(ARGV[2])
 local window = tonumber(ARGV[3])
 local delta = tonumber(ARGV[4])
+local left = tonumber(ARGV[5])
+if left > 0 then
+  local v = redis.call('GET', KEYS[1])
+  local n = (v and tonumber(v) or 0) + delta
+  if n <= 0 then
+    redis.call('DEL', KEYS[1])
+  else
+    redis.call('SET', KEYS[1], string.format('%.17g', n), 'PX', math.max(1, math.ceil(left * 1000)))
+  end
+  return 0
+end
 local interval = window / limit
 local base = now
 local v = redis.call('GET', KEYS[1])
@@ -226,6 +279,7 @@ class RedisLimits:
             args.append(spec.limit)
             args.append(spec.window)
             args.append(spec.cost)
+            args.append(0 if spec.period_left is None else fixed_left(spec))
         fields = (await self._acquire(self._redis, ncool + len(specs), args)).split()
         results = []
         k = 3
@@ -250,11 +304,24 @@ class RedisLimits:
         )
 
     async def adjust(self, spec: LimitSpec, delta: int, *, now: float | None = None) -> None:
-        """Consume ``delta`` more units (> 0, may go into debt) or refund (< 0)."""
+        """Consume ``delta`` more units (> 0, may go into debt) or refund (< 0). On a
+        calendar-period counter whose period has ended, nothing is left to settle."""
         if delta == 0:
             return
+        left = spec.period_left
+        if left is not None and left <= 0:
+            return
         await self._adjust(
-            self._redis, 1, [spec.key, b"" if now is None else now, spec.limit, spec.window, delta]
+            self._redis,
+            1,
+            [
+                spec.key,
+                b"" if now is None else now,
+                spec.limit,
+                spec.window,
+                delta,
+                0 if left is None else left,
+            ],
         )
 
     async def set_cooldown(self, key: str, seconds: float) -> None:

@@ -176,6 +176,8 @@ class _Collector:
             if type(name) is str:
                 self.fixed += TOKENS_PER_NAME
                 self.short(name)
+        # A tool result names the call it answers: the id is part of the prompt.
+        self.text(message.get("tool_call_id"))
         tool_calls = message.get("tool_calls")
         if type(tool_calls) is list:
             # Counted on any message that carries them (only assistant messages do in a
@@ -183,6 +185,7 @@ class _Collector:
             for call in tool_calls:
                 if type(call) is dict:
                     self.fixed += TOKENS_PER_TOOL_CALL
+                    self.text(call.get("id"))  # unique: not worth caching
                     function = call.get("function")
                     if type(function) is dict:
                         self.short(function.get("name"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
+from decimal import Decimal
 from operator import attrgetter
 from typing import Literal
 
@@ -54,6 +55,10 @@ class UsageRecord:
     policy_violations: list[str] | None = None  # post-check policies that flagged this call
     # "request" | "response" | "access_log": which part of the gateway finished it
     recorded_by: str | None = None
+    # USD at the price in force when the request ran (ext_proc.usage.pricing), exact to
+    # 1e-10; None only when the model has no price.
+    cost_usd: Decimal | None = None
+    attempts: int | None = None  # upstream tries (fallbacks and retries included)
 
 
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(UsageRecord))
@@ -61,9 +66,30 @@ COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(UsageRecord))
 _ROW = attrgetter(*COLUMNS)
 
 
-# When two parts of the gateway record the same request (a race at a reset upstream),
-# the access log's record replaces the other: it is what Envoy actually sent the app.
-PREFERRED_RECORDER = "access_log"
+# When two records of one request reach the table, the higher rank wins (equal ranks:
+# the first stays). The access log's record of a plain answer is Envoy's own account of
+# what the app received; the request side's and the response processor's are exact for
+# what they own; a fallback rebuilt from the usage log for a request another process
+# owned (or lost in a crash) only stands in until the owner's record lands.
+RECORDER_RANK: dict[str | None, int] = {
+    "access_log_fallback": 0,
+    None: 1,
+    "request": 1,
+    "response": 1,
+    "access_log": 2,
+}
+
+
+def rank(record: UsageRecord) -> int:
+    return RECORDER_RANK.get(record.recorded_by, 1)
+
+
+def rank_sql(column: str) -> str:
+    """The same ranking as a SQL expression over a ``recorded_by`` column."""
+    cases = " ".join(
+        f"WHEN '{name}' THEN {value}" for name, value in RECORDER_RANK.items() if name is not None
+    )
+    return f"(CASE {column} {cases} ELSE 1 END)"
 
 
 def record_row(record: UsageRecord) -> tuple[object, ...]:

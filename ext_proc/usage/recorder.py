@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from ext_proc.metrics import Metrics
-from ext_proc.usage.record import COLUMNS, PREFERRED_RECORDER, UsageRecord, record_row
+from ext_proc.usage.record import COLUMNS, UsageRecord, rank, rank_sql, record_row
 from ext_proc.usage.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -49,12 +49,11 @@ _CREATE_STAGING = (
     "(LIKE usage_records INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
 )
 # A replayed batch never duplicates a row; a second record of one request replaces the
-# first only when it is the access log's (see record.PREFERRED_RECORDER).
+# first only when it ranks higher (see record.RECORDER_RANK).
 _ON_CONFLICT = (
     "ON CONFLICT (request_id) DO UPDATE SET "
     f"({_COLUMN_LIST}) = ({', '.join('EXCLUDED.' + c for c in COLUMNS)}) "
-    f"WHERE EXCLUDED.recorded_by = '{PREFERRED_RECORDER}' "
-    f"AND usage_records.recorded_by IS DISTINCT FROM '{PREFERRED_RECORDER}'"
+    f"WHERE {rank_sql('EXCLUDED.recorded_by')} > {rank_sql('usage_records.recorded_by')}"
 )
 _INSERT_FROM_STAGING = (
     f"INSERT INTO usage_records ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM {_STAGING} "
@@ -68,13 +67,11 @@ _INSERT_ONE = (
 
 def _one_per_request(records: Sequence[UsageRecord]) -> Sequence[UsageRecord]:
     """One record per request id within a batch (an upsert cannot touch a row twice):
-    the preferred recorder's, else the first."""
+    the highest ranked, else the first."""
     seen: dict[str, UsageRecord] = {}
     for record in records:
         kept = seen.get(record.request_id)
-        if kept is None or (
-            record.recorded_by == PREFERRED_RECORDER and kept.recorded_by != PREFERRED_RECORDER
-        ):
+        if kept is None or rank(record) > rank(kept):
             seen[record.request_id] = record
     return records if len(seen) == len(records) else list(seen.values())
 

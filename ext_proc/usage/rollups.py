@@ -1,8 +1,14 @@
-"""Usage rollups: totals of ``usage_records`` grouped by org, app, model, provider,
-decision and hour/day, over a time range (the admin API and ``ext-proc usage``).
+"""Usage rollups: totals of ``usage_records`` grouped by org, app, key, environment,
+model, provider, deployment, decision and hour/day, over a time range (the admin API and
+``ext-proc usage``).
 
 Only identifiers from the fixed ``GROUP_KEYS`` table reach the SQL text; every value
 (times, filters, limit) is a query parameter. Hours and days are UTC buckets.
+
+``cost_usd`` is summed exactly (``numeric``) over the rows that have a cost; it is None
+for a group none of whose rows has one (models without a price, requests denied before
+routing). As JSON it is a string (``"0.0123450000"``): a JSON number would go through a
+double.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
@@ -18,8 +25,11 @@ import asyncpg
 GROUP_KEYS: dict[str, str] = {
     "org_id": "org_id",
     "app_id": "app_id",
+    "key_id": "key_id",
+    "environment": "environment",
     "model": "model",
     "provider": "provider",
+    "deployment": "deployment",
     "decision": "decision",
     "hour": "date_trunc('hour', created_at, 'UTC')",
     "day": "date_trunc('day', created_at, 'UTC')",
@@ -32,6 +42,10 @@ _AGGREGATES = """
     coalesce(sum(prompt_tokens), 0)::bigint AS prompt_tokens,
     coalesce(sum(completion_tokens), 0)::bigint AS completion_tokens,
     coalesce(sum(total_tokens), 0)::bigint AS total_tokens,
+    coalesce(sum(cached_tokens), 0)::bigint AS cached_tokens,
+    coalesce(sum(cache_creation_tokens), 0)::bigint AS cache_creation_tokens,
+    coalesce(sum(reasoning_tokens), 0)::bigint AS reasoning_tokens,
+    sum(cost_usd) AS cost_usd,
     count(*) FILTER (WHERE tokens_estimated) AS estimated_rows,
     count(*) FILTER (WHERE decision = 'error') AS errors,
     count(*) FILTER (WHERE decision = 'denied') AS denied,
@@ -47,6 +61,10 @@ class RollupRow:
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    cached_tokens: int  # prompt tokens read from the provider's cache (part of prompt)
+    cache_creation_tokens: int  # prompt tokens written to it (part of prompt)
+    reasoning_tokens: int  # part of completion
+    cost_usd: Decimal | None  # exact; None when no row of the group has a cost
     estimated_rows: int  # rows whose tokens the gateway estimated
     errors: int
     denied: int
@@ -54,12 +72,14 @@ class RollupRow:
     p95_latency_ms: float | None
 
     def as_dict(self) -> dict[str, Any]:
-        """Keys and measures flat, datetimes as ISO strings (for JSON)."""
+        """Keys and measures flat, datetimes as ISO strings, cost as a decimal string
+        (for JSON)."""
         out: dict[str, Any] = {
             k: v.isoformat() if isinstance(v, datetime) else v for k, v in self.keys.items()
         }
         for name in _MEASURES:
-            out[name] = getattr(self, name)
+            value = getattr(self, name)
+            out[name] = str(value) if isinstance(value, Decimal) else value
         return out
 
 
@@ -161,6 +181,10 @@ _HEADERS = {
     "prompt_tokens": "prompt",
     "completion_tokens": "completion",
     "total_tokens": "total",
+    "cached_tokens": "cached",
+    "cache_creation_tokens": "cache-write",
+    "reasoning_tokens": "reasoning",
+    "cost_usd": "cost_usd",
     "estimated_rows": "estimated",
     "errors": "errors",
     "denied": "denied",
@@ -184,9 +208,17 @@ def _format_key(key: str, value: Any) -> str:
 def _format_measure(value: Any) -> str:
     if value is None:
         return "-"
+    if isinstance(value, Decimal):
+        return f"{value:,.6f}"  # dollars to the micro-dollar; JSON keeps every digit
     if isinstance(value, float):
         return f"{value:,.1f}"
     return f"{value:,}"
+
+
+def _total(values: list[Any]) -> Any:
+    """The sum of the known values; None when none is known (a cost no row has)."""
+    known = [v for v in values if v is not None]
+    return sum(known) if known or not values else None
 
 
 def format_table(rows: Sequence[RollupRow], group_by: Sequence[str]) -> str:
@@ -202,7 +234,7 @@ def format_table(rows: Sequence[RollupRow], group_by: Sequence[str]) -> str:
         + [_format_measure(getattr(row, m)) for m in _HEADERS]
         for row in rows
     ]
-    totals = {m: sum(getattr(row, m) for row in rows) for m in _SUMMED}
+    totals = {m: _total([getattr(row, m) for row in rows]) for m in _SUMMED}
     label = ["total"] + [""] * (len(keys) - 1) if keys else []
     total_line = label + [_format_measure(totals[m]) if m in totals else "" for m in _HEADERS]
 

@@ -1,14 +1,14 @@
 """The usage spool: records that could not go to Postgres yet, kept on local disk.
 
 Records are appended as JSON lines (one ``UsageRecord`` per line, datetimes in ISO 8601,
-so a line decodes back to an equal record) to *segment* files
-``usage-<time_ns>-<pid>-<token>.jsonl``. A Spool appends to one open segment, which it
-holds under an exclusive ``flock``; ``segments()`` seals that segment and lists every
-segment nobody holds, oldest first, so a replayer never reads a file that is still being
-written, and segments left by a crashed process (lock released by the kernel) are
-replayed by whichever process shares the folder. A replayer deletes a segment only after
-its rows are committed; replaying a segment twice is harmless because the writer's
-insert ignores request ids already present.
+decimals such as ``cost_usd`` as strings, so a line decodes back to an equal record) to
+*segment* files ``usage-<time_ns>-<pid>-<token>.jsonl``. A Spool appends to one open
+segment, which it holds under an exclusive ``flock``; ``segments()`` seals that segment
+and lists every segment nobody holds, oldest first, so a replayer never reads a file
+that is still being written, and segments left by a crashed process (lock released by
+the kernel) are replayed by whichever process shares the folder. A replayer deletes a
+segment only after its rows are committed; replaying a segment twice is harmless
+because the writer's insert ignores request ids already present.
 
 Records Postgres refuses for their content, and lines that cannot be decoded, go to
 ``rejected-*.jsonl`` files with the reason: they are never replayed automatically and
@@ -31,8 +31,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import IO, Any, get_type_hints
+from typing import IO, Any, get_args, get_type_hints
 
 import orjson
 
@@ -46,6 +47,12 @@ _REJECTED_GLOB = "rejected-*.jsonl"
 _FIELDS = frozenset(COLUMNS)
 _DATETIME_FIELDS = frozenset(
     name for name, hint in get_type_hints(UsageRecord).items() if hint is datetime
+)
+# Written as strings (exact; JSON numbers would go through a double), read back here.
+_DECIMAL_FIELDS = frozenset(
+    name
+    for name, hint in get_type_hints(UsageRecord).items()
+    if hint is Decimal or Decimal in get_args(hint)
 )
 
 
@@ -81,8 +88,9 @@ class Rejected:
 
 
 def _default(value: object) -> object:
-    # Values of unexpected types are kept as text rather than lost; if the column cannot
-    # take them the record ends in the rejected file with Postgres's reason.
+    # Decimals are written as their exact text (cost_usd). Values of unexpected types are
+    # kept as text rather than lost; if the column cannot take them the record ends in
+    # the rejected file with Postgres's reason.
     return str(value)
 
 
@@ -123,6 +131,17 @@ def decode_record(line: bytes | str) -> UsageRecord:
                 values[name] = datetime.fromisoformat(raw)
             except ValueError:
                 raise SpoolFormatError(f"{name}={raw!r} is not an ISO datetime") from None
+    for name in _DECIMAL_FIELDS:
+        raw = values.get(name)
+        if raw is None:
+            continue
+        try:
+            value = Decimal(raw) if isinstance(raw, str | int) else Decimal("NaN")
+        except InvalidOperation:
+            value = Decimal("NaN")
+        if isinstance(raw, bool) or not value.is_finite():
+            raise SpoolFormatError(f"{name}={raw!r} is not a decimal number")
+        values[name] = value
     return UsageRecord(**values)
 
 

@@ -42,6 +42,7 @@ models:
   renamed: {{provider: keyed-mock, deployment: gpt-4o-mini}}
   claude-sonnet-4: {{provider: anthropic-mock, deployment: claude-sonnet-4-20250514}}
   file-model: {{provider: file-keyed, deployment: gpt-4o-mini}}
+  priced-4o: {{provider: mock, deployment: gpt-4o, price: {{input: 2.5, cached_input: 1.25, output: 10}}}}
 policies:
   three-per-hour: {{type: rate_limit, requests: 3, window: 1h}}
   per-key-two: {{type: rate_limit, requests: 2, window: 1h, scope: key}}
@@ -51,6 +52,7 @@ policies:
   no-streams: {{type: custom_cel, pre_check_expression: "!stream", message: "streaming is disabled for this app"}}
   short-answers: {{type: custom_cel, post_check_expression: "completion_tokens < 20", cooldown: 1h}}
   generous: {{type: rate_limit, requests: 100000, window: 1h}}
+  tenth-of-a-cent: {{type: budget, usd: 0.001, period: month, default_max_tokens: 50}}
 applications:
   e2e-app: {{org: e2e, policies: [generous]}}
   limited-app: {{org: e2e, policies: [three-per-hour]}}
@@ -59,6 +61,7 @@ applications:
   checked-app: {{org: e2e, policies: [mini-only, small-bodies, no-streams]}}
   post-app: {{org: e2e, policies: [short-answers]}}
   env-app: {{org: e2e, environments: {{prod: {{policies: [mini-only]}}}}}}
+  spender-app: {{org: e2e, policies: [tenth-of-a-cent]}}
 """
 
 AZURE_KEY = "azure-provider-key-" + uuid.uuid4().hex[:8]

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+import yaml
 
 from ext_proc.apply import apply, plan
 from ext_proc.cli import main
@@ -98,20 +100,42 @@ def unmigrated_cli(
 
 
 def envoy_validate(path: Path) -> subprocess.CompletedProcess[str]:
-    """``envoy --mode validate`` on a bootstrap file (the caller checks the result)."""
-    return subprocess.run(
-        [
-            envoy_binary(),
-            "--mode",
-            "validate",
-            "-c",
-            str(path),
-            "--disable-hot-restart",
-            "--log-level",
-            "error",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    """``envoy --mode validate`` on a bootstrap file (the caller checks the result).
+
+    Envoy opens its log files while validating; a file log's folder is a deployment's
+    (a volume in the pod), so each one is pointed into a temporary folder first.
+    """
+    config = yaml.safe_load(path.read_text())
+    with tempfile.TemporaryDirectory(prefix="envoy-validate-") as tmp:
+        _redirect_log_files(config, Path(tmp))
+        checked = Path(tmp) / path.name
+        checked.write_text(yaml.safe_dump(config, sort_keys=False))
+        return subprocess.run(
+            [
+                envoy_binary(),
+                "--mode",
+                "validate",
+                "-c",
+                str(checked),
+                "--disable-hot-restart",
+                "--log-level",
+                "error",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+
+def _redirect_log_files(node: object, folder: Path) -> None:
+    """Point every file access log of a bootstrap (as parsed YAML) into ``folder``."""
+    if isinstance(node, dict):
+        config = node.get("typed_config")
+        if node.get("name") == "envoy.access_loggers.file" and isinstance(config, dict):
+            config["path"] = str(folder / Path(str(config.get("path", "log"))).name)
+        for value in node.values():
+            _redirect_log_files(value, folder)
+    elif isinstance(node, list):
+        for item in node:
+            _redirect_log_files(item, folder)

@@ -9,6 +9,7 @@ import yaml
 
 from ext_proc.config.loader import load_config, parse_config
 from ext_proc.envoy_config import (
+    CAPTURE_FILTER,
     LUA_FILTER,
     REQUEST_FILTER,
     RESPONSE_FILTER,
@@ -16,6 +17,7 @@ from ext_proc.envoy_config import (
     render,
     render_yaml,
 )
+from ext_proc.settings import DEFAULT_USAGE_LOG
 from tests.integration.conftest import envoy_validate
 
 PRODUCTION_LIKE = """
@@ -114,9 +116,17 @@ def test_rendered_shape() -> None:
         REQUEST_FILTER,
         LUA_FILTER,
         RESPONSE_FILTER,
+        CAPTURE_FILTER,
         "envoy.filters.http.json_to_metadata",
         "envoy.filters.http.router",
     ]
+    # The body of a plain answer whose usage Envoy cannot read is kept, on plain routes only.
+    assert CAPTURE_FILTER not in routes["to_openai"].get("typed_per_filter_config", {})
+    assert routes["to_openai_via_response_processor"]["typed_per_filter_config"][CAPTURE_FILTER][
+        "disabled"
+    ]
+    json_rules = hcm["http_filters"][4]["typed_config"]["response_rules"]
+    assert json_rules["allow_empty_content_type"] is True
     request = hcm["http_filters"][0]["typed_config"]
     assert request["processing_mode"]["request_header_mode"] == "SKIP"  # one message
     assert request["processing_mode"]["request_body_mode"] == "BUFFERED"
@@ -127,7 +137,11 @@ def test_rendered_shape() -> None:
     response = hcm["http_filters"][2]["typed_config"]
     assert response["allow_mode_override"] is True
     assert response["metadata_options"]["forwarding_namespaces"] == {"untyped": ["gw"]}
-    assert hcm["access_log"][0]["name"] == "envoy.access_loggers.http_grpc"
+    # Finished requests reach the ext_proc server through a file it tails: durable.
+    usage_log = hcm["access_log"][0]["typed_config"]
+    assert hcm["access_log"][0]["name"] == "envoy.access_loggers.file"
+    assert usage_log["path"] == str(DEFAULT_USAGE_LOG)
+    assert usage_log["log_format"]["json_format"]["path"] == "%REQ_WITHOUT_QUERY(:PATH)%"
     with_headers = render(config, EnvoyOptions(headers_phase=True))
     hcm2 = with_headers["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
     mode = hcm2["typed_config"]["http_filters"][0]["typed_config"]["processing_mode"]

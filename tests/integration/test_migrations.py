@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 from dataclasses import fields
+from decimal import Decimal
 from pathlib import Path
 
 import asyncpg
@@ -87,6 +88,20 @@ async def test_repository_schema_matches_the_usage_record(database_url: str) -> 
             )
         with pytest.raises(asyncpg.UniqueViolationError):
             await conn.execute("INSERT INTO usage_records (request_id) VALUES ('y'), ('y')")
+        # cost_usd: exact to 1e-10 (what ext_proc.usage.pricing computes), NULL allowed.
+        cost = await conn.fetchrow(
+            "SELECT numeric_precision, numeric_scale, is_nullable FROM information_schema.columns "
+            "WHERE table_name = 'usage_records' AND column_name = 'cost_usd'"
+        )
+        assert tuple(cost) == (20, 10, "YES")
+        assert types["attempts"] == "integer" and "attempts" in nullable
+        await conn.execute(
+            "INSERT INTO usage_records (request_id, cost_usd, attempts) "
+            "VALUES ('c', 0.0000000001, 2), ('n', NULL, NULL)"
+        )
+        assert await conn.fetchval(
+            "SELECT sum(cost_usd) FROM usage_records WHERE request_id IN ('c', 'n')"
+        ) == Decimal("1E-10")
     finally:
         await conn.close()
 

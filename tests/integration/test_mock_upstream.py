@@ -38,7 +38,9 @@ DEFAULT_GPT4O_COMPLETION = 12
 DEFAULT_GPT4O_TEXT = "This is a mock response from gpt-4o."
 
 # A gpt-4-turbo (cl100k_base) conversation with a system prompt, a name, an assistant
-# tool call, a tool result and a tools list: 83 tokens by the cookbook rules, by hand.
+# tool call, a tool result and a tools list: 83 tokens by the cookbook rules, by hand,
+# plus the call id "call_1" twice (3 tokens each: the assistant's call and the tool
+# message's tool_call_id are part of the prompt the model reads).
 TOOLS = [
     {
         "type": "function",
@@ -69,7 +71,7 @@ TOOL_CONVERSATION = [
     },
     {"role": "tool", "tool_call_id": "call_1", "content": "18C and sunny"},
 ]
-TOOL_CONVERSATION_PROMPT = 83
+TOOL_CONVERSATION_PROMPT = 83 + 2 * 3
 DEFAULT_GPT4_TURBO_COMPLETION = 14  # "This is a mock response from gpt-4-turbo." (cl100k)
 
 
@@ -188,7 +190,7 @@ async def test_chat_counts_names_tool_calls_and_tools(client: openai.AsyncOpenAI
     assert response.usage is not None
     assert response.usage.prompt_tokens == TOOL_CONVERSATION_PROMPT
     assert response.usage.completion_tokens == DEFAULT_GPT4_TURBO_COMPLETION
-    assert chat_prompt_tokens("gpt-4-turbo", TOOL_CONVERSATION, TOOLS) == 83
+    assert chat_prompt_tokens("gpt-4-turbo", TOOL_CONVERSATION, TOOLS) == TOOL_CONVERSATION_PROMPT
 
 
 async def test_chat_counts_image_parts(client: openai.AsyncOpenAI) -> None:

@@ -238,6 +238,132 @@ async def test_lua_agrees_with_python_bit_for_bit(
     assert min(seen[path] for path in ("allowed", "wait", "never", "all-or-nothing", "debt")) >= 10
 
 
+# --- calendar-period counters (budgets with `period:`) ---
+
+
+def period(key: str, limit: int, cost: int, left: float) -> LimitSpec:
+    return LimitSpec(key, limit, 86400.0, cost, "budget", "deny", period_left=left)
+
+
+async def test_period_counter_counts_to_the_limit_and_expires_with_the_period(
+    limits: RedisLimits, client: aioredis.Redis, redis_prefix: str
+) -> None:
+    jan = redis_prefix + "budget:2026-01"
+    results = [(await limits.acquire_many([period(jan, 10, 4, 90.0)])).results[0] for _ in range(3)]
+    assert [r.allowed for r in results] == [True, True, False]
+    assert [r.remaining for r in results] == [6, 2, 2]
+    denied = results[2]
+    assert denied.retry_after == 90.0 and denied.reset_after == 90.0  # until the period ends
+    assert await client.get(jan) == b"8"
+    assert 89_000 < await client.pttl(jan) <= 90_000  # gone when the period ends
+    # Settling: a refund, then more than reserved (debt), never below zero.
+    await limits.adjust(period(jan, 10, 4, 80.0), -3)
+    assert await client.get(jan) == b"5"
+    assert 79_000 < await client.pttl(jan) <= 80_000
+    await limits.adjust(period(jan, 10, 4, 80.0), 7)
+    assert not (await limits.acquire_many([period(jan, 10, 0, 80.0)])).allowed  # 12 > 10
+    await limits.adjust(period(jan, 10, 4, 80.0), -50)
+    assert await client.exists(jan) == 0
+    # A period that has ended takes no settlement at all.
+    await limits.adjust(period(jan, 10, 4, -1.0), 5)
+    assert await client.exists(jan) == 0
+    # The next period is another key: it starts empty.
+    feb = redis_prefix + "budget:2026-02"
+    await limits.acquire_many([period(jan, 10, 10, 1.0)])
+    fresh = (await limits.acquire_many([period(feb, 10, 10, 2_419_200.0)])).results[0]
+    assert fresh.allowed and fresh.remaining == 0
+
+
+async def test_period_counter_is_all_or_nothing_with_other_limits(
+    limits: RedisLimits, client: aioredis.Redis, redis_prefix: str
+) -> None:
+    budget = period(redis_prefix + "b:2026-01", 10, 6, 60.0)
+    tpm = spec(redis_prefix + "tpm", limit=100, cost=60)
+    assert (await limits.acquire_many([tpm, budget])).allowed
+    denied = await limits.acquire_many([tpm, budget])
+    assert not denied.allowed
+    assert [r.allowed for r in denied.results] == [False, False]
+    ok_budget = await limits.acquire_many(
+        [spec(redis_prefix + "rpm"), period(budget.key, 10, 4, 60.0), tpm]
+    )
+    assert [r.allowed for r in ok_budget.results] == [True, True, False]
+    assert ok_budget.results[1].remaining == 4  # shown untouched ...
+    assert await client.get(budget.key) == b"6"  # ... and not charged
+
+
+async def test_nano_dollar_budgets_keep_every_digit(
+    limits: RedisLimits, client: aioredis.Redis, redis_prefix: str
+) -> None:
+    """A $1,000,000 budget is 1e15 nano-dollar units: counts, remaining and the stored
+    values stay exact (Lua prints numbers from 1e14 on in exponent form unless told)."""
+    limit = 10**15
+    cost = 123_456_789_012_345
+    got = (
+        await limits.acquire_many([period(redis_prefix + "big:2026-01", limit, cost, 60.0)])
+    ).results[0]
+    assert got.allowed and got.remaining == limit - cost
+    assert await client.get(redis_prefix + "big:2026-01") == str(cost).encode()
+    rolling = spec(redis_prefix + "big-rolling", limit=limit, window=30 * 86400.0, cost=cost)
+    first = (await limits.acquire_many([rolling], now=T0)).results[0]
+    expected, _ = limiter.acquire(None, T0, limit, 30 * 86400.0, cost, source="redis")
+    assert first.remaining == expected.remaining and first.remaining > 876_543_000_000_000
+
+
+async def test_period_counters_agree_with_python(
+    limits: RedisLimits, client: aioredis.Redis, redis_prefix: str
+) -> None:
+    """A seeded random mix of period counters and GCRA buckets in the same calls, with
+    settlements: the same results and the same stored counts as limiter.acquire_all."""
+    rng = random.Random(20261201)
+    counters = {redis_prefix + "p1:2026-01": 50, redis_prefix + "p2:2026-01": 7}
+    buckets = {redis_prefix + "g1": (20, 60.0)}
+    state: dict[str, float] = {}
+    seen: Counter[str] = Counter()
+    started = time.monotonic()
+    now = T0
+    for step in range(600):
+        now = max(now + rng.expovariate(8.0), T0 + (time.monotonic() - started))
+        left = 3600.0 - step  # the period nears its end; the keys outlive the test
+        if rng.random() < 0.75:
+            specs = []
+            for _ in range(rng.randint(1, 3)):
+                if rng.random() < 0.7:
+                    key = rng.choice(list(counters))
+                    limit = counters[key]
+                    cost = rng.choice([0, 1, 3, rng.randint(1, limit), limit + 1])
+                    specs.append(period(key, limit, cost, left))
+                else:
+                    key, (limit, window) = next(iter(buckets.items()))
+                    specs.append(spec(key, limit, window, rng.choice([0, 1, 5, limit + 1])))
+            got = await limits.acquire_many(specs, now=now)
+            expected, updates = limiter.acquire_all(state, now, specs)
+            assert got.allowed == (updates is not None), step
+            for g, e in zip(got.results, expected, strict=True):
+                assert same(g, e), (step, g, e)
+            seen.update(
+                "allowed" if r.allowed else "never" if r.retry_after is None else "wait"
+                for r in expected
+            )
+            seen["all-or-nothing"] += updates is None and any(r.allowed for r in expected)
+            if updates:
+                state.update(updates)
+        else:
+            key = rng.choice(list(counters))
+            delta = rng.randint(-counters[key], counters[key])
+            await limits.adjust(period(key, counters[key], 0, left), delta, now=now)
+            if delta:
+                used = limiter.adjust_fixed(state.get(key), delta)
+                seen["debt"] += used > counters[key]
+                if used <= 0:
+                    state.pop(key, None)
+                else:
+                    state[key] = used
+        for key in counters:
+            stored = await client.get(key)
+            assert (None if stored is None else float(stored)) == state.get(key), (step, key)
+    assert min(seen[path] for path in ("allowed", "wait", "never", "all-or-nothing", "debt")) >= 10
+
+
 # --- script cache: NOSCRIPT recovery, on a private server only ---
 
 

@@ -7,11 +7,15 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from types import SimpleNamespace
 from typing import Any
 
 import asyncpg
 import pytest
 
+from ext_proc.admin.api import AdminApi
+from ext_proc.http.server import Request
 from ext_proc.stores.postgres import create_pool, migrate
 from ext_proc.usage.cli import add_usage_arguments, parse_time, run_usage
 from ext_proc.usage.record import COLUMNS, UsageRecord, record_row
@@ -29,25 +33,32 @@ _INSERT = (
 
 def _records() -> list[UsageRecord]:
     # acme / support-bot / gpt-4o-mini: 100 requests on day 1, 10:00-10:59 UTC,
-    # latencies 1..100 ms, 10 prompt + 5 completion tokens each.
+    # latencies 1..100 ms, 10 prompt + 5 completion tokens each, $0.0000045 each; half
+    # of them with 4 cached tokens, through two keys (key_a: even, key_b: odd), in prod.
     bot = [
         UsageRecord(
             request_id=f"a-{i}",
             created_at=DAY1 + timedelta(hours=10, seconds=30 * i),
             org_id="acme",
             app_id="support-bot",
+            key_id="key_a" if i % 2 == 0 else "key_b",
+            environment="prod",
             model="gpt-4o-mini",
             provider="azure-eastus",
+            deployment="gpt-4o-mini-prod",
             prompt_tokens=10,
             completion_tokens=5,
             total_tokens=15,
+            cached_tokens=4 if i % 2 == 0 else 0,
             tokens_estimated=i < 3,
             latency_ms=float(i + 1),
+            cost_usd=Decimal("0.0000045"),
         )
         for i in range(100)
     ]
     # acme / search / gpt-4.1: 10 requests at 11:xx on day 1; 2 denied (no tokens, no
-    # latency), 1 error; prompt 100, completion 50.
+    # latency, no cost), 1 error; prompt 100, completion 50 of which 20 reasoning,
+    # $0.0007 each (the error too: it was billed).
     decisions = ["denied", "denied", "error", *["allowed"] * 7]
     search = [
         UsageRecord(
@@ -57,15 +68,19 @@ def _records() -> list[UsageRecord]:
             app_id="search",
             model="gpt-4.1",
             provider="openai",
+            deployment="gpt-4.1",
             decision=decision,  # type: ignore[arg-type]
             prompt_tokens=None if decision == "denied" else 100,
             completion_tokens=None if decision == "denied" else 50,
             total_tokens=None if decision == "denied" else 150,
+            reasoning_tokens=None if decision == "denied" else 20,
             latency_ms=None if decision == "denied" else 200.0,
+            cost_usd=None if decision == "denied" else Decimal("0.0007"),
         )
         for i, decision in enumerate(decisions)
     ]
-    # globex / other / gpt-4o-mini: 5 requests on day 2, no latency known.
+    # globex / other / gpt-4o-mini: 5 requests on day 2, no latency known, a self-hosted
+    # deployment without a price (no cost), 3 prompt tokens written to a cache each.
     other = [
         UsageRecord(
             request_id=f"c-{i}",
@@ -74,9 +89,11 @@ def _records() -> list[UsageRecord]:
             app_id="other",
             model="gpt-4o-mini",
             provider="azure-eastus",
+            deployment="local-mini",
             prompt_tokens=1,
             completion_tokens=1,
             total_tokens=2,
+            cache_creation_tokens=3,
         )
         for i in range(5)
     ]
@@ -130,6 +147,40 @@ async def test_sums_counts_and_latency_percentiles_by_app_and_model(pool: asyncp
 
     other = _by(rows, "app_id", "model")[("other", "gpt-4o-mini")]
     assert other.avg_latency_ms is None and other.p95_latency_ms is None
+
+
+async def test_sums_cost_exactly_and_cached_cache_write_and_reasoning_tokens(
+    pool: asyncpg.Pool,
+) -> None:
+    rows = _by(await rollup(pool, group_by=["app_id"]), "app_id")
+    bot, search, other = rows[("support-bot",)], rows[("search",)], rows[("other",)]
+    assert bot.cost_usd == Decimal("0.00045")  # 100 x 0.0000045, no float drift
+    assert isinstance(bot.cost_usd, Decimal)
+    assert search.cost_usd == Decimal("0.0056")  # 8 billed x 0.0007; denied rows add nothing
+    assert other.cost_usd is None  # no row of the group has a price: unknown, not $0
+    assert (bot.cached_tokens, bot.cache_creation_tokens, bot.reasoning_tokens) == (200, 0, 0)
+    assert (search.reasoning_tokens, other.cache_creation_tokens) == (160, 15)
+    [total] = await rollup(pool, group_by=[])
+    assert total.cost_usd == Decimal("0.00605")
+    # As JSON the cost is a decimal string (every digit kept), tokens are integers.
+    assert bot.as_dict()["cost_usd"] == "0.0004500000"
+    assert other.as_dict()["cost_usd"] is None
+
+
+async def test_grouping_by_key_environment_and_deployment(pool: asyncpg.Pool) -> None:
+    keys = await rollup(pool, group_by=["key_id"], app_id="support-bot")
+    assert {r.keys["key_id"]: (r.requests, r.cached_tokens, r.cost_usd) for r in keys} == {
+        "key_a": (50, 200, Decimal("0.000225")),
+        "key_b": (50, 0, Decimal("0.000225")),
+    }
+    environments = await rollup(pool, group_by=["environment"])
+    assert {r.keys["environment"]: r.requests for r in environments} == {"prod": 100, None: 15}
+    deployments = await rollup(pool, group_by=["provider", "deployment"])
+    assert {(r.keys["provider"], r.keys["deployment"]): r.requests for r in deployments} == {
+        ("azure-eastus", "gpt-4o-mini-prod"): 100,
+        ("openai", "gpt-4.1"): 10,
+        ("azure-eastus", "local-mini"): 5,
+    }
 
 
 async def test_grouping_by_hour_and_day_in_utc(pool: asyncpg.Pool) -> None:
@@ -203,6 +254,10 @@ async def test_format_table_aligns_and_totals(pool: asyncpg.Pool) -> None:
         "prompt",
         "completion",
         "total",
+        "cached",
+        "cache-write",
+        "reasoning",
+        "cost_usd",
         "estimated",
         "errors",
         "denied",
@@ -215,14 +270,29 @@ async def test_format_table_aligns_and_totals(pool: asyncpg.Pool) -> None:
     assert lines[2].split()[-2:] == ["50.5", "95.0"]  # 95.05 shown with one decimal
     assert lines[4].split()[:2] == ["2025-05-02", "other"]
     assert lines[4].split()[-2:] == ["-", "-"]  # no latency known
-    assert lines[-1].split() == ["total", "115", "1,805", "905", "2,710", "3", "1", "2"]
+    assert lines[2].split()[9] == "0.000450"  # dollars, to the micro-dollar
+    assert lines[4].split()[9] == "-"  # no cost known
+    assert lines[-1].split() == [
+        "total",
+        "115",
+        "1,805",
+        "905",
+        "2,710",
+        "200",
+        "15",
+        "160",
+        "0.006050",
+        "3",
+        "1",
+        "2",
+    ]
     # Columns line up: every line has the "requests" column ending at the same place.
     end = lines[0].index("requests") + len("requests")
     assert all(line[end - 1] != " " for line in lines[2:5])
     assert lines[1].startswith("----------")
 
     empty = format_table([], ["model"]).splitlines()
-    assert empty[0].split()[0] == "model" and empty[-1].split() == ["total", *["0"] * 7]
+    assert empty[0].split()[0] == "model" and empty[-1].split() == ["total", *["0"] * 11]
 
 
 # --- ext-proc usage ---
@@ -245,6 +315,8 @@ async def test_cli_prints_json(seeded_url: str, capsys: pytest.CaptureFixture[st
         ("globex", "2025-05-02T00:00:00+00:00", 5),
     ]
     assert document["rows"][0]["p95_latency_ms"] == 200.0  # 8 of 108 latencies are 200
+    assert document["rows"][0]["cost_usd"] == "0.0060500000"  # exact, as a string
+    assert document["rows"][1]["cost_usd"] is None
 
 
 async def test_cli_prints_a_table_with_filters(
@@ -299,6 +371,38 @@ def test_cli_time_and_grouping_arguments(capsys: pytest.CaptureFixture[str]) -> 
     assert _parse("--by", " model , hour ").by == ["model", "hour"]
     with pytest.raises(SystemExit):
         _parse("--by", "model,colour")
-    assert "allowed: org_id, app_id, model, provider, decision, hour, day" in (
-        capsys.readouterr().err
+    assert (
+        "allowed: org_id, app_id, key_id, environment, model, provider, deployment, "
+        "decision, hour, day" in capsys.readouterr().err
     )
+    assert _parse("--by", "key_id,environment,deployment").by == [
+        "key_id",
+        "environment",
+        "deployment",
+    ]
+
+
+# --- the admin API's GET /v1/usage ---
+
+
+async def test_admin_usage_endpoint_serves_cost_as_a_decimal_string(pool: asyncpg.Pool) -> None:
+    service = SimpleNamespace(settings=SimpleNamespace(admin_token=None), pool=pool)
+    api = AdminApi(service)  # type: ignore[arg-type]
+    request = Request(
+        "GET",
+        "/v1/usage",
+        "by=org_id,deployment&since=2025-05-01&until=2025-05-03",
+        {},
+        b"",
+    )
+    response = await api.handle(request)
+    assert response.status == 200
+    assert isinstance(response.body, bytes)
+    document = json.loads(response.body)
+    assert document["group_by"] == ["org_id", "deployment"]
+    by_group = {(r["org_id"], r["deployment"]): r for r in document["rows"]}
+    assert by_group[("acme", "gpt-4o-mini-prod")]["cost_usd"] == "0.0004500000"
+    assert by_group[("acme", "gpt-4.1")]["reasoning_tokens"] == 160
+    assert by_group[("globex", "local-mini")]["cost_usd"] is None
+    bad = await api.handle(Request("GET", "/v1/usage", "by=colour", {}, b""))
+    assert bad.status == 400

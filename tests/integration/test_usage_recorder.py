@@ -11,6 +11,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -77,6 +78,9 @@ def make_record(i: int, prefix: str = "req", **overrides: Any) -> UsageRecord:
         "response_bytes": 10**10 + i,
         "partial": i % 11 == 0,
         "policy_violations": ["short-prompts", f"p{i}"] if i % 4 == 0 else None,
+        # numeric(20,10): exact, NULL when the model has no price
+        "cost_usd": None if i % 13 == 0 else Decimal(i) * Decimal("0.0000012345"),
+        "attempts": 1 + i % 3,
     }
     values.update(overrides)
     return UsageRecord(**values)
@@ -240,6 +244,9 @@ async def test_5000_records_land_exactly_once_in_batches(
     assert stored["req-00001"].org_id == "acme" and stored["req-00000"].org_id is None
     assert stored["req-00007"].tokens_estimated is True
     assert stored["req-00004"].created_at == T0 + timedelta(milliseconds=4)
+    assert stored["req-04999"].cost_usd == Decimal("0.0061712655")  # 4999 x 0.0000012345
+    assert stored["req-00000"].cost_usd is None
+    assert (stored["req-00007"].attempts, stored["req-00011"].attempts) == (2, 3)
 
 
 async def test_close_flushes_what_is_queued(
@@ -293,6 +300,30 @@ async def test_duplicate_request_ids_are_written_once(
     assert await count_rows(migrated_url) == 60
     assert written(metrics2) == 10
     assert replayer.stats.replayed_records == 40
+
+
+async def test_a_higher_ranked_record_replaces_a_fallback_never_the_reverse(
+    migrated_url: str, pool: asyncpg.Pool, spool: Spool, recorders: Callable[..., UsageRecorder]
+) -> None:
+    recorder = recorders(pool, Metrics(), spool, batch_size=20)
+    await recorder.start()
+    # A fallback rebuilt from the usage log lands first (another replica owns the
+    # request); the owner's record then replaces it. And the other way round, a late
+    # fallback changes nothing. Within one batch too.
+    recorder.submit(make_record(1, prompt_tokens=5, recorded_by="access_log_fallback"))
+    recorder.submit(make_record(2, prompt_tokens=7, recorded_by="response"))
+    await recorder.flush()
+    recorder.submit(make_record(1, prompt_tokens=50, recorded_by="response"))
+    recorder.submit(make_record(2, prompt_tokens=70, recorded_by="access_log_fallback"))
+    recorder.submit(make_record(3, prompt_tokens=9, recorded_by="access_log_fallback"))
+    recorder.submit(make_record(3, prompt_tokens=90, recorded_by="request"))
+    await recorder.flush()
+    rows = await fetch_records(migrated_url, ["req-00001", "req-00002", "req-00003"])
+    assert {rid: (r.prompt_tokens, r.recorded_by) for rid, r in rows.items()} == {
+        "req-00001": (50, "response"),
+        "req-00002": (7, "response"),
+        "req-00003": (90, "request"),
+    }
 
 
 async def test_unreachable_postgres_spools_then_replays_when_a_pool_is_given(

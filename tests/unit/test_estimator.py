@@ -180,14 +180,14 @@ def test_other_part_types_count_zero() -> None:
 def test_tool_calls_and_tool_messages() -> None:
     # 3 priming
     # + user: 3 + 1 + 7 = 11
-    # + assistant: 3 + 1 + 0 (content None) + tool call (3 + 2 + 5) = 14
-    # + tool: 3 + 1 + 5 = 9   (tool_call_id is not counted)
-    assert estimate_chat("gpt-4o", TOOL_CONVERSATION) == 37
+    # + assistant: 3 + 1 + 0 (content None) + tool call (3 + 3 id + 2 + 5) = 17
+    # + tool: 3 + 1 + 3 (tool_call_id "call_1": the ids reach the model) + 5 = 12
+    assert estimate_chat("gpt-4o", TOOL_CONVERSATION) == 43
 
 
 def test_request_tools_add_their_compact_json() -> None:
-    assert estimate_chat("gpt-4o", TOOL_CONVERSATION, TOOLS) == 37 + 54
-    assert estimate_chat("gpt-4", TOOL_CONVERSATION, TOOLS) == 37 + 54
+    assert estimate_chat("gpt-4o", TOOL_CONVERSATION, TOOLS) == 43 + 54
+    assert estimate_chat("gpt-4", TOOL_CONVERSATION, TOOLS) == 43 + 54
 
 
 @pytest.mark.parametrize(
@@ -320,7 +320,7 @@ async def test_async_variants_equal_sync_and_stay_on_loop_when_small(
     to_thread: _ThreadSpy,
 ) -> None:
     assert await estimate_chat_async("gpt-4", COOKBOOK_MESSAGES) == 129
-    assert await estimate_chat_async("gpt-4o", TOOL_CONVERSATION, TOOLS) == 91
+    assert await estimate_chat_async("gpt-4o", TOOL_CONVERSATION, TOOLS) == 97
     assert await estimate_input_async("text-embedding-3-small", ["Hello world", [1, 2]]) == 4
     assert await estimate_anthropic_async("claude", "You are a helpful assistant.", []) == 9
     assert await count_texts_async("gpt-4o", ["Hello", " world"]) == 2

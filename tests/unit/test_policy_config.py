@@ -58,6 +58,7 @@ def test_registry_holds_every_type_and_its_fields() -> None:
     assert set(POLICY_TYPES) == {
         "rate_limit",
         "token_limit",
+        "budget",
         "model_allowlist",
         "request_size",
         "custom_cel",

@@ -1,5 +1,6 @@
-"""The request and response processors and the access-log handler, without Envoy or
-databases (a list sink stands in for the usage writer, a dict for the key table)."""
+"""The request and response processors, without Envoy or databases (a list sink stands
+in for the usage writer, a dict for the key table). The usage log's handler has its own
+file (test_envoy_log.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from typing import Any
 import orjson
 import pytest
 from envoy.config.core.v3 import base_pb2
-from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import struct_pb2
 
@@ -21,7 +21,6 @@ from ext_proc.policies.engine import PolicyEngine
 from ext_proc.policies.limits import Limits
 from ext_proc.policies.local_limiter import LocalLimits
 from ext_proc.routing.catalog import Catalog
-from ext_proc.server.access_log import AccessLogService
 from ext_proc.server.context import Gateway, RequestLimits, Runtime
 from ext_proc.server.facts import Facts
 from ext_proc.server.processor import ATTRIBUTES_KEY, RequestError, RequestProcessor
@@ -497,113 +496,3 @@ async def test_translated_json_answer_is_rewritten() -> None:
     assert completion["choices"][0]["message"]["content"] == "Hi!"
     await settle()
     assert (sink.records[0].prompt_tokens, sink.records[0].completion_tokens) == (10, 3)
-
-
-# ------------------------------------------------------------------- access log
-
-
-def log_entry(
-    status: int,
-    *,
-    details: str = "via_upstream",
-    facts: Facts | None = None,
-    usage: dict[str, Any] | None = None,
-    recorded: bool = False,
-) -> Any:
-    entry = accesslog_pb2.HTTPAccessLogEntry()
-    entry.response.response_code.value = status
-    entry.response.response_code_details = details
-    entry.request.request_id = "rid-env"
-    entry.request.path = "/v1/chat/completions"
-    entry.common_properties.time_to_last_downstream_tx_byte.FromMilliseconds(42)
-    md = entry.common_properties.metadata.filter_metadata
-    if facts is not None:
-        facts.write_to(md["gw"])
-    if usage is not None:
-        md["gw_usage"].update(usage)
-    if recorded:
-        md["gw_response"].update({"recorded": "1"})
-    return entry
-
-
-PLAIN = Facts(
-    request_id="rid-7",
-    started=1.0,
-    endpoint="/v1/chat/completions",
-    operation="chat",
-    app_id="app",
-    org_id="o",
-    key_id="key_app",
-    environment="default",
-    model="gpt-4o-mini",
-    catalog_model="gpt-4o-mini",
-    provider="mock",
-    deployment="gpt-4o-mini",
-    estimated_tokens=12,
-)
-
-
-async def test_access_log_writes_plain_answers_from_envoy_usage() -> None:
-    gw, sink = make_gateway()
-    service = AccessLogService(gw)
-    service.handle(
-        log_entry(
-            200,
-            facts=PLAIN,
-            usage={
-                "prompt_tokens": 11,
-                "completion_tokens": 7,
-                "total_tokens": 18,
-                "cached_tokens": 4,
-                "model": "gpt-4o-mini-2024",
-            },
-        )
-    )
-    await settle()
-    [record] = sink.records
-    assert (record.request_id, record.status_code, record.latency_ms) == ("rid-7", 200, 42.0)
-    assert (record.prompt_tokens, record.completion_tokens, record.cached_tokens) == (11, 7, 4)
-    assert record.response_model == "gpt-4o-mini-2024" and record.recorded_by == "access_log"
-
-
-async def test_access_log_skips_what_others_recorded() -> None:
-    gw, sink = make_gateway()
-    service = AccessLogService(gw)
-    service.handle(log_entry(429, details="gw_rate_limit_exceeded", facts=PLAIN))
-    service.handle(log_entry(200, facts=PLAIN, recorded=True))
-    await settle()
-    assert sink.records == []
-
-
-async def test_access_log_records_what_envoy_answered_alone() -> None:
-    gw, sink = make_gateway()
-    service = AccessLogService(gw)
-    service.handle(log_entry(413, details="request_payload_too_large"))
-    service.handle(log_entry(0, facts=PLAIN))  # the app left before any answer
-    await settle()
-    too_large, gone = sink.records
-    assert (too_large.request_id, too_large.decision, too_large.error_code) == (
-        "rid-env",
-        "denied",
-        "request_payload_too_large",
-    )
-    assert (gone.status_code, gone.partial, gone.prompt_tokens, gone.tokens_estimated) == (
-        499,
-        True,
-        12,
-        True,
-    )
-
-
-async def test_access_log_anthropic_usage_names() -> None:
-    gw, sink = make_gateway()
-    AccessLogService(gw).handle(
-        log_entry(
-            200,
-            facts=PLAIN,
-            usage={"input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 3},
-        )
-    )
-    await settle()
-    record = sink.records[0]
-    assert (record.prompt_tokens, record.completion_tokens, record.cached_tokens) == (13, 5, 3)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import fcntl
 import logging
 from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
 from ext_proc.usage.record import UsageRecord
-from ext_proc.usage.spool import Spool, decode_record, encode_record
+from ext_proc.usage.spool import Spool, SpoolFormatError, decode_record, encode_record
 
 
 def full_record(request_id: str = "req-full") -> UsageRecord:
@@ -46,6 +47,9 @@ def full_record(request_id: str = "req-full") -> UsageRecord:
         error_code=None,
         error_message='ünïcødé "quoted"\nnew line',
         policy_violations=["short-prompts", "tokens-per-minute"],
+        recorded_by="response",
+        cost_usd=Decimal("0.0123456789"),
+        attempts=2,
     )
 
 
@@ -59,12 +63,26 @@ def test_encode_decode_round_trip_is_exact() -> None:
             policy_violations=[],
         ),
         UsageRecord(request_id="naive", created_at=datetime(2025, 1, 1, 8, 0, 0, 1)),
+        UsageRecord(request_id="free", cost_usd=Decimal("0E-10"), attempts=1),
+        UsageRecord(request_id="big", cost_usd=Decimal("9999999999.9999999999")),
     ):
         line = encode_record(record)
         assert line.endswith(b"\n") and line.count(b"\n") == 1
         decoded = decode_record(line)
         assert decoded == record
         assert decoded.created_at.utcoffset() == record.created_at.utcoffset()
+
+
+def test_cost_is_written_as_exact_text() -> None:
+    line = encode_record(UsageRecord(request_id="c", cost_usd=Decimal("0.1000000003")))
+    assert b'"cost_usd":"0.1000000003"' in line  # not a double: 0.1 has no exact one
+    decoded = decode_record(line)
+    assert decoded.cost_usd == Decimal("0.1000000003")
+    assert isinstance(decoded.cost_usd, Decimal)
+    assert decode_record(b'{"request_id": "old"}').cost_usd is None  # spooled before costs
+    for junk in (b'"cheap"', b"true", b'"NaN"', b"[1]"):
+        with pytest.raises(SpoolFormatError, match="cost_usd"):
+            decode_record(b'{"request_id": "x", "cost_usd": ' + junk + b"}")
 
 
 def test_integers_beyond_64_bits_are_kept() -> None:

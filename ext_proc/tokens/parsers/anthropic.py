@@ -11,7 +11,10 @@ Streams: ``message_start`` carries ``message.usage`` (input counts and an initia
 count); each ``message_delta`` carries the *cumulative* ``usage.output_tokens`` (and,
 lately, the input counts again). Every field keeps the last value seen: nothing is
 summed, so nothing is counted twice. ``message_stop`` completes the stream; an ``error``
-event makes it incomplete.
+event makes it incomplete. The output count of ``message_start`` is a placeholder (1, or
+a few, before any text): until a ``message_delta`` reports the count, the stream's usage
+has the input counts and no completion count, so a cut or cancelled stream is counted
+from the text it delivered, never as 1 token.
 """
 
 from __future__ import annotations
@@ -113,6 +116,7 @@ class AnthropicStreamParser(SSEStreamParser):
         super().__init__()
         self._counts: list[int | None] = [None, None, None, None]
         self._has_usage = False
+        self._output_final = False  # a message_delta reported the output count
 
     def _on(self, obj: dict[str, Any]) -> None:
         kind = obj.get("type")
@@ -138,8 +142,11 @@ class AnthropicStreamParser(SSEStreamParser):
             elif type(block) is dict and block.get("type") in ("text", "thinking"):
                 _block_text(self.text, block)  # usually empty; deltas follow
         elif kind == "message_delta":
-            if update_counts(self._counts, obj.get("usage")):
+            usage = obj.get("usage")
+            if update_counts(self._counts, usage):
                 self._has_usage = True
+                if type(usage) is dict and as_int(usage.get("output_tokens")) is not None:
+                    self._output_final = True
             delta = obj.get("delta")
             if type(delta) is dict:
                 reason = delta.get("stop_reason")
@@ -159,7 +166,12 @@ class AnthropicStreamParser(SSEStreamParser):
             self.failed = True
 
     def _usage(self) -> Usage | None:
-        return _usage_from_counts(self._counts) if self._has_usage else None
+        if not self._has_usage:
+            return None
+        counts = self._counts
+        if not self._output_final:
+            counts = [*counts[:3], None]  # message_start's output count is a placeholder
+        return _usage_from_counts(counts)
 
 
 FORMAT = ResponseFormat("anthropic", parse_json, AnthropicStreamParser)

@@ -1,0 +1,346 @@
+"""Envoy's usage log: where plain (non-streamed, untranslated) requests end.
+
+Envoy writes one JSON line per finished request to a file (``LOG_FIELDS``, rendered by
+``ext_proc.envoy_config``) and this server tails it (``ext_proc.usage.tail``), so
+finishing a plain request costs no ext_proc message, and a line written while the
+server was down or restarting is read when it is back: no request goes unrecorded.
+A line carries what the request side decided (``gw`` metadata), the usage Envoy's
+``json_to_metadata`` read from a JSON answer (``gw_usage``), or, when it could not read
+one, the answer's body (``gw_body``, kept by the capture Lua filter), the status,
+timings, bytes and response flags.
+
+Lines the gateway recorded elsewhere (its own immediate answers, details ``gw_*``; and
+answers the response processor finished, ``gw_response``) are skipped when this process
+recorded them. Otherwise (another replica did, or this one crashed before its row was
+written) they are recorded here as fallback rows, which never replace the precise row
+(see ``ext_proc.usage.record.RECORDER_RANK``). Requests Envoy refused before the gateway
+saw them (an oversized body, the processor unreachable) are recorded here too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import time
+from collections.abc import Awaitable
+from typing import Any
+
+import orjson
+
+from ext_proc.server.completion import (
+    CLIENT_CLOSED_REQUEST,
+    FALLBACK_RECORDER,
+    Ending,
+    finish,
+)
+from ext_proc.server.context import Gateway
+from ext_proc.server.facts import Facts
+from ext_proc.tokens.bodies import summarize
+from ext_proc.tokens.types import ResponseSummary, Usage
+from ext_proc.usage.record import Decision
+
+log = logging.getLogger(__name__)
+
+BODY_NAMESPACE = "gw_body"  # set by the capture Lua filter: an answer Envoy could not read
+# Bodies up to this many bytes are kept for counting; longer ones only their length.
+BODY_CAPTURE_LIMIT = 4 * 1024 * 1024
+
+# The usage log line: short key -> Envoy command. Missing values are omitted.
+LOG_FIELDS: dict[str, str] = {
+    "id": "%REQ(X-REQUEST-ID)%",
+    "t0": "%START_TIME(%s.%6f)%",
+    # Without the query string: an app may put its key there by mistake.
+    "path": "%REQ_WITHOUT_QUERY(:PATH)%",
+    "st": "%RESPONSE_CODE%",
+    "det": "%RESPONSE_CODE_DETAILS%",
+    "fl": "%RESPONSE_FLAGS%",
+    "dur": "%COMMON_DURATION(DS_RX_BEG:DS_TX_END:us)%",
+    "ttfb": "%COMMON_DURATION(DS_RX_BEG:US_RX_BEG:us)%",
+    "ms": "%DURATION%",
+    "rqb": "%BYTES_RECEIVED%",
+    "rsb": "%BYTES_SENT%",
+    "att": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
+    "uh": "%UPSTREAM_HOST%",
+    "route": "%ROUTE_NAME%",
+    "ct": "%RESP(CONTENT-TYPE)%",
+    "ce": "%RESP(CONTENT-ENCODING)%",
+    "gw": "%DYNAMIC_METADATA(gw:f)%",
+    "dn": "%DYNAMIC_METADATA(gw:d)%",
+    "u": "%DYNAMIC_METADATA(gw_usage)%",
+    "rp": "%DYNAMIC_METADATA(gw_response:recorded)%",
+    "bd": "%DYNAMIC_METADATA(gw_body)%",
+}
+
+# Envoy response flags (short form) that say how a request ended.
+_APP_GONE = frozenset({"DC", "DR"})  # downstream connection terminated / remote reset
+_CUT = frozenset({"UR", "UC", "UT", "UPE", "UMSDR"})  # upstream reset / closed / timeout
+# The request never reached a provider: no connection, no healthy host, overflow, no route.
+_NEVER_SENT = frozenset({"UF", "UH", "UO", "NR", "URX", "NC"})
+# Routes whose traffic is not the gateway's (the benchmark's Envoy-alone floor).
+UNACCOUNTED_ROUTES = frozenset({"direct_without_ext_proc"})
+_DECISIONS: frozenset[Any] = frozenset({"allowed", "denied", "error"})
+# The gateway's own answers that are policy denials (the others are errors).
+_DENIAL_STATUSES = frozenset({401, 403, 404, 413, 429})
+# Bodies at least this large are decoded and parsed in a worker thread.
+_THREAD_BODY_BYTES = 64 * 1024
+
+
+def usage_from_log(u: Any, *, embeddings: bool = False) -> tuple[Usage | None, str | None]:
+    """The usage json_to_metadata extracted (OpenAI or Anthropic names), and the model.
+    An embeddings answer reports no completion: it is 0 there."""
+    if type(u) is not dict:
+        return None, None
+    model = u.get("model")
+    model = model if type(model) is str and model else None
+
+    def num(key: str) -> int | None:
+        value = u.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return int(value)
+        return None
+
+    prompt = num("prompt_tokens")
+    if prompt is not None:
+        completion = num("completion_tokens")
+        if completion is None and embeddings:
+            completion = 0
+        total = num("total_tokens")
+        return Usage(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=total if total is not None else prompt + (completion or 0),
+            cached_tokens=num("cached_tokens"),
+            reasoning_tokens=num("reasoning_tokens"),
+        ), model
+    input_tokens = num("input_tokens")
+    if input_tokens is not None:  # Anthropic: prompt = input + cache read + cache creation
+        cache_read = num("cache_read_input_tokens")
+        cache_creation = num("cache_creation_input_tokens")
+        prompt = input_tokens + (cache_read or 0) + (cache_creation or 0)
+        output = num("output_tokens")
+        return Usage(
+            prompt_tokens=prompt,
+            completion_tokens=output,
+            total_tokens=prompt + (output or 0),
+            cached_tokens=cache_read,
+            cache_creation_tokens=cache_creation,
+        ), model
+    return None, model
+
+
+def _ms(us: Any) -> float | None:
+    """Envoy's microsecond durations as milliseconds (None when absent)."""
+    if type(us) in (int, float):
+        return round(us / 1000.0, 3)
+    return None
+
+
+def _int(value: Any) -> int | None:
+    if type(value) is int:
+        return value
+    if type(value) is float:
+        return int(value)
+    if type(value) is str and value.isdigit():
+        return int(value)
+    return None
+
+
+def _str(value: Any) -> str:
+    return value if type(value) is str else ""
+
+
+def _denial(value: Any, status: int, details: str) -> tuple[Decision, str | None, str | None]:
+    """(decision, policy, error code) of an answer the gateway gave itself, as it put
+    them in the line (``facts.DENIAL_FIELD``), else as the status and details say."""
+    try:
+        said = orjson.loads(value) if type(value) is str else None
+    except orjson.JSONDecodeError:
+        said = None
+    if type(said) is not list or len(said) != 3:
+        said = [None, None, None]
+    decision: Decision
+    if said[0] in _DECISIONS:
+        decision = said[0]
+    elif status < 400:
+        decision = "allowed"
+    else:
+        decision = "denied" if status in _DENIAL_STATUSES else "error"
+    policy = said[1] if type(said[1]) is str else None
+    code = said[2] if type(said[2]) is str else details[3:67] or None
+    return decision, policy, code
+
+
+def _billable(entry: dict[str, Any], status: int, flags: frozenset[str]) -> bool:
+    """Whether the provider may have worked on the request (see ``Ending.billable``): it
+    answered 2xx, or the request was sent and then timed out, was cut, or the app left.
+    Not for the provider's own error answer or a connection that never opened."""
+    if flags & _NEVER_SENT or not entry.get("uh"):
+        return False
+    return status < 400 or bool(flags & (_CUT | _APP_GONE)) or status == CLIENT_CLOSED_REQUEST
+
+
+def _flags(value: Any) -> frozenset[str]:
+    if type(value) is not str or value in ("", "-"):
+        return frozenset()
+    return frozenset(value.split(","))
+
+
+class UsageLog:
+    """Turns usage-log lines into finished requests (one record each)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gw = gateway
+        self._timer = gateway.metrics.phase_duration.labels("access_log")
+        self._errors = gateway.metrics.stream_errors.labels(kind="access_log")
+        self._fallbacks = gateway.metrics.usage_fallbacks
+        self._lines = gateway.metrics.usage_log_lines
+
+    async def consume(self, lines: list[bytes]) -> None:
+        """Hand every line's record to the writer; returns once all are submitted."""
+        self._lines.inc(len(lines))
+        jobs = []
+        for line in lines:
+            started = time.perf_counter()
+            try:
+                job = self.handle(orjson.loads(line))
+            except Exception:  # one bad line must not stop the others
+                log.exception("usage log line not accounted: %.200r", line)
+                self._errors.inc()
+                job = None
+            self._timer.observe(time.perf_counter() - started)
+            if job is not None:
+                jobs.append(job)
+        if jobs:
+            await asyncio.gather(*jobs)
+
+    def handle(self, entry: Any) -> Awaitable[Any] | None:
+        """The work that records one line (None: nothing to record)."""
+        if type(entry) is not dict:
+            raise ValueError("a usage log line must be a JSON object")
+        details = _str(entry.get("det"))
+        if entry.get("route") in UNACCOUNTED_ROUTES:
+            return None
+        status = _int(entry.get("st")) or CLIENT_CLOSED_REQUEST
+        facts_text = entry.get("gw")
+        facts = Facts.from_json(facts_text) if type(facts_text) is str else None
+        if details.startswith("gw_") or entry.get("rp"):
+            # The gateway's own answer, or the response processor's: recorded by them.
+            if facts is None or facts.request_id in self._gw.recorded:
+                return None
+            # Not by this process: another replica owns it (its record wins whenever
+            # it lands), or this process lost it in a crash. Never left unrecorded.
+            return self._fallback(entry, facts, status, details)
+        if facts is None:
+            return self._unprocessed(entry, status, details)
+        return self._plain(entry, facts, status, details)
+
+    async def _fallback(
+        self, entry: dict[str, Any], facts: Facts, status: int, details: str
+    ) -> None:
+        self._fallbacks.inc()
+        if details.startswith("gw_"):
+            # A denial or an error the gateway answered itself: nothing reached a provider.
+            decision, policy, code = _denial(entry.get("dn"), status, details)
+            ending = Ending(
+                status=status,
+                latency_ms=_ms(entry.get("dur")) or _int(entry.get("ms")),
+                decision=decision,
+                policy=policy,
+                error_code=code,
+                response_bytes=_int(entry.get("rsb")) or None,
+            )
+            await finish(self._gw, facts, ending, FALLBACK_RECORDER, settle=False)
+            return
+        await self._plain(entry, facts, status, details, recorded_by=FALLBACK_RECORDER)
+
+    async def _plain(
+        self,
+        entry: dict[str, Any],
+        facts: Facts,
+        status: int,
+        details: str,
+        *,
+        recorded_by: str = "access_log",
+    ) -> None:
+        """A plain answer: usage from Envoy's json_to_metadata, else from the body."""
+        flags = _flags(entry.get("fl"))
+        usage, response_model = usage_from_log(
+            entry.get("u"), embeddings=facts.operation == "embeddings"
+        )
+        delivered: list[str] = []
+        complete = usage is not None
+        body = entry.get("bd")
+        if usage is None and type(body) is dict:
+            summary = await self._summarize(facts, entry, body)
+            if summary is not None:
+                usage = summary.usage
+                response_model = summary.response_model or response_model
+                delivered = summary.delivered_text
+                complete = summary.complete
+        app_gone = bool(flags & _APP_GONE)
+        cut = bool(flags & _CUT)
+        ending = Ending(
+            status=status,
+            latency_ms=_ms(entry.get("dur")) or _int(entry.get("ms")),
+            ttft_ms=_ms(entry.get("ttfb")),
+            response_bytes=_int(entry.get("rsb")) or None,
+            partial=(app_gone or cut) and not complete,
+            usage=usage,
+            response_model=response_model,
+            delivered_text=delivered,
+            billable=_billable(entry, status, flags),
+            attempts=_int(entry.get("att")),
+            error_code=details[:64]
+            if status >= 400 and not details.startswith("via_upstream")
+            else None,
+        )
+        await finish(self._gw, facts, ending, recorded_by, settle=recorded_by != FALLBACK_RECORDER)
+
+    async def _summarize(
+        self, facts: Facts, entry: dict[str, Any], body: dict[str, Any]
+    ) -> ResponseSummary | None:
+        """The rare path: an answer whose usage Envoy could not read, counted here."""
+        encoded = body.get("b")
+        if type(encoded) is not str:
+            return None  # too large to keep: only its length is known
+        try:
+            raw = base64.b64decode(encoded, validate=False)
+        except (binascii.Error, ValueError):
+            log.error("request %s: the kept body is not base64", facts.request_id)
+            return None
+        content_type, encoding = _str(entry.get("ct")), _str(entry.get("ce"))
+        if len(raw) >= _THREAD_BODY_BYTES:
+            return await asyncio.to_thread(
+                summarize, facts.response_format, raw, content_type, encoding
+            )
+        return summarize(facts.response_format, raw, content_type, encoding)
+
+    async def _unprocessed(self, entry: dict[str, Any], status: int, details: str) -> None:
+        """A request Envoy answered before the gateway decided anything about it (an
+        oversized body, the processor unreachable or failing)."""
+        started = entry.get("t0")
+        try:
+            t0 = float(started) if started else time.time()
+        except (TypeError, ValueError):
+            t0 = time.time()
+        path = _str(entry.get("path"))
+        facts = Facts(
+            request_id=_str(entry.get("id")) or f"envoy-{time.time_ns():x}",
+            started=t0,
+            endpoint=path.partition("?")[0][:200],
+            operation="",
+            request_bytes=_int(entry.get("rqb")) or 0,
+        )
+        code = details or "envoy_local_reply"
+        if details == "lua_response":
+            code = "invalid_json" if status == 400 else "gateway_not_processed"
+        ending = Ending(
+            status=status,
+            latency_ms=_ms(entry.get("dur")) or _int(entry.get("ms")),
+            decision="denied" if status in (413, 429) else "error",
+            error_code=code[:64],
+            response_bytes=_int(entry.get("rsb")) or None,
+        )
+        await finish(self._gw, facts, ending, "access_log")
