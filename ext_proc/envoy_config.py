@@ -183,6 +183,9 @@ def _provider_routes(provider: Provider) -> list[dict[str, Any]]:
         if "retriable-status-codes" in retries.on:
             policy["retriable_status_codes"] = list(retries.retriable_status_codes)
         route["retry_policy"] = policy
+    # Never to a provider: the gateway's route headers (used to pick this route), and the
+    # account/feature scoping headers the operator did not let through (`pass_headers`).
+    removed = [PROVIDER_HEADER, RESPONSE_HEADER, *provider.stripped_headers]
     provider_match = {"name": PROVIDER_HEADER, "string_match": {"exact": provider.name}}
     response_match = {"name": RESPONSE_HEADER, "string_match": {"exact": "1"}}
     return [
@@ -190,6 +193,7 @@ def _provider_routes(provider: Provider) -> list[dict[str, Any]]:
             "name": f"to_{provider.name}_via_response_processor",
             "match": {"prefix": "/", "headers": [provider_match, response_match]},
             "route": route,
+            "request_headers_to_remove": removed,
             "response_headers_to_add": _RATELIMIT_RESPONSE_HEADERS,
             "typed_per_filter_config": _lua_disabled(CAPTURE_FILTER),
         },
@@ -197,6 +201,7 @@ def _provider_routes(provider: Provider) -> list[dict[str, Any]]:
             "name": f"to_{provider.name}",
             "match": {"prefix": "/", "headers": [provider_match]},
             "route": route,
+            "request_headers_to_remove": removed,
             "response_headers_to_add": _RATELIMIT_RESPONSE_HEADERS,
             "typed_per_filter_config": _disabled(RESPONSE_FILTER),
         },
@@ -210,6 +215,7 @@ LUA_FILTER = "envoy.filters.http.lua"
 # json_to_metadata could not read, for the ext_proc server to count (see _CAPTURE_LUA).
 CAPTURE_FILTER = "gateway.usage_capture"
 DIRECT_ROUTE = "direct_without_ext_proc"  # benchmarks only: the Envoy-alone floor
+GATEWAY_HEADER_PREFIX = "x-gateway-"  # the gateway's own headers (never an app's)
 _EXT_PROC_PER_ROUTE = (
     "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
 )
@@ -316,6 +322,19 @@ def _http_filters(options: EnvoyOptions) -> list[dict[str, Any]]:
         for name, path in _USAGE_FIELDS.items()
     ]
     return [
+        {
+            # x-gateway-* names the gateway's own headers: an app's are dropped on
+            # arrival, so none can steer routing or reach a provider.
+            "name": "envoy.filters.http.header_mutation",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+                "mutations": {
+                    "request_mutations": [
+                        {"remove_on_match": {"key_matcher": {"prefix": GATEWAY_HEADER_PREFIX}}}
+                    ]
+                },
+            },
+        },
         {
             # One message per request: the buffered body, with the headers the gateway
             # reads attached as attributes (no headers round trip).
@@ -431,6 +450,19 @@ _USAGE_FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 
+_REQ_WITHOUT_QUERY = {
+    "name": "envoy.formatter.req_without_query",
+    "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.formatter.req_without_query.v3.ReqWithoutQuery"
+    },
+}
+_PLAIN_LOG_LINE = (
+    '[%START_TIME%] "%REQ(:METHOD)% %REQ_WITHOUT_QUERY(X-ENVOY-ORIGINAL-PATH?:PATH)% '
+    '%PROTOCOL%" %RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %DURATION% '
+    '"%REQ(USER-AGENT)%" "%REQ(X-REQUEST-ID)%" "%UPSTREAM_HOST%"\n'
+)
+
+
 def _usage_log(options: EnvoyOptions) -> dict[str, Any]:
     """One JSON line per finished request, for the ext_proc server to tail."""
     log: dict[str, Any] = {
@@ -441,14 +473,7 @@ def _usage_log(options: EnvoyOptions) -> dict[str, Any]:
             "log_format": {
                 "json_format": dict(LOG_FIELDS),
                 "omit_empty_values": True,
-                "formatters": [
-                    {
-                        "name": "envoy.formatter.req_without_query",
-                        "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.formatter.req_without_query.v3.ReqWithoutQuery"
-                        },
-                    }
-                ],
+                "formatters": [_REQ_WITHOUT_QUERY],
             },
         },
     }
@@ -705,6 +730,12 @@ def render(config: GatewayConfig, options: EnvoyOptions = EnvoyOptions()) -> dic
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
                     "path": options.access_log_path,
+                    # Envoy's default line, with the path's query string left out: an app
+                    # may put its key there by mistake, and it must never land in a file.
+                    "log_format": {
+                        "text_format_source": {"inline_string": _PLAIN_LOG_LINE},
+                        "formatters": [_REQ_WITHOUT_QUERY],
+                    },
                 },
             }
         )

@@ -39,6 +39,7 @@ from ext_proc.config.model import (
     ON_ERROR_CHOICES,
     PROVIDER_TYPES,
     RETRY_ON_CONDITIONS,
+    SCOPING_HEADERS,
     STREAM_USAGE_INJECTABLE,
     Application,
     Environment,
@@ -82,6 +83,7 @@ _PROVIDER_FIELDS = (
     "connect_timeout",
     "retries",
     "inject_stream_usage",
+    "pass_headers",
 )
 _RETRY_FIELDS = ("attempts", "on", "retriable_status_codes")
 _MODEL_FIELDS = ("provider", "deployment", "encoding", "aliases", "price")
@@ -700,10 +702,17 @@ class _Builder:
             inject = kind in STREAM_USAGE_INJECTABLE
 
         headers = self._headers(fields)
+        pass_headers = self._pass_headers(fields)
         timeout = fields.get_duration("timeout") or DEFAULT_TIMEOUT
         connect_timeout = fields.get_duration("connect_timeout") or DEFAULT_CONNECT_TIMEOUT
         retries = self._retries(fields)
-        if kind is None or base_url is None or headers is None or retries is None:
+        if (
+            kind is None
+            or base_url is None
+            or headers is None
+            or retries is None
+            or pass_headers is None
+        ):
             return None
         return Provider(
             name=name,
@@ -718,7 +727,29 @@ class _Builder:
             connect_timeout=connect_timeout,
             retries=retries,
             inject_stream_usage=inject,
+            pass_headers=pass_headers or None,
         )
+
+    def _pass_headers(self, fields: _Map) -> tuple[str, ...] | None:
+        """The lower-case names (empty when none are given); None when invalid."""
+        names = fields.get_str_list("pass_headers")
+        if names is None:
+            return None if fields.has("pass_headers") else ()
+        result: list[str] = []
+        for index, name in enumerate(names):
+            lower = name.lower()
+            if lower not in SCOPING_HEADERS:
+                fields.error(
+                    "pass_headers",
+                    f"'{name}' is not a header the gateway holds back (those are "
+                    f"{', '.join(SCOPING_HEADERS)}); other app headers pass anyway"
+                    + did_you_mean(lower, SCOPING_HEADERS),
+                    index=index,
+                )
+                return None
+            if lower not in result:
+                result.append(lower)
+        return tuple(result)
 
     def _base_url(self, fields: _Map) -> str | None:
         text = fields.get_str("base_url", required=True)

@@ -27,6 +27,13 @@ PROVIDER_TYPES: tuple[ProviderType, ...] = ("openai", "azure_openai", "anthropic
 # (their streams carry no usage otherwise); Anthropic streams always report usage.
 STREAM_USAGE_INJECTABLE: frozenset[str] = frozenset({"openai", "azure_openai"})
 
+# App headers that scope a provider account or feature (which organization or project
+# is billed, which beta is on): with the gateway's credential they would let an app act
+# as any org/project that credential reaches, so they never reach a provider unless its
+# `pass_headers` lets one through. (The gateway's key headers and its x-gateway-* headers
+# never do: see envoy_config.)
+SCOPING_HEADERS: tuple[str, ...] = ("openai-organization", "openai-project", "anthropic-beta")
+
 DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
@@ -90,6 +97,15 @@ class Provider:
     # Add `stream_options.include_usage` to streaming requests (openai / azure_openai;
     # always False for anthropic, whose streams report usage anyway).
     inject_stream_usage: bool = True
+    # SCOPING_HEADERS the operator lets apps send to this provider (lower-case names;
+    # None: none, and out of the canonical form).
+    pass_headers: tuple[str, ...] | None = field(default=None, metadata=OMIT_IF_NONE)
+
+    @property
+    def stripped_headers(self) -> tuple[str, ...]:
+        """The scoping headers removed from app requests before they reach this provider."""
+        passed = self.pass_headers or ()
+        return tuple(h for h in SCOPING_HEADERS if h not in passed)
 
     @property
     def has_credential(self) -> bool:

@@ -160,6 +160,9 @@ class RequestFacts:
     generates: bool = True  # False for embeddings: no completion tokens to reserve
     price: Price | None = None  # of the model served; None when it has none
     started: float = 0.0  # epoch seconds the request arrived (calendar budget periods)
+    # Every app-facing name of the model that will serve the request (catalog name and
+    # aliases), once it is resolved: the model allowlist judges these.
+    served_names: tuple[str, ...] = ()
 
     def scope_id(self, scope: Scope) -> str:
         if scope == "key":

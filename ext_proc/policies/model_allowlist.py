@@ -62,10 +62,11 @@ class ModelAllowlistEnforcer(Enforcer):
         return any(fnmatchcase(model, pattern) for pattern in self.params.patterns)
 
     def check(self, facts: RequestFacts) -> Denial | None:
-        # The app may name a model by alias (or Azure deployment): either name allowed counts.
-        if self.allows_model(facts.model) or (
-            facts.catalog_model and self.allows_model(facts.catalog_model)
-        ):
+        # Judged on the model that will serve the request, by any of its names (catalog
+        # name or alias), never on the name the app sent: an Azure deployment path may
+        # carry an allowed model's name and resolve to another model.
+        names = facts.served_names or (facts.catalog_model,)
+        if any(self.allows_model(name) for name in names if name):
             return None
         return Denial(
             self.name,

@@ -23,6 +23,9 @@ class Route:
     encoding_name: str
     price: Price | None = None  # None: no price known (usage rows get cost_usd NULL)
     price_code: str = ""  # ``price.encode()``, computed once: what requests carry
+    # Every app-facing name of the model served (its name, then its aliases): what a
+    # model allowlist judges, whatever name or Azure deployment the app used.
+    names: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, model: Model, provider: Provider, adapter: ProviderAdapter) -> Route:
@@ -34,6 +37,7 @@ class Route:
             model.encoding_name,
             price,
             price.encode() if price is not None else "",
+            (model.name, *model.aliases),
         )
 
     @property

@@ -22,7 +22,6 @@ from typing import Any
 
 import asyncpg
 import grpc
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -40,7 +39,7 @@ from ext_proc.routing.catalog import Catalog
 from ext_proc.routing.credentials import load_credentials
 from ext_proc.server.context import Gateway, Runtime
 from ext_proc.server.envoy_log import UsageLog
-from ext_proc.server.servicer import ExternalProcessor
+from ext_proc.server.servicer import SERVICE, ExternalProcessor, add_to_server
 from ext_proc.settings import Settings
 from ext_proc.stores import catalog as catalog_store
 from ext_proc.stores.cache import TieredCache
@@ -56,7 +55,6 @@ from ext_proc.usage.tail import LogTail
 
 log = logging.getLogger(__name__)
 
-EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 GRACE_SECONDS = 10.0
 # How long start-up waits for Postgres before serving from the config file alone.
 STARTUP_POSTGRES_WAIT = 10.0
@@ -186,7 +184,7 @@ class Service:
                 ("grpc.keepalive_permit_without_calls", 1),
             ]
         )
-        pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(self.gateway), self._grpc)
+        add_to_server(ExternalProcessor(self.gateway), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         bind = f"{self.options.grpc_host}:{settings.grpc_port}"
         self.grpc_port = self._grpc.add_insecure_port(bind)
@@ -201,7 +199,7 @@ class Service:
             on_skipped=self.metrics.usage_log_skipped_bytes.inc,
         )
         self._usage_log.start()
-        for name in ("", EXT_PROC_SERVICE):
+        for name in ("", SERVICE):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
         metrics_server = HttpServer(self._metrics_handler)

@@ -33,6 +33,8 @@ from ext_proc.server import responses as r
 from ext_proc.server.completion import Ending, finish
 from ext_proc.server.context import Gateway, Runtime
 from ext_proc.server.facts import DENIAL_FIELD, NAMESPACE, ROUTE_NAMESPACE, Facts
+from ext_proc.server.request_json import BodyError, parse_request_json
+from ext_proc.server.wire import REPLACEMENT
 from ext_proc.stores.cache import CacheUnavailable
 from ext_proc.tokens import estimator
 
@@ -63,6 +65,8 @@ _ATTRIBUTE_HEADERS = {
     if name.startswith(_HEADER_ATTRIBUTE)
 }
 
+# The headers an app may carry its gateway key in (the authenticator reads them).
+_KEY_HEADERS = ("authorization", "api-key", "x-api-key")
 _AUTH_CODES = {
     "missing": "missing_api_key",
     "unknown": "invalid_api_key",
@@ -311,6 +315,17 @@ class RequestProcessor:
 
     async def _authenticate(self, head: Head) -> None:
         facts = self._facts
+        headers = head.headers
+        for name in _KEY_HEADERS:
+            value = headers.get(name)
+            if value is not None and REPLACEMENT in value:  # see wire.decode_request
+                raise RequestError(
+                    401,
+                    f"The {name} header is not valid UTF-8: send the API key as given.",
+                    code="invalid_api_key",
+                    decision="denied",
+                    error_type="invalid_request_error",
+                )
         try:
             identity = await self._gw.auth.authenticate(head.headers)
         except AuthError as exc:
@@ -341,6 +356,7 @@ class RequestProcessor:
         if bound.empty:
             return
         pf = self._facts.policy_facts()
+        pf.served_names = route.names
 
         async def estimate() -> int:
             return self._facts.estimated_tokens or 0
@@ -557,24 +573,10 @@ def _validate(endpoint: Endpoint, body: dict[str, Any]) -> None:
 
 
 def _parse_json_object(raw: bytes) -> dict[str, Any]:
-    if not raw:
-        raise RequestError(
-            400, "The request body is empty; send a JSON object.", code="invalid_json"
-        )
     try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        message = str(exc)
-        if "utf-8" in message.lower() or "surrogate" in message.lower():
-            raise RequestError(
-                400, "The request body is not valid UTF-8.", code="invalid_encoding"
-            ) from None
-        raise RequestError(
-            400, f"The request body is not valid JSON: {message}", code="invalid_json"
-        ) from None
-    if not isinstance(body, dict):
-        raise RequestError(400, "The request body must be a JSON object.", code="invalid_json")
-    return body
+        return parse_request_json(raw)
+    except BodyError as exc:
+        raise RequestError(400, exc.message, code=exc.code) from None
 
 
 def _missing(name: str) -> RequestError:

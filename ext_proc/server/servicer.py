@@ -23,10 +23,25 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from ext_proc.server.context import Gateway
 from ext_proc.server.processor import RequestError, RequestProcessor
 from ext_proc.server.response import ResponseProcessor
+from ext_proc.server.wire import decode_request
 
 log = logging.getLogger(__name__)
 
 _PHASES = ("request_headers", "request_body", "response_headers", "response_body")
+SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+
+def add_to_server(servicer: ExternalProcessor, server: grpc.aio.Server) -> None:
+    """Serve ``servicer`` on ``server`` (the generated registration, with the request
+    decoder that survives header bytes that are not UTF-8: see ``wire``)."""
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.Process,
+        request_deserializer=decode_request,
+        response_serializer=pb.ProcessingResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE, {"Process": handler}),)
+    )
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):

@@ -174,6 +174,8 @@ def provider_spec(provider: Provider) -> Spec:
     spec["retries"] = retries
     if provider.type in STREAM_USAGE_INJECTABLE:
         spec["inject_stream_usage"] = provider.inject_stream_usage
+    if provider.pass_headers:
+        spec["pass_headers"] = list(provider.pass_headers)
     return spec
 
 

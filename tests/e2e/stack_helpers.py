@@ -98,6 +98,7 @@ class OwnStack:
         processes: int = 1,
         label: str = "own",
         headers_phase: bool = False,
+        extra_env: dict[str, str] | None = None,
     ) -> OwnStack:
         """Write ``config`` (``{mock}`` is replaced by the mock's port) and start the
         stack on free ports against a fresh database."""
@@ -113,6 +114,7 @@ class OwnStack:
             redis_prefix=redis_prefix,
             ext_proc_processes=processes,
             envoy_headers_phase=headers_phase,
+            extra_env=extra_env or {},
         )
         await asyncio.to_thread(stack.start)  # Stack.start stops what it started on failure
         return cls(stack, database_url)

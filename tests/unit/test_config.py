@@ -373,6 +373,27 @@ def test_provider_headers_reject_hop_by_hop_and_credentials() -> None:
     assert dict(parse_config(ok).providers["o"].headers) == {"x-team": "platform"}
 
 
+def test_pass_headers_names_only_the_scoping_headers() -> None:
+    text = (
+        "providers:\n  o:\n    type: openai\n    base_url: https://a.b\n"
+        "    pass_headers: [OpenAI-Organization, x-team]\n"
+    )
+    issue = only_issue(text)
+    assert issue.path == "providers.o.pass_headers[1]"
+    assert "openai-organization, openai-project, anthropic-beta" in issue.message
+
+    ok = "providers:\n  o: {type: openai, base_url: https://a.b, pass_headers: [OpenAI-Project]}\n"
+    provider = parse_config(ok).providers["o"]
+    assert provider.pass_headers == ("openai-project",)
+    assert provider.stripped_headers == ("openai-organization", "anthropic-beta")
+    plain = parse_config("providers:\n  o: {type: openai, base_url: https://a.b}\n")
+    assert plain.providers["o"].stripped_headers == (
+        "openai-organization",
+        "openai-project",
+        "anthropic-beta",
+    )
+
+
 def test_retries_read_the_on_key_as_a_name_and_check_conditions() -> None:
     text = (
         "providers:\n  o:\n    type: openai\n    base_url: https://a.b\n"
