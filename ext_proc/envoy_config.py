@@ -42,7 +42,13 @@ import yaml
 from ext_proc.config.model import GatewayConfig, Provider
 from ext_proc.server.context import DEFAULT_MAX_REQUEST_BYTES
 from ext_proc.server.envoy_log import BODY_CAPTURE_LIMIT, BODY_NAMESPACE, LOG_FIELDS
-from ext_proc.server.facts import NAMESPACE, RESPONSE_NAMESPACE, ROUTE_NAMESPACE, USAGE_NAMESPACE
+from ext_proc.server.facts import (
+    MODEL_NAMESPACE,
+    NAMESPACE,
+    RESPONSE_NAMESPACE,
+    ROUTE_NAMESPACE,
+    USAGE_NAMESPACE,
+)
 from ext_proc.server.processor import (
     PROVIDER_HEADER,
     RATELIMIT_METADATA_KEYS,
@@ -51,6 +57,7 @@ from ext_proc.server.processor import (
 )
 from ext_proc.server.response import RESPONSE_ATTRIBUTES
 from ext_proc.settings import DEFAULT_USAGE_LOG
+from ext_proc.tokens.parsers import FORMATS
 
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 DEV_USAGE_LOG = ".data/usage-log/envoy.jsonl"
@@ -295,10 +302,7 @@ function envoy_on_response(h)
   local n = body:length()
   if n == 0 then return end
   local md = h:streamInfo():dynamicMetadata()
-  local usage = md:get("@USAGE@")
-  if usage ~= nil and (usage["prompt_tokens"] ~= nil or usage["input_tokens"] ~= nil) then
-    return
-  end
+  if md:get("@USAGE@") ~= nil then return end
   if n > @LIMIT@ then
     md:set("@BODY@", "n", tostring(n))
     return
@@ -310,17 +314,7 @@ end
 
 def _http_filters(options: EnvoyOptions) -> list[dict[str, Any]]:
     timeout = f"{options.message_timeout_ms / 1000:g}s"
-    usage_rules = [
-        {
-            "selectors": [{"key": key} for key in path],
-            "on_present": {
-                "metadata_namespace": USAGE_NAMESPACE,
-                "key": name,
-                "type": "STRING" if name == "model" else "NUMBER",
-            },
-        }
-        for name, path in _USAGE_FIELDS.items()
-    ]
+    usage_rules = _usage_rules()
     return [
         {
             # x-gateway-* names the gateway's own headers: an app's are dropped on
@@ -434,20 +428,24 @@ def _http_filters(options: EnvoyOptions) -> list[dict[str, Any]]:
 # Content types json_to_metadata parses (RE2, matched against the whole header value).
 _JSON_CONTENT_TYPES = r"(?i)\s*(application|text)/([a-z0-9.+-]+\+)?json\s*(;.*)?"
 
-# json_to_metadata: metadata key -> JSON path in the provider's answer (OpenAI and
-# Anthropic names; ext_proc.server.envoy_log maps them).
-_USAGE_FIELDS: dict[str, tuple[str, ...]] = {
-    "model": ("model",),
-    "prompt_tokens": ("usage", "prompt_tokens"),
-    "completion_tokens": ("usage", "completion_tokens"),
-    "total_tokens": ("usage", "total_tokens"),
-    "cached_tokens": ("usage", "prompt_tokens_details", "cached_tokens"),
-    "reasoning_tokens": ("usage", "completion_tokens_details", "reasoning_tokens"),
-    "input_tokens": ("usage", "input_tokens"),
-    "output_tokens": ("usage", "output_tokens"),
-    "cache_read_input_tokens": ("usage", "cache_read_input_tokens"),
-    "cache_creation_input_tokens": ("usage", "cache_creation_input_tokens"),
-}
+
+def _usage_rules() -> list[dict[str, Any]]:
+    """json_to_metadata rules for every usage field and model field any response format
+    reads (ext_proc.tokens.parsers: each format names its own fields); the metadata key
+    is the field's dotted path, so the usage-log reader hands them back to the format."""
+    numbers = dict.fromkeys(f for fmt in FORMATS.values() for f in fmt.usage_fields)
+    models = dict.fromkeys(fmt.model_field for fmt in FORMATS.values() if fmt.model_field)
+    return [
+        {
+            "selectors": [{"key": key} for key in path.split(".")],
+            "on_present": {"metadata_namespace": namespace, "key": path, "type": kind},
+        }
+        for paths, namespace, kind in (
+            (numbers, USAGE_NAMESPACE, "NUMBER"),
+            (models, MODEL_NAMESPACE, "STRING"),
+        )
+        for path in paths
+    ]
 
 
 _REQ_WITHOUT_QUERY = {

@@ -11,7 +11,6 @@ from ext_proc.config.errors import ConfigError, ConfigIssue
 from ext_proc.config.loader import load_config, parse_config
 from ext_proc.config.model import (
     DEFAULT_ENVIRONMENT,
-    PROVIDER_TYPES,
     Application,
     Environment,
     GatewayConfig,
@@ -25,7 +24,6 @@ from ext_proc.config.model import (
 
 __all__ = [
     "DEFAULT_ENVIRONMENT",
-    "PROVIDER_TYPES",
     "Application",
     "ConfigError",
     "ConfigIssue",

@@ -19,7 +19,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
@@ -30,17 +30,14 @@ from ext_proc import policies as _policies  # module, not names: see _policy_typ
 from ext_proc.config.durations import DurationError, parse_duration
 from ext_proc.config.errors import ConfigError, ConfigIssue, did_you_mean
 from ext_proc.config.model import (
-    DEFAULT_ANTHROPIC_VERSION,
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_ENVIRONMENT,
     DEFAULT_RETRIABLE_STATUS_CODES,
     DEFAULT_RETRY_ON,
     DEFAULT_TIMEOUT,
     ON_ERROR_CHOICES,
-    PROVIDER_TYPES,
     RETRY_ON_CONDITIONS,
     SCOPING_HEADERS,
-    STREAM_USAGE_INJECTABLE,
     Application,
     Environment,
     GatewayConfig,
@@ -68,16 +65,17 @@ _MODEL_NAME_HELP = (
 _AZURE_DEPLOYMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _ENV_VAR = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_API_VERSION = re.compile(r"\d{4}-\d{2}-\d{2}(-[a-z]+)?|v1|preview|latest")
 
+
+if TYPE_CHECKING:
+    from ext_proc.routing.providers import ProviderType
 _TOP_LEVEL = ("providers", "models", "policies", "applications")
+# Every provider's fields; each type adds its own (ProviderType.options).
 _PROVIDER_FIELDS = (
     "type",
     "base_url",
     "api_key_env",
     "api_key_file",
-    "api_version",
-    "anthropic_version",
     "headers",
     "timeout",
     "connect_timeout",
@@ -152,6 +150,14 @@ def parse_config(text: str, filename: str = "<string>") -> GatewayConfig:
     if document.issues or config is None:
         raise ConfigError(document.issues)
     return config
+
+
+def _provider_types() -> Mapping[str, ProviderType]:
+    # Imported at call time, like the policy types: the provider modules import
+    # ext_proc.config.model (this package) themselves.
+    from ext_proc.routing.providers import PROVIDER_TYPES
+
+    return PROVIDER_TYPES
 
 
 def _policy_types() -> Mapping[str, PolicyType[Any]]:
@@ -660,11 +666,19 @@ class _Builder:
         path = _join("providers", name)
         self._name(key, path, name, "provider", _SLUG)
         self.provider_types[name] = None
-        fields = _Map.of(self.doc, value, path, key, _PROVIDER_FIELDS)
+        fields = _Map.of(
+            self.doc,
+            value,
+            path,
+            key,
+            _PROVIDER_FIELDS + tuple(o for t in _provider_types().values() for o in t.options),
+        )
         if fields is None:
             return None
-        kind = fields.get_choice("type", PROVIDER_TYPES, required=True)
+        types = _provider_types()
+        kind = fields.get_choice("type", tuple(types), required=True)
         self.provider_types[name] = kind
+        provider_type = types.get(kind) if kind is not None else None
         base_url = self._base_url(fields)
 
         api_key_env = fields.get_str("api_key_env")
@@ -675,31 +689,28 @@ class _Builder:
         if fields.has("api_key_env") and fields.has("api_key_file"):
             fields.error("api_key_file", "set api_key_env or api_key_file, not both")
 
-        api_version = None
-        if kind == "azure_openai":
-            api_version = fields.get_str("api_version", required=True)
-            if api_version is not None and not _API_VERSION.fullmatch(api_version):
-                fields.error(
-                    "api_version", f"'{api_version}' is not an Azure api-version like 2024-10-21"
-                )
-        elif fields.has("api_version"):
-            fields.error("api_version", "applies only to azure_openai providers")
-
-        anthropic_version = None
-        if kind == "anthropic":
-            anthropic_version = fields.get_str("anthropic_version") or DEFAULT_ANTHROPIC_VERSION
-        elif fields.has("anthropic_version"):
-            fields.error("anthropic_version", "applies only to anthropic providers")
+        # The type's own fields: parsed by its module; another type's are refused.
+        options: dict[str, Any] | None = {}
+        own = provider_type.options if provider_type is not None else ()
+        for option in dict.fromkeys(o for t in types.values() for o in t.options):
+            if fields.has(option) and option not in own:
+                owners = [t.name for t in types.values() if option in t.options]
+                fields.error(option, f"applies only to {' and '.join(owners)} providers")
+        if provider_type is not None:
+            options = provider_type.parse_options(fields)
 
         inject = fields.get_bool("inject_stream_usage")
-        if kind is not None and kind not in STREAM_USAGE_INJECTABLE and inject is not None:
-            fields.error(
-                "inject_stream_usage",
-                f"{kind} streams report usage themselves; "
-                f"this applies to {', '.join(sorted(STREAM_USAGE_INJECTABLE))} providers",
-            )
-        if inject is None:
-            inject = kind in STREAM_USAGE_INJECTABLE
+        injectable = sorted(t.name for t in types.values() if t.stream_usage_injectable)
+        if provider_type is not None and not provider_type.stream_usage_injectable:
+            if inject is not None:
+                fields.error(
+                    "inject_stream_usage",
+                    f"{kind} streams report usage themselves; "
+                    f"this applies to {', '.join(injectable)} providers",
+                )
+            inject = False
+        elif inject is None:
+            inject = True
 
         headers = self._headers(fields)
         pass_headers = self._pass_headers(fields)
@@ -712,6 +723,7 @@ class _Builder:
             or headers is None
             or retries is None
             or pass_headers is None
+            or options is None
         ):
             return None
         return Provider(
@@ -720,8 +732,7 @@ class _Builder:
             base_url=base_url,
             api_key_env=api_key_env,
             api_key_file=api_key_file,
-            api_version=api_version,
-            anthropic_version=anthropic_version,
+            options=MappingProxyType(options),
             headers=headers,
             timeout=timeout,
             connect_timeout=connect_timeout,

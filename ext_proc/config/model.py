@@ -20,12 +20,9 @@ from ext_proc.policies.base import PolicyParams
 from ext_proc.tokens.encodings import encoding_name_for_model, known_encoding_name
 from ext_proc.usage.pricing import Price, decimal_text
 
-ProviderType = Literal["openai", "azure_openai", "anthropic"]
-# Known provider types; an adapter per type lives in the routing package.
-PROVIDER_TYPES: tuple[ProviderType, ...] = ("openai", "azure_openai", "anthropic")
-# Types whose streaming requests get `stream_options.include_usage` added by default
-# (their streams carry no usage otherwise); Anthropic streams always report usage.
-STREAM_USAGE_INJECTABLE: frozenset[str] = frozenset({"openai", "azure_openai"})
+# A provider's `type:`; the known ones are the modules of ext_proc.routing.providers, each
+# owning its own fields (`Provider.options`), adapter and usage format.
+ProviderType = str
 
 # App headers that scope a provider account or feature (which organization or project
 # is billed, which beta is on): with the gateway's credential they would let an app act
@@ -34,7 +31,6 @@ STREAM_USAGE_INJECTABLE: frozenset[str] = frozenset({"openai", "azure_openai"})
 # never do: see envoy_config.)
 SCOPING_HEADERS: tuple[str, ...] = ("openai-organization", "openai-project", "anthropic-beta")
 
-DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
 
@@ -88,14 +84,18 @@ class Provider:
     base_url: str  # scheme://host[:port][/prefix], no trailing slash; request paths follow it
     api_key_env: str | None = None  # name of the env var holding the key (never the key)
     api_key_file: str | None = None  # or a file holding it (relative: to the config's folder)
-    api_version: str | None = None  # azure_openai: the `api-version` query parameter
-    anthropic_version: str | None = None  # anthropic: the `anthropic-version` header
+    # The type's own fields, as its ProviderType parsed them (azure_openai: api_version;
+    # anthropic: anthropic_version). In the canonical form they sit beside the others,
+    # as in the file.
+    options: Mapping[str, Any] = field(
+        default_factory=_empty_mapping, metadata=MappingProxyType({"flatten": True})
+    )
     headers: Mapping[str, str] = field(default_factory=_empty_mapping)  # lower-case names
     timeout: float = DEFAULT_TIMEOUT  # seconds for the whole upstream response
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     retries: RetryPolicy = RetryPolicy()
-    # Add `stream_options.include_usage` to streaming requests (openai / azure_openai;
-    # always False for anthropic, whose streams report usage anyway).
+    # Add `stream_options.include_usage` to streaming requests (types whose streams
+    # report usage only when asked; always False for the others).
     inject_stream_usage: bool = True
     # SCOPING_HEADERS the operator lets apps send to this provider (lower-case names;
     # None: none, and out of the canonical form).
@@ -239,11 +239,16 @@ def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         # Fields that are not compared (compiled CEL programs, derived lookups) are
         # derived from the ones that are, so they add nothing to the fingerprint.
-        return {
-            f.name: _plain(getattr(value, f.name))
-            for f in dataclasses.fields(value)
-            if f.compare and not (f.metadata.get("omit_if_none") and getattr(value, f.name) is None)
-        }
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(value):
+            item = getattr(value, f.name)
+            if not f.compare or (f.metadata.get("omit_if_none") and item is None):
+                continue
+            if f.metadata.get("flatten"):  # a mapping whose entries are fields themselves
+                out.update(_plain(item))
+            else:
+                out[f.name] = _plain(item)
+        return out
     if isinstance(value, Mapping):
         return {str(key): _plain(item) for key, item in value.items()}
     if isinstance(value, tuple | list):

@@ -38,6 +38,7 @@ from ext_proc.server.completion import (
 from ext_proc.server.context import Gateway
 from ext_proc.server.facts import Facts
 from ext_proc.tokens.bodies import summarize
+from ext_proc.tokens.parsers import FORMATS
 from ext_proc.tokens.types import ResponseSummary, Usage
 from ext_proc.usage.record import Decision
 
@@ -69,6 +70,7 @@ LOG_FIELDS: dict[str, str] = {
     "gw": "%DYNAMIC_METADATA(gw:f)%",
     "dn": "%DYNAMIC_METADATA(gw:d)%",
     "u": "%DYNAMIC_METADATA(gw_usage)%",
+    "mdl": "%DYNAMIC_METADATA(gw_model)%",
     "rp": "%DYNAMIC_METADATA(gw_response:recorded)%",
     "bd": "%DYNAMIC_METADATA(gw_body)%",
 }
@@ -87,47 +89,26 @@ _DENIAL_STATUSES = frozenset({401, 403, 404, 413, 429})
 _THREAD_BODY_BYTES = 64 * 1024
 
 
-def usage_from_log(u: Any, *, embeddings: bool = False) -> tuple[Usage | None, str | None]:
-    """The usage json_to_metadata extracted (OpenAI or Anthropic names), and the model.
-    An embeddings answer reports no completion: it is 0 there."""
-    if type(u) is not dict:
+def usage_from_log(
+    response_format: str, entry: dict[str, Any], *, embeddings: bool = False
+) -> tuple[Usage | None, str | None]:
+    """The usage and served model Envoy's json_to_metadata read from a JSON answer, as the
+    provider's response format understands them (each format names its fields)."""
+    fmt = FORMATS.get(response_format)
+    if fmt is None:
         return None, None
-    model = u.get("model")
-    model = model if type(model) is str and model else None
-
-    def num(key: str) -> int | None:
-        value = u.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return int(value)
-        return None
-
-    prompt = num("prompt_tokens")
-    if prompt is not None:
-        completion = num("completion_tokens")
-        if completion is None and embeddings:
-            completion = 0
-        total = num("total_tokens")
-        return Usage(
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            total_tokens=total if total is not None else prompt + (completion or 0),
-            cached_tokens=num("cached_tokens"),
-            reasoning_tokens=num("reasoning_tokens"),
-        ), model
-    input_tokens = num("input_tokens")
-    if input_tokens is not None:  # Anthropic: prompt = input + cache read + cache creation
-        cache_read = num("cache_read_input_tokens")
-        cache_creation = num("cache_creation_input_tokens")
-        prompt = input_tokens + (cache_read or 0) + (cache_creation or 0)
-        output = num("output_tokens")
-        return Usage(
-            prompt_tokens=prompt,
-            completion_tokens=output,
-            total_tokens=prompt + (output or 0),
-            cached_tokens=cache_read,
-            cache_creation_tokens=cache_creation,
-        ), model
-    return None, model
+    usage = fmt.usage_from_fields(entry.get("u"))
+    if (
+        usage is not None
+        and embeddings
+        and usage.prompt_tokens is not None
+        and usage.completion_tokens is None
+    ):
+        usage.completion_tokens = 0  # an embeddings answer reports no completion: it is 0
+        usage.total_tokens = usage.prompt_tokens
+    models = entry.get("mdl")
+    model = models.get(fmt.model_field) if type(models) is dict and fmt.model_field else None
+    return usage, model if type(model) is str and model else None
 
 
 def _ms(us: Any) -> float | None:
@@ -267,7 +248,7 @@ class UsageLog:
         """A plain answer: usage from Envoy's json_to_metadata, else from the body."""
         flags = _flags(entry.get("fl"))
         usage, response_model = usage_from_log(
-            entry.get("u"), embeddings=facts.operation == "embeddings"
+            facts.response_format, entry, embeddings=facts.operation == "embeddings"
         )
         delivered: list[str] = []
         complete = usage is not None

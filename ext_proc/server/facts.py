@@ -23,6 +23,8 @@ NAMESPACE = "gw"  # request facts: read by the usage log reader and the response
 ROUTE_NAMESPACE = "gw_route"  # routing + credentials for the Lua filter (scrubbed after use)
 RESPONSE_NAMESPACE = "gw_response"  # set by the response processor: "it wrote the record"
 USAGE_NAMESPACE = "gw_usage"  # set by Envoy's json_to_metadata from a JSON response body
+MODEL_NAMESPACE = "gw_model"  # the same: the model the answer names (its own namespace, so
+# "gw_usage is set" means "Envoy read a usage count")
 FIELD = "f"  # the field of NAMESPACE that holds the facts (compact JSON)
 # Beside the facts of a request the gateway answered itself: [decision, policy, code],
 # so that its record can be rebuilt from Envoy's usage log (see server/envoy_log.py).

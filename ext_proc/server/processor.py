@@ -418,27 +418,24 @@ class RequestProcessor:
     ) -> pb.ProcessingResponse:
         """The routing decision for the Lua filter, and the facts for the finisher."""
         facts = self._facts
-        adapter = route.adapter
-        new_body: bytes | None
+        try:
+            call = route.adapter.call(endpoint, route.deployment, body)
+        except TranslationError as exc:
+            raise RequestError(
+                400,
+                exc.message,
+                code=exc.code,
+                param=exc.param,
+                error_type="invalid_request_error",
+            ) from None
+        path, call_headers, new_body = call.path, call.headers, call.body
         respond = facts.stream
-        if adapter.translates(endpoint.operation):
-            try:
-                translated = adapter.translate(endpoint, route.deployment, body)
-            except TranslationError as exc:
-                raise RequestError(
-                    400,
-                    exc.message,
-                    code=exc.code,
-                    param=exc.param,
-                    error_type="invalid_request_error",
-                ) from None
-            facts.translation = translated.translation
-            facts.include_usage = translated.include_usage
+        if call.translation:
+            # The answer comes back in another API's shape: the response processor turns
+            # it into the app's (and counts it), streamed or not.
+            facts.translation = call.translation
+            facts.include_usage = call.include_usage
             respond = True
-            path, call_headers, new_body = translated.path, translated.headers, translated.body
-        else:
-            call = adapter.prepare(endpoint, route.deployment, body)
-            path, call_headers, new_body = call.path, call.headers, call.body
         facts.response_processor = respond
         metadata = struct_pb2.Struct()
         # Built field by field: Struct.update's generic conversion costs several times more.

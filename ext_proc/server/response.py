@@ -18,7 +18,8 @@ import time
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import struct_pb2
 
-from ext_proc.routing.translate import RESPONSE_TRANSLATORS, ResponseTranslator
+from ext_proc.routing.providers import RESPONSE_TRANSLATORS
+from ext_proc.routing.translate import ResponseTranslator
 from ext_proc.server import responses as r
 from ext_proc.server.completion import Ending, finish
 from ext_proc.server.context import Gateway

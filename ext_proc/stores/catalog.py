@@ -38,13 +38,13 @@ from ext_proc.config.errors import ConfigError
 from ext_proc.config.loader import parse_config
 from ext_proc.config.model import (
     DEFAULT_ENVIRONMENT,
-    STREAM_USAGE_INJECTABLE,
     Application,
     GatewayConfig,
     Model,
     Policy,
     Provider,
 )
+from ext_proc.routing.providers import PROVIDER_TYPES
 from ext_proc.usage.pricing import Price, json_number
 
 # What a config loaded from the catalog names as its source (and its issues' file).
@@ -157,13 +157,10 @@ def specs_of(config: GatewayConfig) -> CatalogSpecs:
 
 def provider_spec(provider: Provider) -> Spec:
     spec: Spec = {"type": provider.type, "base_url": provider.base_url}
-    optional = {
-        "api_key_env": provider.api_key_env,
-        "api_key_file": provider.api_key_file,
-        "api_version": provider.api_version,
-        "anthropic_version": provider.anthropic_version,
-    }
+    optional = {"api_key_env": provider.api_key_env, "api_key_file": provider.api_key_file}
     spec.update({key: value for key, value in optional.items() if value is not None})
+    # The type's own fields, as gateway.yaml writes them (its module parsed them).
+    spec.update({key: value for key, value in provider.options.items() if value is not None})
     if provider.headers:
         spec["headers"] = dict(provider.headers)
     spec["timeout"] = duration_text(provider.timeout)
@@ -172,7 +169,7 @@ def provider_spec(provider: Provider) -> Spec:
     if "retriable-status-codes" in provider.retries.on:  # the loader refuses them otherwise
         retries["retriable_status_codes"] = list(provider.retries.retriable_status_codes)
     spec["retries"] = retries
-    if provider.type in STREAM_USAGE_INJECTABLE:
+    if PROVIDER_TYPES[provider.type].stream_usage_injectable:
         spec["inject_stream_usage"] = provider.inject_stream_usage
     if provider.pass_headers:
         spec["pass_headers"] = list(provider.pass_headers)

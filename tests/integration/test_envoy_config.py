@@ -113,6 +113,7 @@ def test_rendered_shape() -> None:
     }
     filters = [f["name"] for f in hcm["http_filters"]]
     assert filters == [
+        "envoy.filters.http.header_mutation",  # an app's x-gateway-* headers dropped
         REQUEST_FILTER,
         LUA_FILTER,
         RESPONSE_FILTER,
@@ -125,18 +126,27 @@ def test_rendered_shape() -> None:
     assert routes["to_openai_via_response_processor"]["typed_per_filter_config"][CAPTURE_FILTER][
         "disabled"
     ]
-    json_rules = hcm["http_filters"][4]["typed_config"]["response_rules"]
+    by_name = {f["name"]: f["typed_config"] for f in hcm["http_filters"]}
+    json_rules = by_name["envoy.filters.http.json_to_metadata"]["response_rules"]
     assert json_rules["allow_empty_content_type"] is True
-    request = hcm["http_filters"][0]["typed_config"]
+    request = by_name[REQUEST_FILTER]
     assert request["processing_mode"]["request_header_mode"] == "SKIP"  # one message
     assert request["processing_mode"]["request_body_mode"] == "BUFFERED"
     assert request["processing_mode"]["response_body_mode"] == "NONE"
     assert "request.headers['authorization']" in request["request_attributes"]
     assert request["failure_mode_allow"] is False
     assert request["status_on_error"] == {"code": "ServiceUnavailable"}
-    response = hcm["http_filters"][2]["typed_config"]
+    response = by_name[RESPONSE_FILTER]
     assert response["allow_mode_override"] is True
     assert response["metadata_options"]["forwarding_namespaces"] == {"untyped": ["gw"]}
+    # The provider routes keep the gateway's route headers and the scoping ones back.
+    assert routes["to_openai"]["request_headers_to_remove"] == [
+        "x-gateway-provider",
+        "x-gateway-response",
+        "openai-organization",
+        "openai-project",
+        "anthropic-beta",
+    ]
     # Finished requests reach the ext_proc server through a file it tails: durable.
     usage_log = hcm["access_log"][0]["typed_config"]
     assert hcm["access_log"][0]["name"] == "envoy.access_loggers.file"
@@ -144,7 +154,8 @@ def test_rendered_shape() -> None:
     assert usage_log["log_format"]["json_format"]["path"] == "%REQ_WITHOUT_QUERY(:PATH)%"
     with_headers = render(config, EnvoyOptions(headers_phase=True))
     hcm2 = with_headers["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-    mode = hcm2["typed_config"]["http_filters"][0]["typed_config"]["processing_mode"]
+    [request2] = [f for f in hcm2["typed_config"]["http_filters"] if f["name"] == REQUEST_FILTER]
+    mode = request2["typed_config"]["processing_mode"]
     assert mode["request_header_mode"] == "SEND"
     # round-trips as YAML
     assert yaml.safe_load(render_yaml(config)) == render(config)

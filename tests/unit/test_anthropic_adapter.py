@@ -18,10 +18,11 @@ import openai
 import orjson
 import pytest
 
-from ext_proc.config.model import DEFAULT_ANTHROPIC_VERSION, Provider
+from ext_proc.config.model import Provider
 from ext_proc.routing.endpoints import Endpoint, Operation, classify
-from ext_proc.routing.providers.anthropic import AnthropicAdapter
-from ext_proc.routing.translate import TranslatedRequest, TranslatingAdapter, TranslationError
+from ext_proc.routing.providers import RESPONSE_TRANSLATORS, UpstreamCall
+from ext_proc.routing.providers.anthropic import DEFAULT_ANTHROPIC_VERSION, AnthropicAdapter
+from ext_proc.routing.translate import TranslationError
 from ext_proc.routing.translate.openai_anthropic import (
     DEFAULT_MAX_TOKENS,
     MessagesToChatCompletion,
@@ -34,12 +35,16 @@ EMBEDDINGS = classify("/v1/embeddings")
 assert MESSAGES is not None and CHAT is not None and EMBEDDINGS is not None
 
 
-def provider(base_url: str = "https://api.anthropic.com", **fields: Any) -> Provider:
+def provider(
+    base_url: str = "https://api.anthropic.com", anthropic_version: str | None = None, **fields: Any
+) -> Provider:
+    options = {"anthropic_version": anthropic_version} if anthropic_version else {}
     return Provider(
         name="anthropic",
         type="anthropic",
         base_url=base_url,
         api_key_env="ANTHROPIC_API_KEY",
+        options=MappingProxyType(options),
         **fields,
     )
 
@@ -58,7 +63,7 @@ def test_native_messages_call() -> None:
         "messages": [{"role": "user", "content": "Hello, Claude"}],
         "stream": True,
     }
-    call = adapter(anthropic_version="2023-06-01").prepare(MESSAGES, DEPLOYMENT, body)
+    call = adapter(anthropic_version="2023-06-01").call(MESSAGES, DEPLOYMENT, body)
     assert call.path == "/v1/messages"
     assert call.headers == (
         ("x-api-key", "sk-ant-api03-test"),
@@ -70,7 +75,7 @@ def test_native_messages_call() -> None:
 
 def test_native_body_untouched_when_the_model_is_the_deployment() -> None:
     body = {"model": DEPLOYMENT, "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]}
-    call = adapter().prepare(MESSAGES, DEPLOYMENT, body)
+    call = adapter().call(MESSAGES, DEPLOYMENT, body)
     assert call.body is None  # no re-serialisation: the app's bytes go upstream
 
 
@@ -85,7 +90,7 @@ def test_native_body_untouched_when_the_model_is_the_deployment() -> None:
     ],
 )
 def test_path_prefix(base_url: str, path: str) -> None:
-    call = AnthropicAdapter(provider(base_url), "k").prepare(
+    call = AnthropicAdapter(provider(base_url), "k").call(
         MESSAGES, DEPLOYMENT, {"model": DEPLOYMENT}
     )
     assert call.path == path
@@ -95,7 +100,7 @@ def test_headers_default_version_static_headers_and_no_key() -> None:
     with_static = AnthropicAdapter(
         provider(headers=MappingProxyType({"anthropic-beta": "prompt-caching-2024-07-31"})), "k"
     )
-    assert with_static.prepare(MESSAGES, DEPLOYMENT, {"model": DEPLOYMENT}).headers == (
+    assert with_static.call(MESSAGES, DEPLOYMENT, {"model": DEPLOYMENT}).headers == (
         ("x-api-key", "k"),
         ("anthropic-version", DEFAULT_ANTHROPIC_VERSION),
         ("anthropic-beta", "prompt-caching-2024-07-31"),
@@ -103,7 +108,7 @@ def test_headers_default_version_static_headers_and_no_key() -> None:
     # A key is declared but not loaded: no credential header, and the processor answers 503.
     missing = AnthropicAdapter(provider(), None)
     assert missing.has_credential is False
-    assert missing.prepare(MESSAGES, DEPLOYMENT, {"model": DEPLOYMENT}).headers == (
+    assert missing.call(MESSAGES, DEPLOYMENT, {"model": DEPLOYMENT}).headers == (
         ("anthropic-version", DEFAULT_ANTHROPIC_VERSION),
     )
     # A local server that needs no key.
@@ -120,19 +125,14 @@ def test_supports_and_translates() -> None:
     assert not a.supports(Operation.EMBEDDINGS)
     assert not a.supports(Operation.TEXT_COMPLETION)
     assert not a.supports(Operation.LIST_MODELS)
-    assert isinstance(a, TranslatingAdapter)
-    assert a.translates(Operation.CHAT)
-    assert not a.translates(Operation.MESSAGES)
+    chat = a.call(CHAT, DEPLOYMENT, {"model": "x", "messages": [{"role": "user", "content": "x"}]})
+    assert chat.translation == "openai_anthropic"  # the answer is translated back
+    assert a.call(MESSAGES, DEPLOYMENT, {"model": DEPLOYMENT}).translation == ""
 
 
-def test_wrong_entry_point_is_a_programming_error() -> None:
-    a = adapter()
-    with pytest.raises(ValueError, match="translate"):
-        a.prepare(CHAT, DEPLOYMENT, {"model": "x", "messages": []})
-    with pytest.raises(ValueError, match="chat only"):
-        a.translate(MESSAGES, DEPLOYMENT, {"model": "x", "messages": []})
+def test_an_unsupported_operation_is_a_programming_error() -> None:
     with pytest.raises(ValueError):
-        a.prepare(EMBEDDINGS, DEPLOYMENT, {"model": "x", "input": "hi"})
+        adapter().call(EMBEDDINGS, DEPLOYMENT, {"model": "x", "input": "hi"})
 
 
 # -------------------------------------------------------------------- translated
@@ -150,14 +150,15 @@ def test_translate_chat() -> None:
         "max_tokens": 50,
     }
     original = orjson.dumps(body)
-    request = adapter().translate(CHAT, DEPLOYMENT, body)
-    assert isinstance(request, TranslatedRequest)
+    request = adapter().call(CHAT, DEPLOYMENT, body)
+    assert isinstance(request, UpstreamCall) and request.include_usage
     assert orjson.dumps(body) == original  # the processor still estimates from it
     assert request.path == "/v1/messages"
     assert request.headers == (
         ("x-api-key", "sk-ant-api03-test"),
         ("anthropic-version", DEFAULT_ANTHROPIC_VERSION),
     )
+    assert request.body is not None
     assert orjson.loads(request.body) == {
         "model": DEPLOYMENT,
         "system": "Be brief.",
@@ -165,13 +166,14 @@ def test_translate_chat() -> None:
         "max_tokens": 50,
         "stream": True,
     }
-    assert isinstance(request.response, MessagesToChatCompletion)
+    translator = RESPONSE_TRANSLATORS[request.translation](request.include_usage)
+    assert isinstance(translator, MessagesToChatCompletion)
 
 
 def test_translate_refuses_what_anthropic_cannot_do() -> None:
     body = {"model": "claude-sonnet", "messages": [{"role": "user", "content": "Hi"}], "n": 3}
     with pytest.raises(TranslationError) as caught:
-        adapter().translate(CHAT, DEPLOYMENT, body)
+        adapter().call(CHAT, DEPLOYMENT, body)
     assert caught.value.param == "n"
 
 
@@ -242,12 +244,12 @@ def sdk_through_gateway(upstream: Upstream, seen: list[dict[str, Any]]) -> opena
         assert request.url.path == "/v1/chat/completions"
         endpoint = classify(request.url.path)
         assert isinstance(endpoint, Endpoint)
-        translated = a.translate(endpoint, DEPLOYMENT, orjson.loads(request.content))
+        translated = a.call(endpoint, DEPLOYMENT, orjson.loads(request.content))
+        assert translated.body is not None
         anthropic_body = orjson.loads(translated.body)
         seen.append(anthropic_body)
         status, content_type, raw = upstream(anthropic_body)
-        translator = translated.response
-        assert translator is not None
+        translator = RESPONSE_TRANSLATORS[translated.translation](translated.include_usage)
         if content_type == "text/event-stream":
             pieces = []
             pos = 0

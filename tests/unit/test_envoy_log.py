@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import gzip
 import zlib
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -53,6 +54,7 @@ def line(
     details: str = "via_upstream",
     facts: Facts | None = PLAIN,
     usage: dict[str, Any] | None = None,
+    model: dict[str, str] | None = None,
     body: bytes | None = None,
     flags: str = "-",
     encoding: str | None = None,
@@ -86,7 +88,9 @@ def line(
     if facts is not None:
         entry["gw"] = facts.to_json()
     if usage is not None:
-        entry["u"] = usage
+        entry["u"] = usage  # {dotted JSON path: number}, as json_to_metadata wrote it
+    if model is not None:
+        entry["mdl"] = model
     if body is not None:
         entry["bd"] = {"b": base64.b64encode(body).decode()}
     if recorded:
@@ -109,13 +113,13 @@ async def test_plain_answer_from_envoy_usage() -> None:
         line(
             200,
             usage={
-                "prompt_tokens": 11,
-                "completion_tokens": 7,
-                "total_tokens": 18,
-                "cached_tokens": 4,
-                "reasoning_tokens": 2,
-                "model": "gpt-4o-mini-2024",
+                "usage.prompt_tokens": 11.0,  # Envoy's Struct numbers are doubles
+                "usage.completion_tokens": 7.0,
+                "usage.total_tokens": 18.0,
+                "usage.prompt_tokens_details.cached_tokens": 4.0,
+                "usage.completion_tokens_details.reasoning_tokens": 2.0,
             },
+            model={"model": "gpt-4o-mini-2024"},
         )
     )
     assert (record.request_id, record.status_code, record.latency_ms) == ("rid-7", 200, 42.0)
@@ -127,8 +131,13 @@ async def test_plain_answer_from_envoy_usage() -> None:
 
 
 async def test_anthropic_usage_names() -> None:
+    usage = {
+        "usage.input_tokens": 10,
+        "usage.output_tokens": 5,
+        "usage.cache_read_input_tokens": 3,
+    }
     [record] = await consume(
-        line(200, usage={"input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 3})
+        line(200, facts=replace(PLAIN, response_format="anthropic"), usage=usage)
     )
     assert (record.prompt_tokens, record.completion_tokens, record.cached_tokens) == (13, 5, 3)
 
@@ -273,6 +282,8 @@ async def test_nothing_generated_is_zero(
 
 async def test_bad_lines_are_counted_not_fatal() -> None:
     records = await consume(
-        b"not json", b"[1, 2]", line(200, usage={"prompt_tokens": 2, "completion_tokens": 3})
+        b"not json",
+        b"[1, 2]",
+        line(200, usage={"usage.prompt_tokens": 2, "usage.completion_tokens": 3}),
     )
     assert [r.total_tokens for r in records] == [5]

@@ -1,9 +1,9 @@
 """Anthropic: ``x-api-key`` and ``anthropic-version`` headers, ``/v1/messages``.
 
 Two ways in. An app using the Anthropic SDK calls ``/v1/messages`` (Operation.MESSAGES):
-its body goes upstream as is, with ``model`` set to the deployment (``prepare``). An app
-using the OpenAI SDK calls ``/v1/chat/completions`` (Operation.CHAT) for a model Anthropic
-serves: the request and its response are translated (``translate``, see
+its body goes upstream as is, with ``model`` set to the deployment. An app using the
+OpenAI SDK calls ``/v1/chat/completions`` (Operation.CHAT) for a model Anthropic serves:
+the request and its response are translated (see
 ``ext_proc.routing.translate.openai_anthropic``). Anthropic has no embeddings or legacy
 completions, so ``supports`` refuses those and the processor answers 400.
 
@@ -17,16 +17,17 @@ from typing import Any
 
 import orjson
 
-from ext_proc.config.model import DEFAULT_ANTHROPIC_VERSION, Provider
+from ext_proc.config.model import Provider
 from ext_proc.routing.endpoints import Endpoint, Operation
-from ext_proc.routing.providers.base import UpstreamCall, api_root
-from ext_proc.routing.translate.base import TranslatedRequest
+from ext_proc.routing.providers.base import FieldReader, ProviderType, UpstreamCall, api_root
 from ext_proc.routing.translate.openai_anthropic import (
     TRANSLATION,
+    MessagesToChatCompletion,
     to_anthropic_request,
     wants_usage_chunk,
 )
 
+DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
 _SUPPORTED = frozenset({Operation.MESSAGES, Operation.CHAT})
 
 
@@ -36,7 +37,7 @@ class AnthropicAdapter:
     def __init__(self, provider: Provider, credential: str | None) -> None:
         self._path = f"{api_root(provider)}/v1/messages"
         auth = (("x-api-key", credential),) if credential else ()
-        version = provider.anthropic_version or DEFAULT_ANTHROPIC_VERSION
+        version = provider.options.get("anthropic_version") or DEFAULT_ANTHROPIC_VERSION
         # The version is the provider's, whatever the app's SDK sent: the gateway's
         # translation and usage parsing are written against it. Static provider headers
         # come last (an `anthropic-beta` for every call, say).
@@ -46,37 +47,39 @@ class AnthropicAdapter:
     def supports(self, operation: Operation) -> bool:
         return operation in _SUPPORTED
 
-    def translates(self, operation: Operation) -> bool:
-        return operation is Operation.CHAT
-
-    def prepare(self, endpoint: Endpoint, deployment: str, body: dict[str, Any]) -> UpstreamCall:
-        """The native call (``/v1/messages``); may set ``body["model"]``."""
-        if endpoint.operation is not Operation.MESSAGES:
-            raise ValueError(
-                f"AnthropicAdapter.prepare serves /v1/messages only; "
-                f"{endpoint.path} goes through translate()"
-            )
-        body_out = None
-        if body.get("model") != deployment:
-            body["model"] = deployment
-            body_out = orjson.dumps(body)
-        return UpstreamCall(self._path, self._headers, body_out)
-
-    def translate(
-        self, endpoint: Endpoint, deployment: str, body: dict[str, Any]
-    ) -> TranslatedRequest:
-        """An OpenAI chat request as a Messages call, and the translator for its answer.
-
-        ``body`` is left as the app sent it (the processor estimates tokens from it).
-        Raises ``TranslationError`` for what Anthropic cannot serve as asked.
-        """
+    def call(self, endpoint: Endpoint, deployment: str, body: dict[str, Any]) -> UpstreamCall:
+        if endpoint.operation is Operation.MESSAGES:
+            # Native: the app's body as is, with `model` set to the deployment.
+            body_out = None
+            if body.get("model") != deployment:
+                body["model"] = deployment
+                body_out = orjson.dumps(body)
+            return UpstreamCall(self._path, self._headers, body_out)
         if endpoint.operation is not Operation.CHAT:
-            raise ValueError(f"AnthropicAdapter.translate serves chat only, not {endpoint.path}")
+            raise ValueError(f"Anthropic serves {endpoint.path}? supports() said no")
+        # An OpenAI chat request as a Messages call; the answer is translated back.
         request = to_anthropic_request(body, deployment)
-        return TranslatedRequest(
+        return UpstreamCall(
             self._path,
             self._headers,
             orjson.dumps(request),
-            TRANSLATION,
+            translation=TRANSLATION,
             include_usage=wants_usage_chunk(body),
         )
+
+
+def _options(reader: FieldReader) -> dict[str, Any] | None:
+    return {"anthropic_version": reader.get_str("anthropic_version") or DEFAULT_ANTHROPIC_VERSION}
+
+
+PROVIDER_TYPE = ProviderType(
+    name="anthropic",
+    adapter=AnthropicAdapter,
+    usage_format="anthropic",
+    options=("anthropic_version",),
+    parse_options=_options,
+    translations={
+        TRANSLATION: lambda include_usage: MessagesToChatCompletion(include_usage=include_usage)
+    },
+    about="Anthropic Messages (apps on the OpenAI SDK are translated)",
+)

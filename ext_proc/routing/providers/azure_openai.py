@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import quote
 
@@ -9,8 +10,14 @@ import orjson
 
 from ext_proc.config.model import Provider
 from ext_proc.routing.endpoints import OPENAI_SUFFIX, Endpoint, Operation
-from ext_proc.routing.providers.base import UpstreamCall, add_stream_usage
-from ext_proc.routing.translate.base import TranslatedRequest
+from ext_proc.routing.providers.base import (
+    FieldReader,
+    ProviderType,
+    UpstreamCall,
+    add_stream_usage,
+)
+
+_API_VERSION = re.compile(r"\d{4}-\d{2}-\d{2}(-[a-z]+)?|v1|preview|latest")
 
 
 class AzureOpenAIAdapter:
@@ -18,7 +25,7 @@ class AzureOpenAIAdapter:
 
     def __init__(self, provider: Provider, credential: str | None) -> None:
         self._prefix = provider.path_prefix.rstrip("/")
-        self._api_version = quote(provider.api_version or "", safe="")
+        self._api_version = quote(provider.options.get("api_version") or "", safe="")
         auth = (("api-key", credential),) if credential else ()
         self._headers = auth + tuple(provider.headers.items())
         self._inject_usage = provider.inject_stream_usage
@@ -27,15 +34,7 @@ class AzureOpenAIAdapter:
     def supports(self, operation: Operation) -> bool:
         return operation in OPENAI_SUFFIX
 
-    def translates(self, operation: Operation) -> bool:
-        return False
-
-    def translate(
-        self, endpoint: Endpoint, deployment: str, body: dict[str, Any]
-    ) -> TranslatedRequest:
-        raise NotImplementedError(f"{type(self).__name__} speaks the app's API: use prepare()")
-
-    def prepare(self, endpoint: Endpoint, deployment: str, body: dict[str, Any]) -> UpstreamCall:
+    def call(self, endpoint: Endpoint, deployment: str, body: dict[str, Any]) -> UpstreamCall:
         path = (
             f"{self._prefix}/openai/deployments/{quote(deployment, safe='')}/"
             f"{OPENAI_SUFFIX[endpoint.operation]}?api-version={self._api_version}"
@@ -48,3 +47,24 @@ class AzureOpenAIAdapter:
         ):
             body_out = orjson.dumps(body)
         return UpstreamCall(path, self._headers, body_out)
+
+
+def _options(reader: FieldReader) -> dict[str, Any] | None:
+    version = reader.get_str("api_version", required=True)
+    if version is None:
+        return None
+    if not _API_VERSION.fullmatch(version):
+        reader.error("api_version", f"'{version}' is not an Azure api-version like 2024-10-21")
+        return None
+    return {"api_version": version}
+
+
+PROVIDER_TYPE = ProviderType(
+    name="azure_openai",
+    adapter=AzureOpenAIAdapter,
+    usage_format="openai",
+    options=("api_version",),
+    parse_options=_options,
+    stream_usage_injectable=True,
+    about="Azure OpenAI (deployments, api-version)",
+)

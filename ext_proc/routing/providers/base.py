@@ -1,44 +1,108 @@
-"""What every provider adapter offers the request processor."""
+"""What a provider type is, and what its adapter offers the request processor.
+
+A provider type is one module in this package exporting ``PROVIDER_TYPE`` (a
+``ProviderType``); the package finds them by itself, so adding a type is adding its
+module (with its translation pair and usage format where it needs them, each in the
+file named for it). The type owns everything that differs between providers:
+
+- its own gateway.yaml fields (``options``) and their validation (``parse_options``),
+  which the config loader calls and the catalog stores as written;
+- the adapter: upstream addressing (paths, api-version, deployment), credential
+  injection, which app operations it serves natively or by translation (``call``);
+- its usage format (``ext_proc.tokens.parsers``: JSON, SSE, and the fields Envoy reads
+  from a JSON answer), and whether a stream's usage can be requested
+  (``stream_usage_injectable``);
+- the response translators its adapter's calls name (``translations``).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Protocol
 
-from ext_proc.config.model import Provider
 from ext_proc.routing.endpoints import Endpoint, Operation
-from ext_proc.routing.translate.base import TranslatedRequest
+
+if TYPE_CHECKING:
+    from ext_proc.config.model import Provider
+    from ext_proc.routing.translate.base import ResponseTranslator
 
 Headers = tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True, slots=True)
 class UpstreamCall:
+    """What the upstream receives for one app request."""
+
     path: str  # the :path sent upstream (with query string)
     headers: Headers  # credential and static headers to set
     body: bytes | None  # replacement body, or None to send the app's body untouched
+    # The answer comes back in another API's shape: the name of the translator
+    # (``ProviderType.translations``) that turns it into the app's, "" when none.
+    translation: str = ""
+    include_usage: bool = False  # a translated stream: the app asked for a usage chunk
 
 
 class ProviderAdapter(Protocol):
+    """One provider (with its credential), built once per config version."""
+
     response_format: str  # the usage parser format (ext_proc.tokens.parsers)
     has_credential: bool  # a key is configured and loaded (or none is needed)
 
-    def supports(self, operation: Operation) -> bool: ...
-
-    def translates(self, operation: Operation) -> bool:
-        """True when the app's API differs from the provider's for this operation: the
-        processor then calls ``translate`` instead of ``prepare``."""
+    def supports(self, operation: Operation) -> bool:
+        """The provider serves this app operation (natively or by translation)."""
         ...
 
-    def prepare(self, endpoint: Endpoint, deployment: str, body: dict[str, Any]) -> UpstreamCall:
-        """Path, headers and (if changed) body for this call; may modify ``body``."""
+    def call(self, endpoint: Endpoint, deployment: str, body: dict[str, Any]) -> UpstreamCall:
+        """Path, headers and (when changed) body for this request. A native call may
+        modify ``body``; a translated one leaves it as the app sent it (the processor
+        estimates tokens from it). Raises ``TranslationError`` for a request the
+        provider cannot serve as asked (answered 400)."""
         ...
 
-    def translate(
-        self, endpoint: Endpoint, deployment: str, body: dict[str, Any]
-    ) -> TranslatedRequest:
-        """The request in the provider's API, and the translator for its response."""
-        ...
+
+class FieldReader(Protocol):
+    """Typed access to a provider's gateway.yaml mapping (the config loader's reader).
+
+    Getters return None when the field is absent or invalid; an invalid field has
+    already been reported with its position.
+    """
+
+    def has(self, key: str) -> bool: ...
+
+    def get_str(self, key: str, *, required: bool = False) -> str | None: ...
+
+    def get_bool(self, key: str, *, required: bool = False) -> bool | None: ...
+
+    def error(self, key: str | None, message: str, *, index: int | None = None) -> None: ...
+
+
+def _no_options(reader: FieldReader) -> dict[str, Any]:
+    return {}
+
+
+def _no_translations() -> Mapping[str, Callable[[bool], ResponseTranslator]]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderType:
+    name: str  # the `type:` in gateway.yaml
+    adapter: Callable[[Provider, str | None], ProviderAdapter]
+    usage_format: str  # the name of its ext_proc.tokens.parsers format
+    # Its own gateway.yaml fields beside the common ones, and their parser: the values it
+    # returns become ``Provider.options`` (None: a field was invalid, already reported).
+    options: tuple[str, ...] = ()
+    parse_options: Callable[[FieldReader], dict[str, Any] | None] = _no_options
+    # Its streams report usage only when asked (OpenAI's stream_options.include_usage):
+    # the gateway asks unless the provider says `inject_stream_usage: false`.
+    stream_usage_injectable: bool = False
+    # The response translators its calls may name, by name: factory(include_usage).
+    translations: Mapping[str, Callable[[bool], ResponseTranslator]] = field(
+        default_factory=_no_translations
+    )
+    about: str = ""  # one line for error messages and docs
 
 
 def api_root(provider: Provider) -> str:

@@ -8,8 +8,12 @@ import orjson
 
 from ext_proc.config.model import Provider
 from ext_proc.routing.endpoints import OPENAI_SUFFIX, Endpoint, Operation
-from ext_proc.routing.providers.base import UpstreamCall, add_stream_usage, api_root
-from ext_proc.routing.translate.base import TranslatedRequest
+from ext_proc.routing.providers.base import (
+    ProviderType,
+    UpstreamCall,
+    add_stream_usage,
+    api_root,
+)
 
 
 class OpenAIAdapter:
@@ -26,25 +30,29 @@ class OpenAIAdapter:
     def supports(self, operation: Operation) -> bool:
         return operation in self._paths
 
-    def translates(self, operation: Operation) -> bool:
-        return False
-
-    def translate(
-        self, endpoint: Endpoint, deployment: str, body: dict[str, Any]
-    ) -> TranslatedRequest:
-        raise NotImplementedError(f"{type(self).__name__} speaks the app's API: use prepare()")
-
-    def prepare(self, endpoint: Endpoint, deployment: str, body: dict[str, Any]) -> UpstreamCall:
+    def call(self, endpoint: Endpoint, deployment: str, body: dict[str, Any]) -> UpstreamCall:
         changed = False
         if body.get("model") != deployment:
             body["model"] = deployment
             changed = True
         if (
             self._inject_usage
-            and endpoint.operation is not Operation.EMBEDDINGS
+            and endpoint.operation in _STREAMS_WITH_USAGE_OPTION
             and add_stream_usage(body)
         ):
             changed = True
         return UpstreamCall(
             self._paths[endpoint.operation], self._headers, orjson.dumps(body) if changed else None
         )
+
+
+# Operations whose streams report usage only when stream_options.include_usage asks.
+_STREAMS_WITH_USAGE_OPTION = frozenset({Operation.CHAT, Operation.TEXT_COMPLETION})
+
+PROVIDER_TYPE = ProviderType(
+    name="openai",
+    adapter=OpenAIAdapter,
+    usage_format="openai",
+    stream_usage_injectable=True,
+    about="OpenAI or an OpenAI-compatible server (vLLM, Ollama, ...)",
+)

@@ -2,10 +2,10 @@
 
 A translation is used when the app speaks one provider's API (OpenAI Chat Completions,
 say) and the model it named is served by a provider that speaks another (Anthropic
-Messages). The adapter turns the request into a ``TranslatedRequest``; the request
-processor sends its path, headers and body upstream and records the translation's name,
-and the response processor (possibly in another process) builds the pair's
-``ResponseTranslator`` from that name (``RESPONSE_TRANSLATORS``) and passes the answer
+Messages). The adapter's ``call`` returns the translated request with the translation's
+name; the request processor sends it upstream and records the name, and the response
+processor (possibly in another process) builds the pair's ``ResponseTranslator`` from
+that name (``ext_proc.routing.providers.RESPONSE_TRANSLATORS``) and passes the answer
 through it before the app sees it. Usage accounting never reads the translation: it
 parses the provider's own bytes with the provider's own format.
 
@@ -15,14 +15,7 @@ Gateway's ``translator/openai_awsbedrock.go``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
-
-from ext_proc.routing.endpoints import Endpoint, Operation
-
-# (name, value) pairs, names lower-case; the same shape as providers.base.Headers
-# (not imported from there: the providers package imports this one).
-Headers = tuple[tuple[str, str], ...]
+from typing import Protocol
 
 
 class TranslationError(ValueError):
@@ -59,39 +52,4 @@ class ResponseTranslator(Protocol):
 
     def finish(self) -> bytes:
         """End of the stream: whatever is left to send (possibly ``b""``)."""
-        ...
-
-
-@dataclass(frozen=True, slots=True)
-class TranslatedRequest:
-    path: str  # the :path sent upstream (with query string)
-    headers: Headers  # credential and static headers to set
-    body: bytes  # the replacement body (always: a translated request is a new body)
-    translation: str  # the pair's name, a key of RESPONSE_TRANSLATORS ("openai_anthropic")
-    include_usage: bool  # the app asked for a stream's final usage chunk
-
-    @property
-    def response(self) -> ResponseTranslator:
-        """A new translator for this request's answer (what the response processor
-        builds from ``translation`` and ``include_usage``)."""
-        from ext_proc.routing.translate import RESPONSE_TRANSLATORS  # imports this module
-
-        return RESPONSE_TRANSLATORS[self.translation](self.include_usage)
-
-
-@runtime_checkable
-class TranslatingAdapter(Protocol):
-    """A provider adapter that serves some operations by translating them."""
-
-    def translates(self, operation: Operation) -> bool:
-        """True when ``operation`` must go through ``translate`` instead of ``prepare``."""
-        ...
-
-    def translate(
-        self, endpoint: Endpoint, deployment: str, body: dict[str, Any]
-    ) -> TranslatedRequest:
-        """The upstream request for the app's parsed ``body`` (left unmodified).
-
-        Raises ``TranslationError`` for a request the provider cannot serve as asked.
-        """
         ...

@@ -1,26 +1,35 @@
 """Provider response parsers, by format name: usage, served model and delivered text.
 
-A format is one module exposing ``FORMAT`` (see ``base.ResponseFormat``); adding one is
-that module plus its line in ``FORMATS``. ``"openai"`` also serves Azure OpenAI and
+A format is one module exposing ``FORMAT`` (see ``base.ResponseFormat``), found in this
+package by itself: adding one is adding its module. ``"openai"`` also serves Azure OpenAI and
 OpenAI-compatible upstreams (vLLM, Ollama, the mock).
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+from collections.abc import Mapping
 from types import MappingProxyType
 
-from ext_proc.tokens.parsers import anthropic, cohere, google, openai
 from ext_proc.tokens.parsers.base import ResponseFormat, StreamParser
 from ext_proc.tokens.types import ResponseSummary
 
-FORMATS: MappingProxyType[str, ResponseFormat] = MappingProxyType(
-    {
-        "openai": openai.FORMAT,
-        "anthropic": anthropic.FORMAT,
-        "cohere": cohere.FORMAT,
-        "google": google.FORMAT,
-    }
-)
+
+def _discover() -> Mapping[str, ResponseFormat]:
+    found: dict[str, ResponseFormat] = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name == "base":
+            continue
+        fmt = getattr(importlib.import_module(f"{__name__}.{info.name}"), "FORMAT", None)
+        if isinstance(fmt, ResponseFormat):
+            if fmt.name in found:
+                raise RuntimeError(f"response format {fmt.name!r} is defined twice")
+            found[fmt.name] = fmt
+    return MappingProxyType(found)
+
+
+FORMATS: Mapping[str, ResponseFormat] = _discover()
 
 __all__ = ["FORMATS", "ResponseFormat", "StreamParser", "new_stream_parser", "parse_json"]
 

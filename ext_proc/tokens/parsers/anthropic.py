@@ -174,4 +174,15 @@ class AnthropicStreamParser(SSEStreamParser):
         return _usage_from_counts(counts)
 
 
-FORMAT = ResponseFormat("anthropic", parse_json, AnthropicStreamParser)
+def _usage_of(obj: dict[str, Any]) -> Usage | None:
+    counts: list[int | None] = [None, None, None, None]
+    return _usage_from_counts(counts) if update_counts(counts, obj.get("usage")) else None
+
+
+FORMAT = ResponseFormat(
+    "anthropic",
+    parse_json,
+    AnthropicStreamParser,
+    usage_of=_usage_of,
+    usage_fields=tuple(f"usage.{name}" for name, _ in _FIELDS),
+)

@@ -41,6 +41,34 @@ class ResponseFormat:
     name: str
     parse_json: Callable[[bytes], ResponseSummary]
     new_stream_parser: Callable[[], StreamParser]
+    # For answers Python never sees: Envoy reads these fields (dotted JSON paths) from a
+    # JSON answer, and ``usage_from_fields`` rebuilds the usage from what it found, with
+    # the same code that reads a whole answer (``usage_of``).
+    usage_of: Callable[[dict[str, Any]], Usage | None] = lambda obj: None
+    usage_fields: tuple[str, ...] = ()
+    model_field: str | None = "model"  # where the answer names the model that served
+
+    def usage_from_fields(self, values: Any) -> Usage | None:
+        """The usage in ``values`` ({dotted path: number}, as Envoy's json_to_metadata
+        read the ``usage_fields``), or None when it holds none of them."""
+        if type(values) is not dict or not values:
+            return None
+        return self.usage_of(unflatten(values))
+
+
+def unflatten(values: dict[str, Any]) -> dict[str, Any]:
+    """``{"usage.prompt_tokens": 3}`` -> ``{"usage": {"prompt_tokens": 3}}``."""
+    root: dict[str, Any] = {}
+    for path, value in values.items():
+        node = root
+        *parents, leaf = path.split(".")
+        for part in parents:
+            child = node.get(part)
+            if type(child) is not dict:
+                child = node[part] = {}
+            node = child
+        node[leaf] = value
+    return root
 
 
 def as_int(value: Any) -> int | None:

@@ -144,4 +144,16 @@ class CohereStreamParser(SSEStreamParser):
         return _usage(self._raw_usage)
 
 
-FORMAT = ResponseFormat("cohere", parse_json, CohereStreamParser)
+FORMAT = ResponseFormat(
+    "cohere",
+    parse_json,
+    CohereStreamParser,
+    usage_of=lambda obj: _usage(obj["usage"] if "usage" in obj else obj.get("meta")),
+    usage_fields=tuple(
+        f"{root}.{group}.{name}"
+        for root in ("usage", "meta")
+        for group in ("tokens", "billed_units")
+        for name in ("input_tokens", "output_tokens")
+    ),
+    model_field=None,  # Cohere's answers do not name the model
+)

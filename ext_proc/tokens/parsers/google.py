@@ -156,4 +156,21 @@ def parse_json(body: bytes) -> ResponseSummary:
     return summary
 
 
-FORMAT = ResponseFormat("google", parse_json, GoogleStreamParser)
+FORMAT = ResponseFormat(
+    "google",
+    parse_json,
+    GoogleStreamParser,
+    usage_of=lambda obj: _usage(obj.get("usageMetadata")),
+    usage_fields=tuple(
+        f"usageMetadata.{name}"
+        for name in (
+            "promptTokenCount",
+            "candidatesTokenCount",
+            "thoughtsTokenCount",
+            "totalTokenCount",
+            "toolUsePromptTokenCount",
+            "cachedContentTokenCount",
+        )
+    ),
+    model_field="modelVersion",
+)

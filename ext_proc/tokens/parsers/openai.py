@@ -153,4 +153,16 @@ class OpenAIStreamParser(SSEStreamParser):
         return _usage(self._raw_usage)
 
 
-FORMAT = ResponseFormat("openai", parse_json, OpenAIStreamParser)
+FORMAT = ResponseFormat(
+    "openai",
+    parse_json,
+    OpenAIStreamParser,
+    usage_of=lambda obj: _usage(obj.get("usage")),
+    usage_fields=(
+        "usage.prompt_tokens",
+        "usage.completion_tokens",
+        "usage.total_tokens",
+        "usage.prompt_tokens_details.cached_tokens",
+        "usage.completion_tokens_details.reasoning_tokens",
+    ),
+)
