@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ext_proc.config.model import GatewayConfig, Model, Provider
-from ext_proc.routing.providers import ProviderAdapter, adapter_for
+from ext_proc.routing.providers import PROVIDER_TYPES, ProviderAdapter, adapter_for
 from ext_proc.usage.pricing import Price, table_price
 
 
@@ -83,4 +83,7 @@ def resolve_price(model: Model, provider: Provider) -> Price | None:
     for the name apps send, in the provider type's price list."""
     if model.price is not None:
         return model.price
-    return table_price(provider.type, model.deployment, model.name)
+    price_list = (
+        PROVIDER_TYPES[provider.type].price_list if provider.type in PROVIDER_TYPES else None
+    )
+    return table_price(price_list, model.deployment, model.name)

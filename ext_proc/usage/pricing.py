@@ -38,13 +38,6 @@ COST_SCALE = Decimal("1e-10")
 # For quantizing: room for any cost up to the column's 10 integer digits and 10 places.
 _CONTEXT = Context(prec=50)
 
-# The provider types whose price lists the table is searched in (genai-prices ids).
-_TABLE_PROVIDERS: dict[str, str] = {
-    "openai": "openai",
-    "azure_openai": "azure",  # genai-prices falls back to OpenAI's list for Azure
-    "anthropic": "anthropic",
-}
-
 
 @dataclass(frozen=True, slots=True)
 class Price:
@@ -170,14 +163,13 @@ def table_source() -> str:
         return "genai-prices (not installed)"
 
 
-def table_price(provider_type: str, *names: str) -> Price | None:
+def table_price(table_provider: str | None, *names: str) -> Price | None:
     """The public table's price for the first of ``names`` it knows (pass the served name
     first, then the app-facing one), in the price list of ``provider_type``; None when
     the type has no list there or no name matches.
 
     Called once per config load per model (and cached): never on the request path.
     """
-    table_provider = _TABLE_PROVIDERS.get(provider_type)
     if table_provider is None:
         return None
     for name in names:

@@ -81,5 +81,6 @@ PROVIDER_TYPE = ProviderType(
     translations={
         TRANSLATION: lambda include_usage: MessagesToChatCompletion(include_usage=include_usage)
     },
+    price_list="anthropic",
     about="Anthropic Messages (apps on the OpenAI SDK are translated)",
 )

@@ -66,5 +66,6 @@ PROVIDER_TYPE = ProviderType(
     options=("api_version",),
     parse_options=_options,
     stream_usage_injectable=True,
+    price_list="azure",  # genai-prices falls back to OpenAI's list for Azure
     about="Azure OpenAI (deployments, api-version)",
 )

@@ -102,6 +102,9 @@ class ProviderType:
     translations: Mapping[str, Callable[[bool], ResponseTranslator]] = field(
         default_factory=_no_translations
     )
+    # Its list in the public price table (genai-prices' provider id), for models the
+    # file gives no price; None: none (self-hosted), such models have no cost.
+    price_list: str | None = None
     about: str = ""  # one line for error messages and docs
 
 

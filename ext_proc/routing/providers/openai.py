@@ -54,5 +54,6 @@ PROVIDER_TYPE = ProviderType(
     adapter=OpenAIAdapter,
     usage_format="openai",
     stream_usage_injectable=True,
+    price_list="openai",
     about="OpenAI or an OpenAI-compatible server (vLLM, Ollama, ...)",
 )
