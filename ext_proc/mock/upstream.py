@@ -12,6 +12,7 @@ Routes:
     POST   /openai/deployments/{deployment}/{chat/completions|completions|embeddings}
            (Azure; ``api-version`` query parameter required)
     POST   /v1/messages                               (Anthropic)
+    POST   /v1/responses, /openai/responses           (OpenAI Responses API; Azure's)
     GET    /_mock/requests[?header=NAME:VALUE&path=P&limit=N]   what was received
     DELETE /_mock/requests                            forget it
 
@@ -48,6 +49,7 @@ from ext_proc.mock.errors import (
 )
 from ext_proc.mock.knobs import KnobError, Knobs, MockOptions, read_knobs
 from ext_proc.mock.openai_api import OpenAIApi
+from ext_proc.mock.responses_api import ResponsesApi
 from ext_proc.mock.sse import sleep_ms
 from ext_proc.mock.text import CompletionWriter
 from ext_proc.tokens.encodings import ENCODING_FILES, encoding_name_for_model, get_encoding
@@ -107,6 +109,7 @@ class MockUpstream:
         self._writers_by_encoding: dict[str, CompletionWriter] = {}
         self._writers_by_model: dict[str, CompletionWriter] = {}
         self._openai = OpenAIApi(self._writer_for_model, self._new_id)
+        self._responses_api = ResponsesApi(self._writer_for_model, self._new_id)
         self._anthropic = AnthropicApi(
             lambda: self._writer_for_encoding(ANTHROPIC_ENCODING), self._new_id
         )
@@ -118,6 +121,8 @@ class MockUpstream:
             ("POST", "/v1/embeddings"): self._embeddings,
             ("GET", "/v1/models"): self._models,
             ("POST", "/v1/messages"): self._messages,
+            ("POST", "/v1/responses"): self._responses,
+            ("POST", "/openai/responses"): self._responses,  # Azure (deployment in the body)
         }
         # Azure: /openai/deployments/{deployment}/{operation}
         self._azure_operations: dict[str, Callable[..., Awaitable[Response]]] = {
@@ -233,6 +238,10 @@ class MockUpstream:
         if method == "GET" and path.startswith("/v1/models/"):
             return self._model
         return openai_error(404, f"Invalid URL ({method} {path})")
+
+    async def _responses(self, request: Request, knobs: Knobs) -> Response:
+        body = _json_body(request)
+        return await self._responses_api.create(body, knobs, _model(body, None), len(request.body))
 
     # --- Anthropic ---
 

@@ -18,6 +18,7 @@ class Operation(enum.Enum):
     TEXT_COMPLETION = "text_completion"
     EMBEDDINGS = "embeddings"
     MESSAGES = "messages"  # Anthropic /v1/messages (a chat, in Anthropic's shape)
+    RESPONSES = "responses"  # OpenAI's Responses API (/v1/responses)
     LIST_MODELS = "list_models"
 
 
@@ -27,6 +28,8 @@ OPENAI_SUFFIX = {
     Operation.TEXT_COMPLETION: "completions",
     Operation.EMBEDDINGS: "embeddings",
 }
+# The usage format of a Responses API answer (ext_proc.tokens.parsers.openai_responses).
+RESPONSES_FORMAT = "openai_responses"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +51,12 @@ _FIXED: dict[str, Endpoint] = {
     "/v1/embeddings": Endpoint(Operation.EMBEDDINGS, "/v1/embeddings", "openai"),
     "/v1/models": Endpoint(Operation.LIST_MODELS, "/v1/models", "openai"),
     "/v1/messages": Endpoint(Operation.MESSAGES, "/v1/messages", "anthropic"),
+    "/v1/responses": Endpoint(Operation.RESPONSES, "/v1/responses", "openai"),
     "/openai/models": Endpoint(Operation.LIST_MODELS, "/openai/models", "azure"),
+    # Azure's Responses API: the AzureOpenAI SDK's path, and its "v1" API's (the OpenAI
+    # SDK pointed at {endpoint}/openai/v1/); the model (deployment) is in the body.
+    "/openai/responses": Endpoint(Operation.RESPONSES, "/openai/responses", "azure"),
+    "/openai/v1/responses": Endpoint(Operation.RESPONSES, "/openai/v1/responses", "azure"),
 }
 
 # Azure's operation path suffixes are OpenAI's.
@@ -60,6 +68,8 @@ SUPPORTED_PATHS = (
     "/v1/embeddings",
     "/v1/models",
     "/v1/messages",
+    "/v1/responses",
+    "/openai/responses",
     "/openai/deployments/{deployment}/chat/completions",
     "/openai/deployments/{deployment}/completions",
     "/openai/deployments/{deployment}/embeddings",

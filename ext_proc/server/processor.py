@@ -268,9 +268,13 @@ class RequestProcessor:
                 f"Provider {route.provider.name} has no credential configured.",
                 code="provider_credential_missing",
             )
-        messages = body.get("messages")
-        facts.message_count = len(messages) if isinstance(messages, list) else 0
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        facts.message_count = _message_count(endpoint, body)
+        max_tokens = body.get(
+            "max_output_tokens"
+            if endpoint.operation is Operation.RESPONSES
+            else "max_completion_tokens",
+            body.get("max_tokens"),
+        )
         facts.max_tokens = max_tokens if type(max_tokens) is int and max_tokens > 0 else 0
         # The estimate feeds token limits and CEL, and is the prompt count of a record whose
         # answer never says (a cancel, a cut stream): computed once, here, where the body is.
@@ -403,6 +407,9 @@ class RequestProcessor:
             raise _missing("model")
         facts.model = model[:200]
         route = catalog.resolve(model)
+        if route is None and endpoint.style == "azure":
+            # Azure's Responses API names the deployment in the body.
+            route = catalog.resolve_deployment(model)
         if route is None:
             raise RequestError(
                 404,
@@ -429,6 +436,8 @@ class RequestProcessor:
                 error_type="invalid_request_error",
             ) from None
         path, call_headers, new_body = call.path, call.headers, call.body
+        if call.response_format:
+            facts.response_format = call.response_format
         respond = facts.stream
         if call.translation:
             # The answer comes back in another API's shape: the response processor turns
@@ -547,7 +556,20 @@ async def _estimate_prompt(endpoint: Endpoint, route: Route, body: dict[str, Any
         return await estimator.estimate_anthropic_async(
             model, body.get("system"), body.get("messages"), body.get("tools")
         )
+    if operation is Operation.RESPONSES:
+        return await estimator.estimate_responses_async(
+            model, body.get("input"), body.get("instructions"), body.get("tools"), encoding=encoding
+        )
     return 0
+
+
+def _message_count(endpoint: Endpoint, body: dict[str, Any]) -> int:
+    """The conversation's turns (the CEL ``message_count``)."""
+    if endpoint.operation is Operation.RESPONSES:
+        items = body.get("input")
+        return len(items) if isinstance(items, list) else int(isinstance(items, str))
+    messages = body.get("messages")
+    return len(messages) if isinstance(messages, list) else 0
 
 
 def _validate(endpoint: Endpoint, body: dict[str, Any]) -> None:
@@ -567,6 +589,20 @@ def _validate(endpoint: Endpoint, body: dict[str, Any]) -> None:
         _require(body, "prompt")
     elif operation is Operation.EMBEDDINGS:
         _require(body, "input")
+    elif operation is Operation.RESPONSES:
+        value = body.get("input")
+        if value is not None and not isinstance(value, str | list):
+            raise RequestError(
+                400,
+                "'input' must be a string or an array of input items.",
+                code="invalid_type",
+                param="input",
+            )
+        for name in ("instructions", "previous_response_id"):
+            if body.get(name) is not None and not isinstance(body[name], str):
+                raise RequestError(
+                    400, f"'{name}' must be a string.", code="invalid_type", param=name
+                )
 
 
 def _parse_json_object(raw: bytes) -> dict[str, Any]:

@@ -216,6 +216,61 @@ class _Collector:
                 elif kind is list:  # one token array
                     self.fixed += len(item)
 
+    def responses(self, items: Any, instructions: Any, tools: Any) -> None:
+        """An OpenAI Responses API request: ``instructions`` as a system message, then
+        ``input`` (a string, or items: messages, function calls and their outputs)."""
+        self.fixed += REPLY_PRIMING_TOKENS
+        if type(instructions) is str and instructions:
+            self.fixed += TOKENS_PER_MESSAGE
+            self.short("system")
+            self.text(instructions)
+        if type(items) is str:
+            self.fixed += TOKENS_PER_MESSAGE
+            self.short("user")
+            self.text(items)
+        elif type(items) is list:
+            for item in items:
+                if type(item) is dict:
+                    self._responses_item(item)
+        self.tools(tools)
+
+    def _responses_item(self, item: dict[str, Any]) -> None:
+        kind = item.get("type", "message")
+        if kind == "message":
+            self.fixed += TOKENS_PER_MESSAGE
+            self.short(item.get("role"))
+            content = item.get("content")
+            if type(content) is str:
+                self.text(content)
+            elif type(content) is list:
+                for part in content:
+                    if type(part) is not dict:
+                        continue
+                    part_kind = part.get("type")
+                    if part_kind in ("input_text", "output_text", "text"):
+                        self.text(part.get("text"))
+                    elif part_kind == "refusal":
+                        self.text(part.get("refusal"))
+                    elif part_kind == "input_image":
+                        low = part.get("detail") == "low"
+                        self.fixed += IMAGE_TOKENS_LOW if low else IMAGE_TOKENS_HIGH
+        elif kind in ("function_call", "custom_tool_call"):  # an assistant's tool call
+            self.fixed += TOKENS_PER_MESSAGE + TOKENS_PER_TOOL_CALL
+            self.short("assistant")
+            self.text(item.get("call_id"))
+            self.short(item.get("name"))
+            self.text(item.get("arguments") if kind == "function_call" else item.get("input"))
+        elif kind in ("function_call_output", "custom_tool_call_output"):  # a tool message
+            self.fixed += TOKENS_PER_MESSAGE
+            self.short("tool")
+            self.text(item.get("call_id"))
+            output = item.get("output")
+            self.text(output if type(output) is str else _tools_json(output))
+        elif kind == "reasoning":
+            for part in item.get("summary") or ():
+                if type(part) is dict:
+                    self.text(part.get("text"))
+
     def anthropic(self, system: Any, messages: Any, tools: Any) -> None:
         self.fixed += ANTHROPIC_REQUEST_TOKENS
         self._anthropic_content(system)
@@ -252,6 +307,14 @@ def _texts(model: str | None, parts: Any, encoding: str | None) -> _Collector:
     if type(parts) is list:
         for part in parts:
             collector.text(part)
+    return collector
+
+
+def _responses(
+    model: str | None, items: Any, instructions: Any, tools: Any, encoding: str | None
+) -> _Collector:
+    collector = _Collector(_encoding(model, encoding))
+    collector.responses(items, instructions, tools)
     return collector
 
 
@@ -325,6 +388,38 @@ def estimate_anthropic(model: str | None, system: Any, messages: Any, tools: Any
     """
     del model
     return _anthropic(system, messages, tools).total()
+
+
+def estimate_responses(
+    model: str | None,
+    items: Any,
+    instructions: Any = None,
+    tools: Any = None,
+    *,
+    encoding: str | None = None,
+) -> int:
+    """Prompt tokens of an OpenAI Responses API request, by the chat rules for the chat
+    messages it stands for: priming, then ``instructions`` as a system message; ``input``
+    as one user message (a string) or per item: a message (``TOKENS_PER_MESSAGE`` + role
+    + its text parts; images as in chat), a function call (an assistant message with one
+    tool call: call id + name + arguments), a function call's output (a tool message:
+    call id + output), a reasoning item's summary text; plus the compact JSON of
+    ``tools``. Items only a stored response holds
+    (``previous_response_id``) are not seen: the provider's own count covers them.
+    """
+    return _responses(model, items, instructions, tools, encoding).total()
+
+
+async def estimate_responses_async(
+    model: str | None,
+    items: Any,
+    instructions: Any = None,
+    tools: Any = None,
+    *,
+    encoding: str | None = None,
+) -> int:
+    """``estimate_responses``; encodes in a worker thread above ``LARGE_TEXT_CHARS``."""
+    return await _total_async(_responses(model, items, instructions, tools, encoding))
 
 
 async def estimate_chat_async(

@@ -9,7 +9,7 @@ from urllib.parse import quote
 import orjson
 
 from ext_proc.config.model import Provider
-from ext_proc.routing.endpoints import OPENAI_SUFFIX, Endpoint, Operation
+from ext_proc.routing.endpoints import OPENAI_SUFFIX, RESPONSES_FORMAT, Endpoint, Operation
 from ext_proc.routing.providers.base import (
     FieldReader,
     ProviderType,
@@ -32,9 +32,20 @@ class AzureOpenAIAdapter:
         self.has_credential = credential is not None or not provider.has_credential
 
     def supports(self, operation: Operation) -> bool:
-        return operation in OPENAI_SUFFIX
+        return operation in OPENAI_SUFFIX or operation is Operation.RESPONSES
 
     def call(self, endpoint: Endpoint, deployment: str, body: dict[str, Any]) -> UpstreamCall:
+        if endpoint.operation is Operation.RESPONSES:
+            # Azure's Responses API names the deployment in the body, not the path.
+            changed = body.get("model") != deployment
+            if changed:
+                body["model"] = deployment
+            return UpstreamCall(
+                f"{self._prefix}/openai/responses?api-version={self._api_version}",
+                self._headers,
+                orjson.dumps(body) if changed else None,
+                response_format=RESPONSES_FORMAT,
+            )
         path = (
             f"{self._prefix}/openai/deployments/{quote(deployment, safe='')}/"
             f"{OPENAI_SUFFIX[endpoint.operation]}?api-version={self._api_version}"

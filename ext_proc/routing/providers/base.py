@@ -42,6 +42,9 @@ class UpstreamCall:
     # (``ProviderType.translations``) that turns it into the app's, "" when none.
     translation: str = ""
     include_usage: bool = False  # a translated stream: the app asked for a usage chunk
+    # The usage format of this call's answer when it is not the adapter's own (the
+    # Responses API answers in its own shape): "" = ``ProviderAdapter.response_format``.
+    response_format: str = ""
 
 
 class ProviderAdapter(Protocol):

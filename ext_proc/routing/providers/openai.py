@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 
 from ext_proc.config.model import Provider
-from ext_proc.routing.endpoints import OPENAI_SUFFIX, Endpoint, Operation
+from ext_proc.routing.endpoints import OPENAI_SUFFIX, RESPONSES_FORMAT, Endpoint, Operation
 from ext_proc.routing.providers.base import (
     ProviderType,
     UpstreamCall,
@@ -22,6 +22,7 @@ class OpenAIAdapter:
     def __init__(self, provider: Provider, credential: str | None) -> None:
         prefix = api_root(provider)
         self._paths = {op: f"{prefix}/v1/{suffix}" for op, suffix in OPENAI_SUFFIX.items()}
+        self._paths[Operation.RESPONSES] = f"{prefix}/v1/responses"
         auth = (("authorization", f"Bearer {credential}"),) if credential else ()
         self._headers = auth + tuple(provider.headers.items())
         self._inject_usage = provider.inject_stream_usage
@@ -42,11 +43,15 @@ class OpenAIAdapter:
         ):
             changed = True
         return UpstreamCall(
-            self._paths[endpoint.operation], self._headers, orjson.dumps(body) if changed else None
+            self._paths[endpoint.operation],
+            self._headers,
+            orjson.dumps(body) if changed else None,
+            response_format=RESPONSES_FORMAT if endpoint.operation is Operation.RESPONSES else "",
         )
 
 
-# Operations whose streams report usage only when stream_options.include_usage asks.
+# Operations whose streams report usage only when stream_options.include_usage asks (a
+# Responses API stream always ends with response.completed and its usage).
 _STREAMS_WITH_USAGE_OPTION = frozenset({Operation.CHAT, Operation.TEXT_COMPLETION})
 
 PROVIDER_TYPE = ProviderType(
