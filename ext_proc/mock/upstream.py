@@ -12,6 +12,9 @@ Routes:
     POST   /openai/deployments/{deployment}/{chat/completions|completions|embeddings}
            (Azure; ``api-version`` query parameter required)
     POST   /v1/messages                               (Anthropic)
+    POST   /v1beta/models/{model}:{generateContent|streamGenerateContent|embedContent|
+           batchEmbedContents}                        (Google Gemini; see gemini_api)
+    POST   /v2/chat, /v2/embed                        (Cohere; its own error shape)
     POST   /v1/responses, /openai/responses           (OpenAI Responses API; Azure's)
     GET    /_mock/requests[?header=NAME:VALUE&path=P&limit=N]   what was received
     DELETE /_mock/requests                            forget it
@@ -39,6 +42,7 @@ import orjson
 
 from ext_proc.http import HttpServer, Request, Response
 from ext_proc.mock.anthropic_api import AnthropicApi
+from ext_proc.mock.cohere_api import COHERE_ENCODING, CohereApi
 from ext_proc.mock.counting import ANTHROPIC_ENCODING, TokenCounter
 from ext_proc.mock.errors import (
     BadRequest,
@@ -47,6 +51,7 @@ from ext_proc.mock.errors import (
     forced_error,
     openai_error,
 )
+from ext_proc.mock.gemini_api import GEMINI_ENCODING, GEMINI_PREFIX, GeminiApi
 from ext_proc.mock.knobs import KnobError, Knobs, MockOptions, read_knobs
 from ext_proc.mock.openai_api import OpenAIApi
 from ext_proc.mock.responses_api import ResponsesApi
@@ -113,6 +118,8 @@ class MockUpstream:
         self._anthropic = AnthropicApi(
             lambda: self._writer_for_encoding(ANTHROPIC_ENCODING), self._new_id
         )
+        self._cohere = CohereApi(lambda: self._writer_for_encoding(COHERE_ENCODING), self._new_id)
+        self._gemini = GeminiApi(lambda: self._writer_for_encoding(GEMINI_ENCODING), self._new_id)
         self._server: HttpServer | None = None
         self.port: int | None = None  # the bound port, once started
         self._routes: dict[tuple[str, str], _Route] = {
@@ -169,6 +176,10 @@ class MockUpstream:
                 time.time(),
             )
         )
+        if path in CohereApi.paths:  # Cohere answers knobs and bad bodies in its own shape
+            return await self._cohere.handle(request, self._default_knobs)
+        if path.startswith(GEMINI_PREFIX):
+            return await self._gemini.handle(request, self._default_knobs)
         route = self._routes.get((request.method, path))
         if route is None:
             found = self._path_route(request)

@@ -558,9 +558,11 @@ COHERE_V2_STREAM = sse(
 )
 
 
-def test_cohere_v2_json_prefers_tokens_over_billed_units() -> None:
+def test_cohere_v2_json_counts_billed_units_first() -> None:
+    # billed_units is what Cohere charges (tokens adds its own template): the row's counts
+    # feed cost, budgets and token limits.
     summary = parse_json("cohere", COHERE_V2_JSON)
-    assert summary.usage == Usage(prompt_tokens=71, completion_tokens=418, total_tokens=489)
+    assert summary.usage == Usage(prompt_tokens=5, completion_tokens=418, total_tokens=423)
     assert summary.finish_reason == "COMPLETE"
     assert summary.complete is True
     assert summary.delivered_text == []
@@ -588,7 +590,7 @@ def test_cohere_error_body_is_incomplete() -> None:
 
 def test_cohere_v2_stream() -> None:
     summary = stream_all_splits("cohere", COHERE_V2_STREAM)
-    assert summary.usage == Usage(prompt_tokens=69, completion_tokens=2, total_tokens=71)
+    assert summary.usage == Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5)
     assert summary.delivered_text == ["Hello", " world"]
     assert summary.finish_reason == "COMPLETE"
     assert summary.complete is True
@@ -714,7 +716,9 @@ def test_gemini_truncated_stream_has_partial_usage_and_is_incomplete() -> None:
     summary = stream_all_splits("google", GEMINI_STREAM[:cut])
     assert summary.complete is False
     assert summary.delivered_text == ["The", " sky is"]
-    assert summary.usage == Usage(prompt_tokens=9, completion_tokens=0, total_tokens=9)
+    # Before its last chunk Gemini reports a running count (the prompt only): never a
+    # final "0 completion tokens"; the caller counts the delivered text.
+    assert summary.usage == Usage(prompt_tokens=9)
 
 
 def test_gemini_json_array_stream_without_alt_sse() -> None:
