@@ -221,3 +221,33 @@ class Metrics:
             ["dependency"],
             registry=r,
         )
+
+        # --- keys through dependency outages (ext_proc.stores.cache, ext_proc.auth) ---
+        self.cache_stale_served = Counter(
+            "ext_proc_cache_stale_served_total",
+            "Lookups answered with an entry past its freshness TTL because the loader "
+            "(Postgres) could not answer: reason 'unavailable' (it failed, or its circuit "
+            "is open) or 'timeout' (no answer within the lookup deadline).",
+            ["cache", "reason"],
+            registry=r,
+        )
+        self.cache_load_failures = Counter(
+            "ext_proc_cache_load_failures_total",
+            "Loader (Postgres) calls of a cache that failed: reason 'error', 'timeout' "
+            "(past the lookup deadline) or 'circuit_open' (not attempted).",
+            ["cache", "reason"],
+            registry=r,
+        )
+        self.invalidations_received = Counter(
+            "ext_proc_invalidations_received_total",
+            "Cache invalidation messages received, by channel (redis pub/sub, postgres "
+            "LISTEN/NOTIFY) and kind (key, config, other).",
+            ["channel", "kind"],
+            registry=r,
+        )
+        self.invalidation_listener_up = Gauge(
+            "ext_proc_invalidation_listener_up",
+            "1 while the invalidation listener of a channel (redis, postgres) is connected.",
+            ["channel"],
+            registry=r,
+        )

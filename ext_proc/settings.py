@@ -36,6 +36,19 @@ def _port(env: Mapping[str, str], name: str, default: int) -> int:
     return port
 
 
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number of seconds") from None
+    if not 0 <= value < float("inf"):
+        raise SettingsError(f"{name}={raw} must be 0 or more seconds")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     database_url: str | None = None
@@ -54,6 +67,9 @@ class Settings:
     # Envoy's admin URL, to ask it to reopen the usage log after rotating it (None: the
     # log is not rotated; a warning says when it grows large).
     envoy_admin_url: str | None = None
+    # While Postgres cannot answer, API keys loaded this recently keep working (seconds).
+    # It is also how long a replica cut off from Redis and Postgres may honour a revoked key.
+    key_stale_seconds: float = 3600.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -71,4 +87,5 @@ class Settings:
             redis_prefix=env.get("EXT_PROC_REDIS_PREFIX") or "gw:",
             usage_log=Path(env.get("EXT_PROC_USAGE_LOG") or DEFAULT_USAGE_LOG),
             envoy_admin_url=(env.get("EXT_PROC_ENVOY_ADMIN_URL") or "").rstrip("/") or None,
+            key_stale_seconds=_seconds(env, "EXT_PROC_KEY_STALE_SECONDS", 3600.0),
         )

@@ -6,8 +6,11 @@ sends them. It is hashed (sha256, about a microsecond) and looked up in the key 
 (memory → Redis → Postgres). Failures raise ``AuthError`` with a reason the caller maps
 to a 401; its message never holds more of the key than its visible prefix.
 
-When the key is in no cache and Postgres cannot answer, ``authenticate`` raises
-``ext_proc.stores.cache.CacheUnavailable``: the caller answers 503, not 401.
+When the key is in no cache (nor a stale one: see ``ext_proc.auth.store`` for how
+long a known key works while Postgres is down) and Postgres cannot answer within the
+lookup deadline, ``authenticate`` raises ``ext_proc.stores.cache.CacheUnavailable``:
+the caller answers 503, not 401.
+Its time is part of ``ext_proc_phase_duration_seconds{phase="request_headers"}``.
 """
 
 from __future__ import annotations
@@ -67,12 +70,19 @@ def extract_key(headers: Mapping[str, str]) -> str | None:
 
 class Authenticator:
     def __init__(
-        self, cache: TieredCache[KeyRecord], clock: Callable[[], datetime] = _utc_now
+        self,
+        cache: TieredCache[KeyRecord],
+        clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         self._cache = cache
         self._clock = clock
 
+    @property
+    def cache(self) -> TieredCache[KeyRecord]:
+        return self._cache
+
     async def authenticate(self, headers: Mapping[str, str]) -> Identity:
+        """The caller's identity; raises ``AuthError`` (401) or ``CacheUnavailable`` (503)."""
         key = extract_key(headers)
         if key is None:
             raise AuthError(

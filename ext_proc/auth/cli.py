@@ -2,9 +2,9 @@
 
 Contract for scripts: ``keys create`` and ``keys rotate`` print the new key alone on
 the last line of stdout (``ext-proc keys create --app x | tail -n1``). Everything else
-they print comes before it. Exit codes: 0 done, 1 done but Redis refused the invalidation
-(replicas catch up within the cache TTL), 2 nothing done (unknown
-application, environment or key; database unreachable or not migrated).
+they print comes before it. Exit codes: 0 done (also when Redis could not carry the
+invalidation: the commit's Postgres NOTIFY does; a warning says so), 2 nothing done
+(unknown application, environment or key; database unreachable or not migrated).
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from ext_proc.stores.postgres import DATABASE_ERRORS, create_pool, database_erro
 from ext_proc.stores.redis import create_redis
 
 EXIT_OK = 0
-EXIT_NOT_PUBLISHED = 1
 EXIT_FAILED = 2
 
 
@@ -217,17 +216,21 @@ async def _rotate(
 
 
 def _report_publish(redis: aioredis.Redis | None, published: bool, error: str | None) -> int:
+    """The change is effective either way: its commit sent a Postgres NOTIFY that every
+    replica listens to (schema/0005_key_notify.sql); Redis is the second channel."""
     if published:
         return EXIT_OK
-    later = f"replicas notice within {DEFAULT_KEY_TTL:.0f}s, when their cached entry expires"
+    later = (
+        "replicas hear of it through Postgres (LISTEN/NOTIFY) within about a second (one "
+        f"cut off from both notices within {DEFAULT_KEY_TTL:.0f}s of reaching Postgres)"
+    )
     if redis is None:
         print(
-            f"note: REDIS_URL is not set, so no invalidation was published; {later}",
-            file=sys.stderr,
+            f"note: REDIS_URL is not set, nothing was published on Redis; {later}", file=sys.stderr
         )
         return EXIT_OK
-    print(f"warning: could not tell the gateway replicas ({error}); {later}", file=sys.stderr)
-    return EXIT_NOT_PUBLISHED
+    print(f"warning: could not publish on Redis ({error}); {later}", file=sys.stderr)
+    return EXIT_OK
 
 
 def _when(moment: datetime | None) -> str:

@@ -4,16 +4,28 @@ Keys belong to an application's environment ("default" unless given). The plaint
 exists only in ``NewKey.key``, returned once by ``create_key`` / ``rotate_key``; the
 database holds its sha256 and visible prefix (``ext_proc.auth.keys``).
 
-Revoking or rotating a key changes what caches hold, so after the commit these
+Revoking or rotating a key changes what caches hold. Two channels tell every replica:
+the commit itself sends ``NOTIFY ext_proc_invalidate, 'key:<hash>'`` (a trigger,
+schema/0005_key_notify.sql, so plain SQL changes are heard too), and after it these
 functions tombstone the key's Redis cache entry and publish ``key:<hash>`` when given a
-Redis client (``invalidate_shared``); every replica drops it from memory within about a
-second. Without Redis, or if publishing fails (reported in the result), replicas notice
-when their cache entry expires (``DEFAULT_KEY_TTL``).
+Redis client (``invalidate_shared``). Every replica drops the key within about a second
+while either Redis or Postgres reaches it; one that hears neither revalidates the key
+when its entry's freshness ends (``DEFAULT_KEY_TTL``) and Postgres answers, and serves
+it at most ``KEY_STALE_TTL`` after its last successful load otherwise.
+
+How the key cache rides out outages (see ``ext_proc.stores.cache``): an entry is fresh
+for ``DEFAULT_KEY_TTL`` (60 s) and renewed in the background after ``KEY_REFRESH_AFTER``
+(45 s) while in use; a lookup waits for Postgres at most ``KEY_LOOKUP_DEADLINE``
+(0.4 s, far below Envoy's 2 s ext_proc message timeout) and a breaker stops asking a
+failing Postgres; while it cannot answer, a key loaded within ``KEY_STALE_TTL`` (1 h)
+keeps working. A key never loaded (or unknown) cannot be checked then: 503.
 """
 
 from __future__ import annotations
 
 import functools
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
@@ -38,7 +50,11 @@ from ext_proc.stores.redis import Breaker
 KEY_CACHE_NAME = "keys"  # the cache's metric label and Redis key part
 KEY_KIND = "key"  # invalidation messages: "key:<sha256>" or "key:*"
 DEFAULT_KEY_CACHE_SIZE = 10_000
-DEFAULT_KEY_TTL = 60.0
+DEFAULT_KEY_TTL = 60.0  # fresh: answered without asking Postgres
+KEY_REFRESH_AFTER = 45.0  # a key in use is reloaded in the background from this age
+KEY_STALE_TTL = 3600.0  # while Postgres cannot answer, keys loaded this recently work
+KEY_LOOKUP_DEADLINE = 0.4  # the longest a request waits for a key's load
+KEY_LOAD_TIMEOUT = 2.0  # the longest a load runs (in the background past the deadline)
 DEFAULT_GRACE = 24 * 3600.0  # seconds a rotated key keeps working
 
 KeyListStatus = Literal["active", "expired", "revoked", "rotating"]
@@ -148,9 +164,14 @@ def _info(row: asyncpg.Record) -> KeyInfo:
     )
 
 
-async def lookup_key(pool: asyncpg.Pool, key_hash: str) -> KeyRecord | None:
-    """The key whose sha256 (hex) is ``key_hash``, whatever its status; None if unknown."""
-    row = await pool.fetchrow(_LOOKUP, key_hash)
+async def lookup_key(
+    pool: asyncpg.Pool, key_hash: str, *, timeout: float | None = None
+) -> KeyRecord | None:
+    """The key whose sha256 (hex) is ``key_hash``, whatever its status; None if unknown.
+
+    ``timeout`` bounds taking a connection, the query and giving it back (each)."""
+    async with pool.acquire(timeout=timeout) as conn:
+        row = await conn.fetchrow(_LOOKUP, key_hash, timeout=timeout)
     if row is None:
         return None
     return KeyRecord(
@@ -164,31 +185,57 @@ async def lookup_key(pool: asyncpg.Pool, key_hash: str) -> KeyRecord | None:
     )
 
 
+async def _no_database(key_hash: str) -> KeyRecord | None:
+    raise ConnectionError("no database configured (DATABASE_URL): keys cannot be checked")
+
+
 def key_cache(
-    pool: asyncpg.Pool,
+    pool: asyncpg.Pool | None,
     *,
     redis: aioredis.Redis | None = None,
     prefix: str = "gw:",
     metrics: Metrics | None = None,
     breaker: Breaker | None = None,
+    postgres_breaker: Breaker | None = None,
     max_entries: int = DEFAULT_KEY_CACHE_SIZE,
     ttl: float = DEFAULT_KEY_TTL,
+    refresh_after: float | None = KEY_REFRESH_AFTER,
+    stale_ttl: float = KEY_STALE_TTL,
+    deadline: float | None = KEY_LOOKUP_DEADLINE,
+    load_timeout: float | None = KEY_LOAD_TIMEOUT,
+    clock: Callable[[], float] = time.monotonic,
+    wall_clock: Callable[[], float] = time.time,
 ) -> TieredCache[KeyRecord]:
     """The key-hash -> KeyRecord cache authentication reads (memory → Redis → Postgres).
 
-    Subscribe it to invalidations: ``listener.subscribe(KEY_KIND, cache.invalidate)``.
+    ``breaker`` guards Redis, ``postgres_breaker`` the lookups in ``pool`` (a small pool
+    of its own is best: usage writes cannot then delay authentication). Subscribe it to
+    invalidations: ``redis_listener.subscribe(KEY_KIND, cache.invalidate)`` and
+    ``postgres_listener.subscribe(KEY_KIND, cache.drop)``.
     """
+    loader = (
+        _no_database if pool is None else functools.partial(lookup_key, pool, timeout=load_timeout)
+    )
+    if refresh_after is not None and refresh_after >= ttl:
+        refresh_after = None  # a short test TTL: no refresh-ahead
     return TieredCache(
         KEY_CACHE_NAME,
-        functools.partial(lookup_key, pool),
+        loader,
         codec=KeyRecordCodec(),
         redis=redis,
         prefix=prefix,
         kind=KEY_KIND,
         max_entries=max_entries,
         ttl=ttl,
+        refresh_after=refresh_after,
+        stale_ttl=max(stale_ttl, ttl),
+        deadline=deadline,
+        load_timeout=load_timeout,
         breaker=breaker,
+        loader_breaker=postgres_breaker,
         metrics=metrics,
+        clock=clock,
+        wall_clock=wall_clock,
     )
 
 

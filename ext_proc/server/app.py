@@ -16,6 +16,7 @@ import logging
 import signal
 import time
 import urllib.request
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ext_proc.auth.authenticator import Authenticator
-from ext_proc.auth.keys import KeyRecord, KeyRecordCodec
-from ext_proc.auth.store import DEFAULT_KEY_TTL, KEY_CACHE_NAME, KEY_KIND, lookup_key
+from ext_proc.auth.keys import KeyRecord
+from ext_proc.auth.store import (
+    DEFAULT_KEY_TTL,
+    KEY_KIND,
+    KEY_LOAD_TIMEOUT,
+    key_cache,
+)
 from ext_proc.config.loader import load_config
 from ext_proc.config.model import GatewayConfig
 from ext_proc.http.server import HttpServer, Request, Response
@@ -44,7 +50,7 @@ from ext_proc.settings import Settings
 from ext_proc.stores import catalog as catalog_store
 from ext_proc.stores.cache import TieredCache
 from ext_proc.stores.circuit import CircuitBreaker
-from ext_proc.stores.invalidation import InvalidationListener
+from ext_proc.stores.invalidation import InvalidationListener, PostgresInvalidationListener
 from ext_proc.stores.postgres import create_pool
 from ext_proc.stores.redis import create_redis
 from ext_proc.stores.redis_limits import RedisLimits
@@ -60,6 +66,13 @@ GRACE_SECONDS = 10.0
 STARTUP_POSTGRES_WAIT = 10.0
 # Safety net beside pub/sub: how often the applied catalog's version is polled.
 CONFIG_POLL_SECONDS = 5.0
+# Connections of the key-lookup pool (lookups are one indexed query each).
+KEY_POOL_SIZE = 2
+# /readyz: each dependency probe's bound, and how long its result is reused.
+READY_PROBE_TIMEOUT = 0.5
+READY_CACHE_SECONDS = 1.0
+# Policy types counted in Redis; while it is down their on_error decides.
+_REDIS_LIMIT_TYPES = frozenset({"rate_limit", "token_limit", "budget"})
 
 
 def build_runtime(
@@ -104,6 +117,13 @@ class Service:
         self._usage_log: LogTail | None = None
         self._limits: Limits | None = None
         self._listener: InvalidationListener | None = None
+        self._pg_listener: PostgresInvalidationListener | None = None
+        self._key_pool: asyncpg.Pool | None = None
+        self._keys: TieredCache[KeyRecord] | None = None
+        self._redis_breaker: CircuitBreaker | None = None
+        self._postgres_breaker: CircuitBreaker | None = None
+        self._readiness: tuple[float, int, dict[str, Any]] | None = None
+        self._readiness_probe: asyncio.Task[tuple[int, dict[str, Any]]] | None = None
         self._grpc: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._http: list[HttpServer] = []
@@ -134,13 +154,14 @@ class Service:
                 settings.spool_dir,
             )
 
-        breaker = CircuitBreaker("redis", self.metrics)
+        breaker = self._redis_breaker = CircuitBreaker("redis", self.metrics)
+        self._postgres_breaker = CircuitBreaker("postgres", self.metrics)
         if settings.redis_url:
             self._redis = create_redis(settings.redis_url)
         else:
             log.warning(
-                "REDIS_URL is not set: limits are per process, key revocations are "
-                "seen within %ss (cache TTL)",
+                "REDIS_URL is not set: limits are per process; key revocations arrive "
+                "through Postgres NOTIFY (else within %ss, the key cache's freshness)",
                 DEFAULT_KEY_TTL,
             )
         if settings.redis_url:
@@ -153,26 +174,47 @@ class Service:
             self.metrics,
             settings.redis_prefix,
         )
-        keys: TieredCache[KeyRecord] = TieredCache(
-            KEY_CACHE_NAME,
-            self._lookup_key,
-            codec=KeyRecordCodec(),
+        if settings.database_url:
+            # Key lookups get a small pool of their own: usage writes and a spool replay
+            # cannot delay authentication, and it opens lazily, so it exists (and works
+            # once Postgres answers) even when Postgres is down at start-up.
+            self._key_pool = await create_pool(
+                settings.database_url,
+                min_size=0,
+                max_size=KEY_POOL_SIZE,
+                application_name="ext-proc keys",
+                connect_timeout=KEY_LOAD_TIMEOUT,
+            )
+        self._keys = key_cache(
+            self._key_pool,
             redis=self._redis,
             prefix=settings.redis_prefix,
-            kind=KEY_KIND,
-            ttl=DEFAULT_KEY_TTL,
-            breaker=breaker,
             metrics=self.metrics,
+            breaker=breaker,
+            postgres_breaker=self._postgres_breaker,
+            stale_ttl=settings.key_stale_seconds,
         )
         config = await self._load_config()
         self.gateway = Gateway(
-            self._build(config), self.recorder, self.metrics, Authenticator(keys)
+            self._build(config),
+            self.recorder,
+            self.metrics,
+            Authenticator(self._keys),
         )
         if settings.redis_url:
-            self._listener = InvalidationListener(settings.redis_url, settings.redis_prefix)
-            self._listener.subscribe(KEY_KIND, keys.invalidate)
+            self._listener = InvalidationListener(
+                settings.redis_url, settings.redis_prefix, metrics=self.metrics
+            )
+            self._listener.subscribe(KEY_KIND, self._keys.invalidate)
             self._listener.subscribe(catalog_store.CONFIG_KIND, lambda _id: self.schedule_reload())
             await self._listener.start()
+        if settings.database_url:
+            # The second channel: revocations committed while Redis is down (or by SQL).
+            self._pg_listener = PostgresInvalidationListener(
+                settings.database_url, metrics=self.metrics
+            )
+            self._pg_listener.subscribe(KEY_KIND, self._keys.drop)
+            await self._pg_listener.start()
         self._tasks.append(asyncio.create_task(self._poll_config()))
 
         self._grpc = grpc.aio.server(
@@ -221,12 +263,6 @@ class Service:
             self.config_source,
         )
         self.options.ready.set()
-
-    async def _lookup_key(self, key_hash: str) -> KeyRecord | None:
-        pool = self._pool
-        if pool is None:
-            raise ConnectionError("Postgres is not connected")
-        return await lookup_key(pool, key_hash)
 
     async def _connect_postgres(self, url: str, budget: float | None) -> None:
         """Connect, retrying with backoff, for ``budget`` seconds (None: until stopped)."""
@@ -364,6 +400,114 @@ class Service:
     def postgres_ready(self) -> bool:
         return self._pool is not None
 
+    # -------------------------------------------------------------- readiness
+
+    async def readiness(self) -> tuple[int, dict[str, Any]]:
+        """``/readyz``: (HTTP status, body). 200 ``ok``: every dependency answers; 200
+        ``degraded``: one does not, and what is declared lets the gateway serve anyway
+        (keys from the cache and usage rows spooled while Postgres is down; limits by
+        their ``on_error`` while Redis is down); 503 ``unavailable``: it cannot serve
+        (no config or gRPC server, shutting down, no key can be checked, or Redis is
+        down and every application has a fail-closed limit).
+
+        Each check probes its dependency now (``READY_PROBE_TIMEOUT``); one probe runs
+        at a time and its result answers for ``READY_CACHE_SECONDS``, so a flood of
+        probes does not reach the databases.
+        """
+        cached = self._readiness
+        if cached is not None and time.monotonic() - cached[0] < READY_CACHE_SECONDS:
+            return cached[1], cached[2]
+        probe = self._readiness_probe
+        if probe is None or probe.done():
+            probe = self._readiness_probe = asyncio.create_task(self._probe_readiness())
+        status, body = await asyncio.shield(probe)
+        self._readiness = (time.monotonic(), status, body)
+        return status, body
+
+    async def _probe_readiness(self) -> tuple[int, dict[str, Any]]:
+        postgres, redis = await asyncio.gather(self._check_postgres(), self._check_redis())
+        gateway = self.gateway
+        config: dict[str, Any] = {
+            "ok": gateway is not None and self.grpc_port != 0,
+            "source": self.config_source,
+            "grpc_port": self.grpc_port,
+        }
+        if gateway is not None:
+            config["fingerprint"] = gateway.runtime.config.fingerprint[:12]
+        down: list[str] = []  # why it cannot serve
+        if not config["ok"]:
+            down.append("no configuration loaded or the gRPC server is not serving")
+        if self._stopping.is_set():
+            down.append("shutting down")
+        if postgres["ok"] is False and redis["ok"] is not True and not postgres["keys_cached"]:
+            down.append("Postgres is down and no API key is cached: none can be checked")
+        if redis["ok"] is False and gateway is not None:
+            closed, blocked, apps = _fail_closed(gateway.runtime.config)
+            redis["fail_closed_policies"] = closed
+            if closed:
+                redis["detail"] += f"; answering 503 policy_unavailable for {', '.join(closed)}"
+            if apps and len(blocked) == apps:
+                down.append("Redis is down and every application has a fail-closed limit")
+        if down:
+            status = "unavailable"
+        elif postgres["ok"] is False or redis["ok"] is False:
+            status = "degraded"
+        else:
+            status = "ok"
+        body: dict[str, Any] = {
+            "status": status,
+            "checks": {"postgres": postgres, "redis": redis, "config": config},
+        }
+        if down:
+            body["reasons"] = down
+        return (503 if down else 200), body
+
+    async def _check_postgres(self) -> dict[str, Any]:
+        pool = self._key_pool
+        keys = self._keys
+        cached = keys.servable_entries() if keys is not None else 0
+        if pool is None:
+            return {
+                "ok": None,
+                "detail": "DATABASE_URL is not set: no API key can exist, usage rows spooled",
+                "keys_cached": cached,
+            }
+        ok, latency, error = await _probe(_select_one(pool))
+        check: dict[str, Any] = {"ok": ok, "latency_ms": latency, "keys_cached": cached}
+        if self._postgres_breaker is not None:
+            check["circuit"] = self._postgres_breaker.state_name
+        if self._pg_listener is not None:
+            check["listening"] = self._pg_listener.connected
+        if ok:
+            check["detail"] = "answering"
+        else:
+            check["error"] = error
+            check["detail"] = (
+                f"down: keys loaded within {self.settings.key_stale_seconds:.0f} s are served "
+                "from the cache, new ones get 503 auth_unavailable; usage rows are spooled to disk"
+            )
+        return check
+
+    async def _check_redis(self) -> dict[str, Any]:
+        redis = self._redis
+        if redis is None:
+            return {"ok": None, "detail": "REDIS_URL is not set: limits are per process"}
+        ok, latency, error = await _probe(redis.ping())
+        check: dict[str, Any] = {"ok": ok, "latency_ms": latency}
+        if self._redis_breaker is not None:
+            check["circuit"] = self._redis_breaker.state_name
+        if self._listener is not None:
+            check["listening"] = self._listener.connected
+        if ok:
+            check["detail"] = "answering"
+        else:
+            check["error"] = error
+            check["detail"] = (
+                "down: on_error allow limits are counted per process, keys come from "
+                "memory and Postgres"
+            )
+        return check
+
     def request_stop(self) -> None:
         self._stopping.set()
 
@@ -386,6 +530,12 @@ class Service:
             await server.close()
         if self._listener is not None:
             await self._listener.close()
+        if self._pg_listener is not None:
+            await self._pg_listener.close()
+        if self._keys is not None:
+            await self._keys.close()
+        if self._key_pool is not None:
+            self._key_pool.terminate()  # lookups only: nothing to flush, never wait on it
         for task in list(self._tasks):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -395,6 +545,45 @@ class Service:
         await close_quietly(self._lua)
         if self._pool is not None:
             await self._pool.close()
+
+
+async def _select_one(pool: asyncpg.Pool) -> None:
+    async with pool.acquire(timeout=READY_PROBE_TIMEOUT) as conn:
+        await conn.fetchval("SELECT 1", timeout=READY_PROBE_TIMEOUT)
+
+
+async def _probe(call: Awaitable[object]) -> tuple[bool, float | None, str | None]:
+    """(answered, milliseconds, error) of one bounded dependency call."""
+    started = time.perf_counter()
+    try:
+        await asyncio.wait_for(call, READY_PROBE_TIMEOUT)
+    except TimeoutError:
+        return False, None, f"no answer within {READY_PROBE_TIMEOUT}s"
+    except Exception as exc:  # any failure of the dependency is "down", said as it was
+        return False, None, f"{type(exc).__name__}: {exc}"[:300]
+    return True, round((time.perf_counter() - started) * 1000, 2), None
+
+
+def _fail_closed(config: GatewayConfig) -> tuple[list[str], list[str], int]:
+    """While Redis is down: the bound policies that answer 503 (Redis-counted limits
+    with ``on_error: deny``), the applications they block in every environment, and
+    how many applications there are."""
+    closed = {
+        name
+        for name, policy in config.policies.items()
+        if policy.enabled and policy.on_error == "deny" and policy.type in _REDIS_LIMIT_TYPES
+    }
+    bound: set[str] = set()
+    blocked: list[str] = []
+    for app in config.applications.values():
+        blocks_every_env = True
+        for environment in app.environments:
+            names = {p.name for p in config.application_policies(app.name, environment)}
+            bound |= names & closed
+            blocks_every_env = blocks_every_env and bool(names & closed)
+        if blocks_every_env:
+            blocked.append(app.name)
+    return sorted(bound), blocked, len(config.applications)
 
 
 async def serve(settings: Settings, options: ServeOptions) -> None:

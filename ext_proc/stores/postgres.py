@@ -71,6 +71,7 @@ async def create_pool(
     min_size: int = 1,
     max_size: int = 4,
     application_name: str = APPLICATION_NAME,
+    connect_timeout: float = CONNECT_TIMEOUT,
 ) -> asyncpg.Pool:
     """A pool with bounded connect and statement times, named in ``pg_stat_activity``.
 
@@ -81,7 +82,7 @@ async def create_pool(
         url,
         min_size=min_size,
         max_size=max_size,
-        timeout=CONNECT_TIMEOUT,
+        timeout=connect_timeout,
         command_timeout=COMMAND_TIMEOUT,
         # Recycle idle connections so a failover or a restarted server is picked up.
         max_inactive_connection_lifetime=300.0,
