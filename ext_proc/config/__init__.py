@@ -20,6 +20,7 @@ from ext_proc.config.model import (
     Provider,
     ProviderType,
     RetryPolicy,
+    Target,
 )
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "Provider",
     "ProviderType",
     "RetryPolicy",
+    "Target",
     "load_config",
     "parse_config",
     "parse_duration",

@@ -35,6 +35,8 @@ from ext_proc.config.model import (
     DEFAULT_RETRIABLE_STATUS_CODES,
     DEFAULT_RETRY_ON,
     DEFAULT_TIMEOUT,
+    MAX_TARGETS,
+    MAX_WEIGHT,
     ON_ERROR_CHOICES,
     RETRY_ON_CONDITIONS,
     SCOPING_HEADERS,
@@ -45,6 +47,7 @@ from ext_proc.config.model import (
     Policy,
     Provider,
     RetryPolicy,
+    Target,
     canonical_form,
     fingerprint_of,
 )
@@ -84,7 +87,17 @@ _PROVIDER_FIELDS = (
     "pass_headers",
 )
 _RETRY_FIELDS = ("attempts", "on", "retriable_status_codes")
-_MODEL_FIELDS = ("provider", "deployment", "encoding", "aliases", "price")
+_MODEL_FIELDS = (
+    "provider",
+    "deployment",
+    "encoding",
+    "aliases",
+    "price",
+    "fallbacks",
+    "weight",
+    "attempt_timeout",
+)
+_TARGET_FIELDS = ("provider", "deployment", "weight", "priority", "price")
 _PRICE_FIELDS = ("input", "output", "cached_input", "cache_write")
 # USD per million tokens: no model costs anywhere near this; with at most 6 decimal
 # places a price has at most 11 significant digits, so it survives the catalog's JSON
@@ -883,19 +896,7 @@ class _Builder:
                 f"unknown provider '{provider}' (declared: {declared})"
                 + did_you_mean(provider, self.provider_types),
             )
-        kind = self.provider_types.get(provider or "")
-        deployment = fields.get_str("deployment")
-        if kind == "azure_openai":
-            if deployment is not None and not _AZURE_DEPLOYMENT.fullmatch(deployment):
-                fields.error(
-                    "deployment",
-                    f"'{deployment}' is not an Azure deployment name "
-                    "(letters, digits, '.', '_' and '-')",
-                )
-            elif deployment is None and not _AZURE_DEPLOYMENT.fullmatch(name):
-                fields.error(None, f"'{name}' cannot be an Azure deployment name: set deployment")
-        elif deployment is not None and any(char.isspace() for char in deployment):
-            fields.error("deployment", f"'{deployment}' must not contain spaces")
+        deployment = self._deployment(fields, name, provider)
         encoding = fields.get_str("encoding")
         if encoding is not None and encoding not in ENCODING_FILES:
             fields.error(
@@ -919,7 +920,20 @@ class _Builder:
             else:
                 self.model_names[alias] = name
         price = self._price(fields)
+        weight = fields.get_int("weight", minimum=1, maximum=MAX_WEIGHT)
+        attempt_timeout = fields.get_duration("attempt_timeout")
+        fallbacks = self._fallbacks(fields, name, provider, deployment or name)
+        if not fields.has("fallbacks"):
+            for extra in ("weight", "attempt_timeout"):
+                if fields.has(extra):
+                    fields.error(extra, "has no effect without fallbacks")
         if provider is None or (price is None and fields.has("price")):
+            return None
+        if fallbacks is None and fields.has("fallbacks"):
+            return None
+        if (weight is None and fields.has("weight")) or (
+            attempt_timeout is None and fields.has("attempt_timeout")
+        ):
             return None
         return Model(
             name=name,
@@ -928,7 +942,98 @@ class _Builder:
             encoding=encoding,
             aliases=tuple(aliases),
             price=price,
+            fallbacks=fallbacks,
+            weight=weight,
+            attempt_timeout=attempt_timeout,
         )
+
+    def _deployment(self, fields: _Map, name: str, provider: str | None) -> str | None:
+        """``deployment`` (None: the model's name), checked for the provider's type."""
+        kind = self.provider_types.get(provider or "")
+        deployment = fields.get_str("deployment")
+        if kind == "azure_openai":
+            if deployment is not None and not _AZURE_DEPLOYMENT.fullmatch(deployment):
+                fields.error(
+                    "deployment",
+                    f"'{deployment}' is not an Azure deployment name "
+                    "(letters, digits, '.', '_' and '-')",
+                )
+            elif deployment is None and not _AZURE_DEPLOYMENT.fullmatch(name):
+                fields.error(None, f"'{name}' cannot be an Azure deployment name: set deployment")
+        elif deployment is not None and any(char.isspace() for char in deployment):
+            fields.error("deployment", f"'{deployment}' must not contain spaces")
+        return deployment
+
+    def _fallbacks(
+        self, fields: _Map, name: str, provider: str | None, deployment: str
+    ) -> tuple[Target, ...] | None:
+        """``fallbacks: [{provider, deployment?, weight?, priority?, price?}]``: where
+        else the model is served, in the order tried."""
+        node = fields.node("fallbacks")
+        if node is None:
+            return None
+        path = fields.field_path("fallbacks")
+        items = self.doc.items_of(node, path, "fallback targets")
+        if items is None:
+            return None
+        if not items:
+            self.doc.report(node, path, "list at least one fallback target, or leave it out")
+            return None
+        if len(items) + 1 > MAX_TARGETS:
+            self.doc.report(
+                node, path, f"at most {MAX_TARGETS - 1} fallbacks (each one is an attempt)"
+            )
+            return None
+        seen = {(provider, deployment)}
+        previous = 0  # the primary's priority
+        targets: list[Target] = []
+        ok = True
+        for index, item in enumerate(items):
+            item_path = f"{path}[{index}]"
+            entry = _Map.of(self.doc, item, item_path, item, _TARGET_FIELDS)
+            if entry is None:
+                ok = False
+                continue
+            target_provider = entry.get_str("provider", required=True)
+            if target_provider is not None and target_provider not in self.provider_types:
+                declared = ", ".join(self.provider_types) or "none"
+                entry.error(
+                    "provider",
+                    f"unknown provider '{target_provider}' (declared: {declared})"
+                    + did_you_mean(target_provider, self.provider_types),
+                )
+                target_provider = None
+            target_deployment = self._deployment(entry, name, target_provider) or name
+            weight = entry.get_int("weight", minimum=1, maximum=MAX_WEIGHT)
+            priority = entry.get_int("priority", minimum=0, maximum=MAX_TARGETS - 1)
+            if priority is not None and priority < previous:
+                entry.error(
+                    "priority",
+                    f"{priority} is below the target before it ({previous}): list targets "
+                    "in the order they are tried",
+                )
+                priority = None
+            price = self._price(entry)
+            if target_provider is not None and (target_provider, target_deployment) in seen:
+                entry.error(
+                    None,
+                    f"provider '{target_provider}' with deployment '{target_deployment}' "
+                    "is already a target of this model",
+                )
+                ok = False
+            seen.add((target_provider, target_deployment))
+            if (
+                target_provider is None
+                or (weight is None and entry.has("weight"))
+                or (priority is None and entry.has("priority"))
+                or (price is None and entry.has("price"))
+            ):
+                ok = False
+                continue
+            priority = previous + 1 if priority is None else priority
+            previous = priority
+            targets.append(Target(target_provider, target_deployment, weight or 1, priority, price))
+        return tuple(targets) if ok else None
 
     def _price(self, fields: _Map) -> Price | None:
         """``price: {input, output, cached_input?, cache_write?}``, USD per million tokens."""

@@ -130,6 +130,29 @@ class Provider:
         return urlsplit(self.base_url).path
 
 
+# Upstream fallback: at most this many targets per model (the primary included), and
+# the bounds of a target's weight.
+MAX_TARGETS = 8
+MAX_WEIGHT = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a model is served: its primary (``Model.targets[0]``) or a fallback.
+
+    Targets are tried by ``priority`` (0 first; a fallback's default is one more than
+    the target before it); targets of equal priority share the traffic by ``weight``.
+    """
+
+    provider: str  # a key of GatewayConfig.providers
+    deployment: str  # Azure deployment, or the model name sent upstream
+    weight: int = 1
+    priority: int = 0
+    # USD per million tokens for answers this target serves (None: the public table by
+    # its deployment name).
+    price: Price | None = field(default=None, metadata=OMIT_IF_NONE)
+
+
 @dataclass(frozen=True, slots=True)
 class Model:
     name: str  # what apps send
@@ -140,6 +163,18 @@ class Model:
     # USD per million tokens as the file gives it (it wins over the public table, which
     # the routing catalog consults when this is None).
     price: Price | None = field(default=None, metadata=OMIT_IF_NONE)
+    # Upstream fallback (None: the primary alone, the common case): the other targets in
+    # the order they are tried, the primary's weight among targets of priority 0, and how
+    # long one attempt may wait for its answer's first byte before the next is tried.
+    fallbacks: tuple[Target, ...] | None = field(default=None, metadata=OMIT_IF_NONE)
+    weight: int | None = field(default=None, metadata=OMIT_IF_NONE)
+    attempt_timeout: float | None = field(default=None, metadata=OMIT_IF_NONE)
+
+    @property
+    def targets(self) -> tuple[Target, ...]:
+        """The primary, then the fallbacks (as declared)."""
+        primary = Target(self.provider, self.deployment, self.weight or 1, 0, self.price)
+        return (primary, *(self.fallbacks or ()))
 
     @property
     def encoding_name(self) -> str:

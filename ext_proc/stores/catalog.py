@@ -43,6 +43,7 @@ from ext_proc.config.model import (
     Model,
     Policy,
     Provider,
+    Target,
 )
 from ext_proc.routing.providers import PROVIDER_TYPES
 from ext_proc.usage.pricing import Price, json_number
@@ -184,6 +185,25 @@ def model_spec(model: Model) -> Spec:
         spec["aliases"] = list(model.aliases)
     if model.price is not None:
         spec["price"] = price_spec(model.price)
+    if model.fallbacks is not None:
+        spec["fallbacks"] = [target_spec(target) for target in model.fallbacks]
+    if model.weight is not None:
+        spec["weight"] = model.weight
+    if model.attempt_timeout is not None:
+        spec["attempt_timeout"] = model.attempt_timeout
+    return spec
+
+
+def target_spec(target: Target) -> Spec:
+    """One of a model's ``fallbacks:`` (every field explicit)."""
+    spec: Spec = {
+        "provider": target.provider,
+        "deployment": target.deployment,
+        "weight": target.weight,
+        "priority": target.priority,
+    }
+    if target.price is not None:
+        spec["price"] = price_spec(target.price)
     return spec
 
 
