@@ -26,7 +26,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from ext_proc.config.loader import load_config
 from ext_proc.config.model import DEFAULT_ENVIRONMENT, GatewayConfig
@@ -101,6 +101,8 @@ class StackOptions:
     key_file: Path | None = None  # reuse the key kept here across runs (make run)
     ext_proc_processes: int = 1  # more than one: each its own endpoint in Envoy's cluster
     envoy_headers_phase: bool = False  # request headers as their own ext_proc message
+    # More EnvoyOptions fields (tests: a short ejection cool-down, say).
+    envoy_overrides: dict[str, Any] = field(default_factory=dict)
 
 
 class Stack:
@@ -357,6 +359,7 @@ class Stack:
             headers_phase=self.options.envoy_headers_phase,
             direct_prefix="/__direct/" if self.options.envoy_direct_provider else None,
             direct_provider=self.options.envoy_direct_provider,
+            **self.options.envoy_overrides,
         )
         self.envoy_config_path.write_text(render_yaml(self.config, options))
         self._say(

@@ -39,10 +39,12 @@ from typing import Any
 
 import yaml
 
+from ext_proc import envoy_fallback
 from ext_proc.config.model import GatewayConfig, Provider
 from ext_proc.server.context import DEFAULT_MAX_REQUEST_BYTES
 from ext_proc.server.envoy_log import BODY_CAPTURE_LIMIT, BODY_NAMESPACE, LOG_FIELDS
 from ext_proc.server.facts import (
+    ATTEMPTS_NAMESPACE,
     MODEL_NAMESPACE,
     NAMESPACE,
     RESPONSE_NAMESPACE,
@@ -96,6 +98,10 @@ class EnvoyOptions:
     # this provider (the "Envoy alone" floor, measured on the same Envoy and upstream).
     direct_prefix: str | None = None
     direct_provider: str | None = None
+    # Models with fallbacks: a target is ejected after this many consecutive 5xx answers
+    # or failed connections, for this many seconds (its traffic goes to the next one).
+    eject_after: int = 3
+    eject_for: float = 30.0
 
     @classmethod
     def dev(cls) -> EnvoyOptions:
@@ -278,6 +284,16 @@ end
 """
 
 
+# Enables the response processor (disabled by default in the filter chain) for every
+# request that has a route: all but Envoy's answers to requests it could not parse.
+_ROUTED_ONLY = {
+    RESPONSE_FILTER: {
+        "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
+        "config": {},
+    }
+}
+
+
 def _disabled(filter_name: str) -> dict[str, Any]:
     return {filter_name: {"@type": _EXT_PROC_PER_ROUTE, "disabled": True}}
 
@@ -364,6 +380,11 @@ def _http_filters(options: EnvoyOptions) -> list[dict[str, Any]]:
             # Streams and translated answers only (enabled by their route): counts what
             # the app receives, chunk by chunk, and rewrites translated bodies.
             "name": RESPONSE_FILTER,
+            # Only requests that have a route (the virtual host enables it: _ROUTED_ONLY).
+            # Envoy's answer to a request it could not parse (a codec error) has none,
+            # and passes the encoder filters while the connection is being closed: this
+            # filter would hold that answer for a gRPC round trip, and it was lost.
+            "disabled": True,
             "typed_config": {
                 "@type": _EXT_PROC,
                 "grpc_service": {"envoy_grpc": {"cluster_name": "ext_proc"}},
@@ -383,7 +404,7 @@ def _http_filters(options: EnvoyOptions) -> list[dict[str, Any]]:
                     "response_trailer_mode": "SKIP",
                 },
                 "metadata_options": {
-                    "forwarding_namespaces": {"untyped": [NAMESPACE]},
+                    "forwarding_namespaces": {"untyped": [NAMESPACE, ATTEMPTS_NAMESPACE]},
                     "receiving_namespaces": {"untyped": [RESPONSE_NAMESPACE]},
                 },
             },
@@ -489,11 +510,11 @@ def _usage_log(options: EnvoyOptions) -> dict[str, Any]:
     return log
 
 
-def _error_json(error_type: str) -> dict[str, Any]:
+def _error_json(error_type: str, message: str = "%LOCAL_REPLY_BODY%") -> dict[str, Any]:
     return {
         "json_format": {
             "error": {
-                "message": "%LOCAL_REPLY_BODY%",
+                "message": message,
                 "type": error_type,
                 "code": "%RESPONSE_CODE_DETAILS%",
                 "param": None,
@@ -501,6 +522,18 @@ def _error_json(error_type: str) -> dict[str, Any]:
         },
         "content_type": "application/json",
     }
+
+
+# Messages of Envoy's own 400s (format strings: no percent sign but in a command).
+_PATH_NOT_NORMALIZED = (
+    "The request path cannot be routed: it has a #fragment (a client never sends one) "
+    "or a part Envoy cannot normalize. Send the plain path, e.g. /v1/chat/completions."
+)
+_NOT_HTTP = (
+    "The request is not valid HTTP/1.1: its request line (method, target) or a header "
+    "could not be parsed, e.g. a target that is not an ASCII path. Send a request such "
+    "as POST /v1/chat/completions."
+)
 
 
 def _local_reply_config() -> dict[str, Any]:
@@ -546,6 +579,14 @@ def _local_reply_config() -> dict[str, Any]:
                 {"text_format": "%LOCAL_REPLY_BODY%", "content_type": "application/json"},
                 ours,
             ),
+            # Envoy's refusals of requests it cannot read come with an empty body, or
+            # "Bad Request": the message says what is wrong, the code is Envoy's reason.
+            mapper(
+                400,
+                _error_json("invalid_request_error", _PATH_NOT_NORMALIZED),
+                "response.code_details == 'path_normalization_failed'",
+            ),
+            mapper(400, _error_json("invalid_request_error", _NOT_HTTP)),
             mapper(413, _error_json("invalid_request_error")),
             mapper(429, _error_json("rate_limit_error")),
             mapper(502, _error_json("upstream_error")),
@@ -580,11 +621,17 @@ def _stats_listener(options: EnvoyOptions) -> dict[str, Any]:
                                         "domains": ["*"],
                                         "routes": [
                                             *(
+                                                # /clusters (read-only): which fallback
+                                                # targets are ejected, for the gateway.
                                                 {
                                                     "match": {"path": path, "headers": get_only},
                                                     "route": {"cluster": "envoy_admin"},
                                                 }
-                                                for path in ("/stats/prometheus", "/ready")
+                                                for path in (
+                                                    "/stats/prometheus",
+                                                    "/ready",
+                                                    "/clusters",
+                                                )
                                             ),
                                             {
                                                 # The ext_proc server rotates the usage
@@ -669,6 +716,21 @@ def render(config: GatewayConfig, options: EnvoyOptions = EnvoyOptions()) -> dic
     ]
     for provider in providers:
         routes += _provider_routes(provider)
+    chains = envoy_fallback.chains(config)
+    for model, indices in chains:
+        routes += envoy_fallback.chain_routes(
+            model,
+            indices,
+            config,
+            provider_header=PROVIDER_HEADER,
+            response_header=RESPONSE_HEADER,
+            response_filter=RESPONSE_FILTER,
+            capture_filter=CAPTURE_FILTER,
+            ratelimit_headers=_RATELIMIT_RESPONSE_HEADERS,
+            disabled=_disabled,
+            lua_disabled=_lua_disabled,
+            stripped=lambda provider: provider.stripped_headers,
+        )
     if options.direct_prefix and options.direct_provider:
         direct = config.providers[options.direct_provider]
         routes.insert(
@@ -713,10 +775,21 @@ def render(config: GatewayConfig, options: EnvoyOptions = EnvoyOptions()) -> dic
         "always_set_request_id_in_response": True,
         "stream_idle_timeout": "300s",
         "request_timeout": "0s",
+        # Methods are any token (RFC 9110): one Envoy's parser does not know (`post`,
+        # `FOO`) reaches the gateway, which answers 405 with a request id and a usage
+        # row, instead of a codec error Envoy answers before the request has either.
+        "http_protocol_options": {"allow_custom_methods": True},
         "local_reply_config": _local_reply_config(),
         "route_config": {
             "name": "llm_routes",
-            "virtual_hosts": [{"name": "gateway", "domains": ["*"], "routes": routes}],
+            "virtual_hosts": [
+                {
+                    "name": "gateway",
+                    "domains": ["*"],
+                    "routes": routes,
+                    "typed_per_filter_config": _ROUTED_ONLY,
+                }
+            ],
         },
         "http_filters": _http_filters(options),
         "access_log": [_usage_log(options)],
@@ -770,6 +843,19 @@ def render(config: GatewayConfig, options: EnvoyOptions = EnvoyOptions()) -> dic
             **({} if ext_proc_is_ip else {"dns_lookup_family": "V4_PREFERRED"}),
         },
         *(_provider_cluster(p, options) for p in providers),
+        *(
+            envoy_fallback.chain_cluster_config(
+                model,
+                indices,
+                config,
+                ca_bundle=options.ca_bundle,
+                buffer_limit=options.max_response_bytes,
+                eject_after=options.eject_after,
+                eject_for=options.eject_for,
+                is_ip=_is_ip,
+            )
+            for model, indices in chains
+        ),
     ]
     listeners: list[dict[str, Any]] = [
         {

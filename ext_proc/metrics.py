@@ -176,6 +176,22 @@ class Metrics:
             "Usage records lost (neither Postgres nor the disk spool took them).",
             registry=r,
         )
+        # --- upstream fallback (models with fallbacks; ext_proc.server.completion) ---
+        self.upstream_attempts = Counter(
+            "ext_proc_upstream_attempts_total",
+            "Upstream attempts of requests to models with fallbacks, by model, target "
+            "(provider, deployment) and outcome: ok (2xx), 429, 4xx, 5xx, or no_response "
+            "(timed out, reset, or the connection failed).",
+            ["model", "provider", "deployment", "outcome"],
+            registry=r,
+        )
+        self.upstream_target_ejected = Gauge(
+            "ext_proc_upstream_target_ejected",
+            "1 while Envoy's outlier detection keeps a target of a model with fallbacks out "
+            "(its traffic goes to the next target); read from Envoy's admin /clusters.",
+            ["model", "provider", "deployment"],
+            registry=r,
+        )
         self.usage_fallbacks = Counter(
             "ext_proc_usage_fallback_records_total",
             "Usage records rebuilt from Envoy's usage log for requests another replica owned, "

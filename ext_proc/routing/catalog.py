@@ -7,12 +7,18 @@ public table (``ext_proc.usage.pricing``), else none.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
-from ext_proc.config.model import GatewayConfig, Model, Provider
+from ext_proc.config.model import GatewayConfig, Model, Provider, Target
+from ext_proc.routing.endpoints import Operation
+from ext_proc.routing.fallback import chains_of
 from ext_proc.routing.providers import PROVIDER_TYPES, ProviderAdapter, adapter_for
 from ext_proc.usage.pricing import Price, table_price
+
+_NO_CHAINS: Mapping[Operation, tuple[int, ...]] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,10 +32,23 @@ class Route:
     # Every app-facing name of the model served (its name, then its aliases): what a
     # model allowlist judges, whatever name or Azure deployment the app used.
     names: tuple[str, ...] = ()
+    deployment: str = ""  # what the provider is asked for (Azure deployment, model name)
+    index: int = 0  # this target's index in ``model.targets``
+    # A model with fallbacks: every target's route (by index, this one among them), and
+    # per operation the indices of those that serve it (``ext_proc.routing.fallback``).
+    targets: tuple[Route, ...] = ()
+    chains: Mapping[Operation, tuple[int, ...]] = field(default_factory=lambda: _NO_CHAINS)
 
     @classmethod
-    def of(cls, model: Model, provider: Provider, adapter: ProviderAdapter) -> Route:
-        price = resolve_price(model, provider)
+    def of(
+        cls,
+        model: Model,
+        provider: Provider,
+        adapter: ProviderAdapter,
+        target: Target | None = None,
+    ) -> Route:
+        target = target or model.targets[0]
+        price = resolve_price(model, provider, target)
         return cls(
             model,
             provider,
@@ -38,11 +57,9 @@ class Route:
             price,
             price.encode() if price is not None else "",
             (model.name, *model.aliases),
+            target.deployment,
+            model.targets.index(target),
         )
-
-    @property
-    def deployment(self) -> str:
-        return self.model.deployment
 
 
 class Catalog:
@@ -62,6 +79,22 @@ class Catalog:
         for model in config.models.values():
             provider = config.providers[model.provider]
             route = Route.of(model, provider, adapters[model.provider])
+            if model.fallbacks:
+                targets = tuple(
+                    Route.of(
+                        model,
+                        config.providers[target.provider],
+                        adapters[target.provider],
+                        target,
+                    )
+                    for target in model.targets
+                )
+                chains = MappingProxyType(dict(chains_of(model, config)))
+                targets = tuple(
+                    dataclasses.replace(t, targets=targets, chains=chains) for t in targets
+                )
+                # Each target knows the others (the processor picks a chain from any).
+                route = targets[0]
             for name in (model.name, *model.aliases):
                 routes[name] = route
             if provider.type == "azure_openai":
@@ -78,12 +111,14 @@ class Catalog:
         return self._by_deployment.get(deployment)
 
 
-def resolve_price(model: Model, provider: Provider) -> Price | None:
-    """The file's price, else the table's for the model served (``deployment``), else
-    for the name apps send, in the provider type's price list."""
-    if model.price is not None:
-        return model.price
+def resolve_price(model: Model, provider: Provider, target: Target | None = None) -> Price | None:
+    """The file's price (the target's, for a fallback), else the table's for the model
+    served (its ``deployment``), else for the name apps send, in the provider type's
+    price list."""
+    target = target or model.targets[0]
+    if target.price is not None:
+        return target.price
     price_list = (
         PROVIDER_TYPES[provider.type].price_list if provider.type in PROVIDER_TYPES else None
     )
-    return table_price(price_list, model.deployment, model.name)
+    return table_price(price_list, target.deployment, model.name)

@@ -46,6 +46,7 @@ from ext_proc.routing.credentials import load_credentials
 from ext_proc.server.context import Gateway, Runtime
 from ext_proc.server.envoy_log import UsageLog
 from ext_proc.server.servicer import SERVICE, ExternalProcessor, add_to_server
+from ext_proc.server.targets import TargetMonitor
 from ext_proc.settings import Settings
 from ext_proc.stores import catalog as catalog_store
 from ext_proc.stores.cache import TieredCache
@@ -118,6 +119,12 @@ class Service:
         self._limits: Limits | None = None
         self._listener: InvalidationListener | None = None
         self._pg_listener: PostgresInvalidationListener | None = None
+        # Ejected fallback targets, from Envoy's admin (needs EXT_PROC_ENVOY_ADMIN_URL).
+        self._targets: TargetMonitor | None = (
+            TargetMonitor(settings.envoy_admin_url, self.metrics)
+            if settings.envoy_admin_url
+            else None
+        )
         self._key_pool: asyncpg.Pool | None = None
         self._keys: TieredCache[KeyRecord] | None = None
         self._redis_breaker: CircuitBreaker | None = None
@@ -321,6 +328,8 @@ class Service:
 
     def _build(self, config: GatewayConfig) -> Runtime:
         assert self._limits is not None
+        if self._targets is not None:
+            self._targets.configure(config)
         base_dir = None
         if self.options.config_path is not None:
             base_dir = self.options.config_path.resolve().parent
@@ -448,16 +457,23 @@ class Service:
                 redis["detail"] += f"; answering 503 policy_unavailable for {', '.join(closed)}"
             if apps and len(blocked) == apps:
                 down.append("Redis is down and every application has a fail-closed limit")
+        checks: dict[str, Any] = {"postgres": postgres, "redis": redis, "config": config}
+        targets = self._targets
+        if targets is not None and targets.watching:
+            # Fallback targets Envoy ejected: the gateway serves (their traffic goes to
+            # the next target), but say so.
+            checks["targets"] = targets.check()
         if down:
             status = "unavailable"
-        elif postgres["ok"] is False or redis["ok"] is False:
+        elif (
+            postgres["ok"] is False
+            or redis["ok"] is False
+            or checks.get("targets", {}).get("ok") is False
+        ):
             status = "degraded"
         else:
             status = "ok"
-        body: dict[str, Any] = {
-            "status": status,
-            "checks": {"postgres": postgres, "redis": redis, "config": config},
-        }
+        body: dict[str, Any] = {"status": status, "checks": checks}
         if down:
             body["reasons"] = down
         return (503 if down else 200), body
@@ -532,6 +548,8 @@ class Service:
             await self._listener.close()
         if self._pg_listener is not None:
             await self._pg_listener.close()
+        if self._targets is not None:
+            await self._targets.close()
         if self._keys is not None:
             await self._keys.close()
         if self._key_pool is not None:

@@ -10,6 +10,7 @@ are ``_fill_tokens``.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -45,6 +46,8 @@ class Ending:
     # even when no usage came back. False: refused, never sent, or the provider's error.
     billable: bool = False
     attempts: int | None = None  # upstream tries (Envoy's count, retries included)
+    # A model with fallbacks: each attempt's target and status (facts.ATTEMPTS_NAMESPACE)
+    trail: str | None = None
     decision: Decision | None = None  # None: from the status
     error_code: str | None = None
     error_message: str | None = None
@@ -133,6 +136,8 @@ async def finish(
     gw.record(rec)
     if settle:
         observe(gw, facts, rec)
+        if ending.trail and facts.targets:
+            observe_attempts(gw, facts, ending.trail)
     return rec
 
 
@@ -219,3 +224,34 @@ def observe(gw: Gateway, facts: Facts, rec: UsageRecord) -> None:
         m.token_usage.labels(op, provider, model, response_model, "output").observe(
             rec.completion_tokens
         )
+
+
+# One attempt in a trail: "<target index>:" then, if an answer came, "<status>,".
+_ATTEMPT = re.compile(r"(\d+):(?:(\d{3}),)?")
+
+
+def attempts_of(trail: str) -> list[tuple[str, str | None]]:
+    """(target index, status or None when no answer came) of each attempt, in order."""
+    return [(index, status or None) for index, status in _ATTEMPT.findall(trail)]
+
+
+def _outcome(status: str | None) -> str:
+    if status is None:
+        return "no_response"  # timed out, reset, or the connection failed
+    if status.startswith("2"):
+        return "ok"
+    if status == "429":
+        return "429"
+    return f"{status[0]}xx"
+
+
+def observe_attempts(gw: Gateway, facts: Facts, trail: str) -> None:
+    """Count a chained request's attempts per target and outcome."""
+    targets = {target.index: target for target in facts.targets}
+    model = facts.catalog_model or facts.model
+    counter = gw.metrics.upstream_attempts
+    for index, status in attempts_of(trail):
+        target = targets.get(index)
+        if target is None:
+            continue
+        counter.labels(model, target.provider, target.deployment, _outcome(status)).inc()

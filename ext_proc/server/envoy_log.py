@@ -64,6 +64,9 @@ LOG_FIELDS: dict[str, str] = {
     "rsb": "%BYTES_SENT%",
     "att": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
     "uh": "%UPSTREAM_HOST%",
+    # A model with fallbacks: the index of the target that answered (endpoint metadata).
+    "tgt": "%UPSTREAM_METADATA(gw:t)%",
+    "trl": "%DYNAMIC_METADATA(gw_attempts:trail)%",  # and every attempt's target and status
     "route": "%ROUTE_NAME%",
     "ct": "%RESP(CONTENT-TYPE)%",
     "ce": "%RESP(CONTENT-ENCODING)%",
@@ -206,6 +209,8 @@ class UsageLog:
         status = _int(entry.get("st")) or CLIENT_CLOSED_REQUEST
         facts_text = entry.get("gw")
         facts = Facts.from_json(facts_text) if type(facts_text) is str else None
+        if facts is not None and facts.targets:
+            facts.select_target(entry.get("tgt"))
         if details.startswith("gw_") or entry.get("rp"):
             # The gateway's own answer, or the response processor's: recorded by them.
             if facts is None or facts.request_id in self._gw.recorded:
@@ -273,6 +278,7 @@ class UsageLog:
             delivered_text=delivered,
             billable=_billable(entry, status, flags),
             attempts=_int(entry.get("att")),
+            trail=_str(entry.get("trl")) or None,
             error_code=details[:64]
             if status >= 400 and not details.startswith("via_upstream")
             else None,

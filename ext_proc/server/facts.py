@@ -25,6 +25,11 @@ RESPONSE_NAMESPACE = "gw_response"  # set by the response processor: "it wrote t
 USAGE_NAMESPACE = "gw_usage"  # set by Envoy's json_to_metadata from a JSON response body
 MODEL_NAMESPACE = "gw_model"  # the same: the model the answer names (its own namespace, so
 # "gw_usage is set" means "Envoy read a usage count")
+# A model with fallbacks: Envoy's upstream filter of each attempt appends to field
+# ``trail`` "<target index>:" when it starts and "<status>," when its answer arrives
+# (an attempt that timed out, was reset or never connected has no status).
+ATTEMPTS_NAMESPACE = "gw_attempts"
+TRAIL_FIELD = "trail"
 FIELD = "f"  # the field of NAMESPACE that holds the facts (compact JSON)
 # Beside the facts of a request the gateway answered itself: [decision, policy, code],
 # so that its record can be rebuilt from Envoy's usage log (see server/envoy_log.py).
@@ -60,6 +65,10 @@ class Facts:
     response_processor: bool = False
     reservations: dict[str, int] = field(default_factory=dict)  # token limit -> units taken
     price: str = ""  # the served model's price, ``Price.encode()``d ("" = none known)
+    # A model with fallbacks: every target the request may be served by, by its index
+    # in ``Model.targets`` (the serving one is known only when the answer comes back:
+    # ``select_target``). Empty for the common single-target request.
+    targets: list[TargetFacts] = field(default_factory=list)
 
     def policy_facts(self) -> RequestFacts:
         return RequestFacts(
@@ -114,7 +123,26 @@ class Facts:
             out["res"] = self.reservations
         if self.price:
             out["pr"] = self.price
+        if self.targets:
+            out["tg"] = [t.to_list() for t in self.targets]
         return orjson.dumps(out).decode()
+
+    def select_target(self, index: Any) -> bool:
+        """The answer came from target ``index`` (its ``Model.targets`` index, as Envoy's
+        endpoint metadata says it, a string): it is the provider, deployment, price and
+        answer format of the record from now on. False when ``index`` names none of the
+        request's targets (the facts are left as they were: the first target's)."""
+        key = str(index)
+        for target in self.targets:
+            if target.index == key:
+                self.provider = target.provider
+                self.deployment = target.deployment
+                self.response_format = target.response_format
+                self.translation = target.translation
+                self.include_usage = target.include_usage
+                self.price = target.price
+                return True
+        return False
 
     def write_to(self, struct: struct_pb2.Struct) -> None:
         """Put these facts in a metadata namespace's Struct."""
@@ -162,4 +190,51 @@ class Facts:
             response_processor=bool(d.get("rp")),
             reservations={str(k): int(v) for k, v in res.items()} if isinstance(res, dict) else {},
             price=d["pr"] if isinstance(d.get("pr"), str) else "",
+            targets=TargetFacts.list_from(d.get("tg")),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class TargetFacts:
+    """One target of a request to a model with fallbacks: what its answer is billed and
+    read as, should it serve."""
+
+    index: str  # its index in Model.targets, as a string (Envoy's endpoint metadata)
+    provider: str
+    deployment: str
+    response_format: str
+    translation: str = ""
+    include_usage: bool = False
+    price: str = ""
+
+    def to_list(self) -> list[Any]:
+        return [
+            self.index,
+            self.provider,
+            self.deployment,
+            self.response_format,
+            self.translation,
+            self.include_usage,
+            self.price,
+        ]
+
+    @classmethod
+    def list_from(cls, value: Any) -> list[TargetFacts]:
+        if not isinstance(value, list):
+            return []
+        out = []
+        for item in value:
+            if isinstance(item, list) and len(item) == 7:
+                index, provider, deployment, fmt, translation, usage, price = item
+                out.append(
+                    cls(
+                        str(index),
+                        str(provider),
+                        str(deployment),
+                        str(fmt) or "openai",
+                        str(translation or ""),
+                        bool(usage),
+                        price if isinstance(price, str) else "",
+                    )
+                )
+        return out

@@ -28,15 +28,18 @@ from ext_proc.policies.base import Denial
 from ext_proc.policies.engine import NO_POLICIES, BoundPolicies, LimitState, PolicyEngine
 from ext_proc.routing.catalog import Route
 from ext_proc.routing.endpoints import SUPPORTED_PATHS, Endpoint, Operation, classify
+from ext_proc.routing.fallback import CLEAR_FIELD, TARGETS_FIELD, authority, chain_key
+from ext_proc.routing.providers import UpstreamCall
 from ext_proc.routing.translate.base import TranslationError
 from ext_proc.server import responses as r
 from ext_proc.server.completion import Ending, finish
 from ext_proc.server.context import Gateway, Runtime
-from ext_proc.server.facts import DENIAL_FIELD, NAMESPACE, ROUTE_NAMESPACE, Facts
-from ext_proc.server.request_json import BodyError, parse_request_json
+from ext_proc.server.facts import DENIAL_FIELD, NAMESPACE, ROUTE_NAMESPACE, Facts, TargetFacts
+from ext_proc.server.request_json import BodyError, content_type_problem, parse_request_json
 from ext_proc.server.wire import REPLACEMENT
 from ext_proc.stores.cache import CacheUnavailable
 from ext_proc.tokens import estimator
+from ext_proc.usage.record import clean_text
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +76,6 @@ _AUTH_CODES = {
     "expired": "expired_api_key",
     "revoked": "revoked_api_key",
 }
-_JSON_TYPES = ("application/json",)
 RATELIMIT_METADATA_KEYS = {
     "x-ratelimit-limit-requests": "rl_lr",
     "x-ratelimit-remaining-requests": "rl_rr",
@@ -241,6 +243,9 @@ class RequestProcessor:
             )
         body = _parse_json_object(raw)
         route = self._resolve(endpoint, body)
+        chain: tuple[Route, ...] = ()
+        if route.targets:  # a model with fallbacks: the targets for this operation
+            route, chain = _chain(route, endpoint.operation)
         facts.provider = route.provider.name
         facts.deployment = route.deployment
         facts.price = route.price_code
@@ -280,7 +285,10 @@ class RequestProcessor:
         # answer never says (a cancel, a cut stream): computed once, here, where the body is.
         facts.estimated_tokens = await _estimate_prompt(endpoint, route, body)
         await self._check_policies(route)
-        response = self._forward(endpoint, route, body)
+        if chain:
+            response = self._forward_chain(endpoint, chain, body, raw)
+        else:
+            response = self._forward(endpoint, route, body)
         self._done = True
         return response
 
@@ -292,10 +300,11 @@ class RequestProcessor:
         facts.request_id = head.request_id or f"gw-{time.time_ns():x}"
         endpoint = classify(head.path)
         if endpoint is None:
-            facts.endpoint = head.path.partition("?")[0][:200]
+            path = head.path.partition("?")[0][:200]
+            facts.endpoint = clean_text(path)
             raise RequestError(
                 404,
-                f"Unknown request URL: {head.method} {facts.endpoint}. "
+                f"Unknown request URL: {head.method} {path}. "
                 "Supported: " + ", ".join(SUPPORTED_PATHS),
                 code="unknown_url",
                 error_type="invalid_request_error",
@@ -309,13 +318,9 @@ class RequestProcessor:
         if head.method != "POST":
             raise RequestError(405, f"{endpoint.path} only answers POST", code="method_not_allowed")
         content_type = head.headers.get("content-type", "")
-        if content_type and content_type.split(";", 1)[0].strip().lower() not in _JSON_TYPES:
-            raise RequestError(
-                400,
-                f"Content-Type must be application/json, got {content_type!r}",
-                code="invalid_content_type",
-                param="content-type",
-            )
+        problem = content_type_problem(content_type) if content_type else None
+        if problem is not None:
+            raise RequestError(400, problem, code="invalid_content_type", param="content-type")
 
     async def _authenticate(self, head: Head) -> None:
         facts = self._facts
@@ -391,7 +396,7 @@ class RequestProcessor:
         facts = self._facts
         catalog = self._rt.catalog
         if endpoint.deployment is not None:
-            facts.model = endpoint.deployment
+            facts.model = clean_text(endpoint.deployment[:200])
             route = catalog.resolve_deployment(endpoint.deployment)
             if route is None:
                 raise RequestError(
@@ -405,7 +410,8 @@ class RequestProcessor:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise _missing("model")
-        facts.model = model[:200]
+        # The app's text, bound for the usage record (no NUL: Postgres text cannot hold it).
+        facts.model = clean_text(model[:200])
         route = catalog.resolve(model)
         if route is None and endpoint.style == "azure":
             # Azure's Responses API names the deployment in the body.
@@ -413,7 +419,7 @@ class RequestProcessor:
         if route is None:
             raise RequestError(
                 404,
-                f"The model `{facts.model}` does not exist or you do not have access to it.",
+                f"The model `{model[:200]}` does not exist or you do not have access to it.",
                 code="model_not_found",
                 decision="denied",
                 error_type="invalid_request_error",
@@ -425,16 +431,7 @@ class RequestProcessor:
     ) -> pb.ProcessingResponse:
         """The routing decision for the Lua filter, and the facts for the finisher."""
         facts = self._facts
-        try:
-            call = route.adapter.call(endpoint, route.deployment, body)
-        except TranslationError as exc:
-            raise RequestError(
-                400,
-                exc.message,
-                code=exc.code,
-                param=exc.param,
-                error_type="invalid_request_error",
-            ) from None
+        call = _call(endpoint, route, body)
         path, call_headers, new_body = call.path, call.headers, call.body
         if call.response_format:
             facts.response_format = call.response_format
@@ -463,6 +460,74 @@ class RequestProcessor:
         facts.write_to(metadata.fields[NAMESPACE].struct_value)
         return r.continue_request_body_with_metadata(metadata, body=new_body)
 
+    def _forward_chain(
+        self, endpoint: Endpoint, chain: tuple[Route, ...], body: dict[str, Any], raw: bytes
+    ) -> pb.ProcessingResponse:
+        """A model with fallbacks: every target's path, headers and body, for Envoy to try
+        them in order (its upstream Lua filter applies the one of each attempt, see
+        ``ext_proc.envoy_fallback``). The app's body goes on untouched; a target whose
+        call changes it gets its own."""
+        facts = self._facts
+        calls: list[UpstreamCall] = []
+        last = len(chain) - 1
+        for position, target in enumerate(chain):
+            # A native call may change the body it is given: each target gets its own.
+            own = body if position == last else parse_request_json(raw)
+            try:
+                calls.append(_call(endpoint, target, own))
+            except RequestError:
+                if position == 0:
+                    raise
+                # This request cannot be put to that target: the first serves it alone.
+                return self._forward(endpoint, chain[0], parse_request_json(raw))
+        facts.targets = [
+            TargetFacts(
+                str(target.index),
+                target.provider.name,
+                target.deployment,
+                call.response_format or target.adapter.response_format,
+                call.translation,
+                call.include_usage,
+                target.price_code,
+            )
+            for target, call in zip(chain, calls, strict=True)
+        ]
+        facts.select_target(str(chain[0].index))  # until the answer says which served
+        respond = facts.stream or any(call.translation for call in calls)
+        facts.response_processor = respond
+        metadata = struct_pb2.Struct()
+        fields = metadata.fields[ROUTE_NAMESPACE].struct_value.fields
+        fields["path"].string_value = calls[0].path
+        fields["prov"].string_value = chain_key(
+            chain[0].model.name, tuple(target.index for target in chain)
+        )
+        fields["resp"].string_value = "1" if respond else "0"
+        fields["set"].struct_value.SetInParent()  # credentials go per target, below
+        per_target = fields[TARGETS_FIELD].struct_value.fields
+        cleared: set[str] = set()
+        # An attempt's body changes stay for the next attempt (and its content-length
+        # with them): where any target has a body of its own, every target gets one.
+        own_bodies = any(call.body is not None for call in calls)
+        for target, call in zip(chain, calls, strict=True):
+            entry = per_target[str(target.index)].struct_value.fields
+            entry["path"].string_value = call.path
+            entry["host"].string_value = authority(target.provider)
+            set_struct = entry["set"].struct_value
+            set_struct.SetInParent()
+            for name, value in call.headers:
+                set_struct.fields[name].string_value = value
+                cleared.add(name)
+            if own_bodies:
+                entry["body"].string_value = (call.body or raw).decode()
+        clear = fields[CLEAR_FIELD].list_value
+        for name in sorted(cleared):
+            clear.values.add().string_value = name
+        if self._bound.limited:
+            for name, value in PolicyEngine.response_headers(self._limit_state):
+                fields[RATELIMIT_METADATA_KEYS[name]].string_value = value
+        facts.write_to(metadata.fields[NAMESPACE].struct_value)
+        return r.continue_request_body_with_metadata(metadata, body=None)
+
     def _list_models(self) -> pb.ProcessingResponse:
         catalog = self._rt.catalog
         bound = self._bound
@@ -488,13 +553,17 @@ class RequestProcessor:
 
     def deny(self, error: RequestError) -> pb.ProcessingResponse:
         """Answer the app now; the exchange is over and its record is written."""
+        # Messages and params may echo the app's input: its control characters (NUL
+        # above all, which the usage record cannot hold) are shown escaped.
+        message = _escaped(error.message)
+        param = _escaped(error.param) if error.param is not None else None
         self._record_now(
             Ending(
                 status=error.status,
                 decision=error.decision,  # type: ignore[arg-type]
                 policy=error.policy,
                 error_code=error.code,
-                error_message=error.message[:500],
+                error_message=message[:500],
                 latency_ms=round((time.time() - self._t0) * 1000.0, 3),
             )
         )
@@ -503,9 +572,9 @@ class RequestProcessor:
             headers = tuple(PolicyEngine.response_headers(self._limit_state))
         response = r.immediate(
             error.status,
-            error.message,
+            message,
             code=error.code,
-            param=error.param,
+            param=param,
             error_type=error.error_type,
             headers=headers,
             anthropic=self._endpoint is not None and self._endpoint.style == "anthropic",
@@ -539,6 +608,40 @@ class RequestProcessor:
         if not self._facts.request_id:  # failed before the request was even read
             self._facts.request_id = f"gw-{time.time_ns():x}"
         self._gw.spawn(finish(self._gw, self._facts, ending, "request"))
+
+
+def _call(endpoint: Endpoint, route: Route, body: dict[str, Any]) -> UpstreamCall:
+    try:
+        return route.adapter.call(endpoint, route.deployment, body)
+    except TranslationError as exc:
+        raise RequestError(
+            400,
+            exc.message,
+            code=exc.code,
+            param=exc.param,
+            error_type="invalid_request_error",
+        ) from None
+
+
+def _chain(route: Route, operation: Operation) -> tuple[Route, tuple[Route, ...]]:
+    """A model with fallbacks: (the first target for this operation, every target of its
+    chain). A single target, or a chain with a target lacking its credential, is served
+    by the first target that can serve it alone (no chain): Envoy's chains are rendered
+    for whole sets of targets."""
+    targets = [route.targets[index] for index in route.chains.get(operation, ())]
+    usable = [target for target in targets if target.adapter.has_credential]
+    if len(targets) >= 2 and len(usable) == len(targets):
+        return targets[0], tuple(targets)
+    if len(usable) < len(targets):
+        missing = sorted({t.provider.name for t in targets if not t.adapter.has_credential})
+        log.warning(
+            "model %s: no credential for %s; its requests go to one target, without fallback",
+            route.model.name,
+            ", ".join(missing),
+        )
+    if usable:
+        return usable[0], ()
+    return (targets[0] if targets else route), ()
 
 
 async def _estimate_prompt(endpoint: Endpoint, route: Route, body: dict[str, Any]) -> int:
@@ -609,7 +712,22 @@ def _parse_json_object(raw: bytes) -> dict[str, Any]:
     try:
         return parse_request_json(raw)
     except BodyError as exc:
-        raise RequestError(400, exc.message, code=exc.code) from None
+        raise RequestError(400, exc.message, code=exc.code, param=exc.param) from None
+
+
+def _escaped(text: str) -> str:
+    """``text`` with each character that is not printable (C0 and C1 controls, NUL,
+    line and paragraph separators, format characters, lone surrogates) written as its
+    escape, ``\\u0000`` as repr and JSON write it. Printable text (nearly every
+    message) is returned as is."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 
 def _missing(name: str) -> RequestError:

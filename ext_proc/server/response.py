@@ -13,17 +13,25 @@ it too. Any content-type spelling, none at all, and compressed answers are read.
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import struct_pb2
 
+from ext_proc.routing.fallback import TARGET_KEY, TARGET_NAMESPACE
 from ext_proc.routing.providers import RESPONSE_TRANSLATORS
 from ext_proc.routing.translate import ResponseTranslator
 from ext_proc.server import responses as r
 from ext_proc.server.completion import Ending, finish
 from ext_proc.server.context import Gateway
-from ext_proc.server.facts import NAMESPACE, RESPONSE_NAMESPACE, Facts
+from ext_proc.server.facts import (
+    ATTEMPTS_NAMESPACE,
+    NAMESPACE,
+    RESPONSE_NAMESPACE,
+    TRAIL_FIELD,
+    Facts,
+)
 from ext_proc.tokens.bodies import Decoder, decoder_for, is_event_stream, looks_like_sse
 from ext_proc.tokens.parsers import new_stream_parser, parse_json
 from ext_proc.tokens.parsers.base import StreamParser
@@ -32,7 +40,13 @@ from ext_proc.tokens.types import ResponseSummary
 log = logging.getLogger(__name__)
 
 # What the response filter attaches to its first message (see envoy_config.py).
-RESPONSE_ATTRIBUTES = ("response.code_details",)
+RESPONSE_ATTRIBUTES = (
+    "response.code_details",
+    # Upstream tries (retries and fallbacks), and the answering endpoint's metadata: on
+    # a model with fallbacks it names the target that served (empty elsewhere).
+    "upstream.request_attempt_count",
+    "xds.upstream_host_metadata",
+)
 _ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
 # Envoy's own answers for a request that never reached the provider (nothing to bill).
 _NEVER_SENT_DETAILS = ("connection_failure", "no_healthy_upstream", "overflow", "route_not_found")
@@ -46,6 +60,7 @@ _SNIFF_BYTES = 64 * 1024
 
 class ResponseProcessor:
     __slots__ = (
+        "_attempts",
         "_billable",
         "_bytes",
         "_decoder",
@@ -58,6 +73,7 @@ class ResponseProcessor:
         "_parser",
         "_status",
         "_t_first",
+        "_trail",
         "_translator",
     )
 
@@ -65,6 +81,11 @@ class ResponseProcessor:
         self._gw = gateway
         forwarded = request.metadata_context.filter_metadata.get(NAMESPACE)
         self._facts = Facts.from_struct(forwarded) if forwarded is not None else None
+        self._trail: str | None = None
+        if self._facts is not None and self._facts.targets:
+            attempts = request.metadata_context.filter_metadata.get(ATTEMPTS_NAMESPACE)
+            trail = attempts.fields.get(TRAIL_FIELD) if attempts is not None else None
+            self._trail = trail.string_value if trail is not None else None
         if self._facts is None:
             # Misconfigured Envoy (metadata not forwarded): pass the answer through and
             # leave the record to the usage log.
@@ -83,6 +104,7 @@ class ResponseProcessor:
         self._finished = self._facts is None
         self._ended = False
         self._billable = False
+        self._attempts: int | None = None
 
     @property
     def done(self) -> bool:
@@ -106,6 +128,7 @@ class ResponseProcessor:
         self._billable = _billable(self._status, request)
         if facts is None:
             return r.continue_response_headers()
+        self._attempts = _served_by(facts, request)
         # SSE by its content type in any spelling; with none at all, by what the app
         # asked for (read as JSON at the end if it turns out not to be SSE).
         streamed = is_event_stream(content_type) or (not content_type and facts.stream)
@@ -239,6 +262,8 @@ class ResponseProcessor:
             response_model=summary.response_model if summary is not None else None,
             delivered_text=summary.delivered_text if summary is not None else [],
             billable=self._billable,
+            attempts=self._attempts,
+            trail=self._trail,
         )
         self._gw.spawn(finish(self._gw, facts, ending, "response"))
 
@@ -255,3 +280,49 @@ def _billable(status: int, request: pb.ProcessingRequest) -> bool:
     if not details or details == "via_upstream":
         return False
     return not any(marker in details for marker in _NEVER_SENT_DETAILS)
+
+
+def _served_by(facts: Facts, request: pb.ProcessingRequest) -> int | None:
+    """The number of attempts Envoy made; on a model with fallbacks, selects the target
+    that answered (its endpoint's metadata)."""
+    struct = request.attributes.get(_ATTRIBUTES_KEY)
+    if struct is None:
+        return None
+    host = struct.fields.get("xds.upstream_host_metadata") if facts.targets else None
+    if host is not None:
+        index = _target_index(host)
+        if index is None or not facts.select_target(index):
+            log.error(
+                "request %s: cannot tell which target answered (endpoint metadata %.200r)",
+                facts.request_id,
+                host.string_value or host,
+            )
+    attempts = struct.fields.get("upstream.request_attempt_count")
+    if attempts is None:
+        return None
+    value = attempts.number_value or attempts.string_value
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+# Envoy sends the endpoint's metadata as the text form of its protobuf message.
+_TARGET_IN_TEXT = re.compile(
+    rf'key:\s*"{TARGET_NAMESPACE}"\s*value\s*{{\s*fields\s*{{\s*key:\s*"{TARGET_KEY}"'
+    r'\s*value\s*{\s*string_value:\s*"(\d+)"'
+)
+
+
+def _target_index(value: struct_pb2.Value) -> str | None:
+    """The target index in an ``xds.upstream_host_metadata`` attribute value."""
+    if value.HasField("string_value"):
+        found = _TARGET_IN_TEXT.search(value.string_value)
+        return found.group(1) if found else None
+    if value.HasField("struct_value"):  # should Envoy ever send it as a structure
+        fields = value.struct_value.fields
+        namespaces = fields.get("filter_metadata") or fields.get("filterMetadata")
+        gw = namespaces.struct_value.fields.get(TARGET_NAMESPACE) if namespaces else None
+        index = gw.struct_value.fields.get(TARGET_KEY) if gw is not None else None
+        return index.string_value if index is not None else None
+    return None

@@ -37,7 +37,7 @@ from typing import IO, Any, get_args, get_type_hints
 
 import orjson
 
-from ext_proc.usage.record import COLUMNS, UsageRecord
+from ext_proc.usage.record import COLUMNS, UsageRecord, clean_text
 
 log = logging.getLogger(__name__)
 
@@ -94,16 +94,27 @@ def _default(value: object) -> object:
     return str(value)
 
 
+def _readable(value: object) -> object:
+    if isinstance(value, str):
+        return clean_text(value, len(value))
+    if isinstance(value, list):
+        return [_readable(v) for v in value]
+    return value
+
+
 def encode_record(record: UsageRecord) -> bytes:
     """One JSON line (newline included)."""
     try:
         return orjson.dumps(record, default=_default, option=orjson.OPT_APPEND_NEWLINE)
     except orjson.JSONEncodeError:
-        # orjson refuses integers beyond 64 bits; the standard library does not.
-        data = {name: getattr(record, name) for name in COLUMNS}
+        # orjson refuses integers beyond 64 bits and lone surrogates; the standard library
+        # writes both, but a surrogate escape would not read back (orjson refuses it):
+        # text is cleaned as the writer cleans it (U+FFFD), its length kept.
+        data = {name: _readable(getattr(record, name)) for name in COLUMNS}
         for name in _DATETIME_FIELDS:
-            if isinstance(data[name], datetime):
-                data[name] = data[name].isoformat()
+            value = data[name]
+            if isinstance(value, datetime):
+                data[name] = value.isoformat()
         return (json.dumps(data, default=_default) + "\n").encode()
 
 

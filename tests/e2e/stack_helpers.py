@@ -99,6 +99,7 @@ class OwnStack:
         label: str = "own",
         headers_phase: bool = False,
         extra_env: dict[str, str] | None = None,
+        envoy_overrides: dict[str, Any] | None = None,
     ) -> OwnStack:
         """Write ``config`` (``{mock}`` is replaced by the mock's port) and start the
         stack on free ports against a fresh database."""
@@ -115,6 +116,7 @@ class OwnStack:
             ext_proc_processes=processes,
             envoy_headers_phase=headers_phase,
             extra_env=extra_env or {},
+            envoy_overrides=envoy_overrides or {},
         )
         await asyncio.to_thread(stack.start)  # Stack.start stops what it started on failure
         return cls(stack, database_url)

@@ -138,7 +138,10 @@ def test_rendered_shape() -> None:
     assert request["status_on_error"] == {"code": "ServiceUnavailable"}
     response = by_name[RESPONSE_FILTER]
     assert response["allow_mode_override"] is True
-    assert response["metadata_options"]["forwarding_namespaces"] == {"untyped": ["gw"]}
+    # The request's facts; and each attempt's target and status (models with fallbacks).
+    assert response["metadata_options"]["forwarding_namespaces"] == {
+        "untyped": ["gw", "gw_attempts"]
+    }
     # The provider routes keep the gateway's route headers and the scoping ones back.
     assert routes["to_openai"]["request_headers_to_remove"] == [
         "x-gateway-provider",

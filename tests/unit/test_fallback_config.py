@@ -1,4 +1,4 @@
-"""A model's `fallbacks:`: targets, priorities, weights, prices, and the errors that name the field."""
+"""A model's `fallbacks:`: targets, priorities, weights, prices, and errors naming the field."""
 
 from __future__ import annotations
 
@@ -12,10 +12,13 @@ from ext_proc.usage.pricing import Price
 
 HEAD = """\
 providers:
-  azure-east: {type: azure_openai, base_url: "https://east.openai.azure.com", api_version: "2024-10-21", api_key_env: AZ_E}
-  azure-west: {type: azure_openai, base_url: "https://west.openai.azure.com", api_version: "2024-10-21", api_key_env: AZ_W}
+  azure-east: {type: azure_openai, base_url: "https://east.openai.azure.com",
+               api_version: "2024-10-21", api_key_env: AZ_E}
+  azure-west: {type: azure_openai, base_url: "https://west.openai.azure.com",
+               api_version: "2024-10-21", api_key_env: AZ_W}
   openai: {type: openai, base_url: "https://api.openai.com", api_key_env: OPENAI_API_KEY}
-  anthropic: {type: anthropic, base_url: "https://api.anthropic.com", api_key_env: ANTHROPIC_API_KEY}
+  anthropic: {type: anthropic, base_url: "https://api.anthropic.com",
+              api_key_env: ANTHROPIC_API_KEY}
 models:
 """
 
@@ -34,7 +37,8 @@ def test_targets_in_order_with_default_priorities_and_weights() -> None:
         "    fallbacks:\n"
         "      - {provider: azure-west, deployment: gpt-4o-prod}\n"
         "      - {provider: openai}\n"
-        "      - {provider: anthropic, deployment: claude-sonnet-4-5, price: {input: 3, output: 15}}\n"
+        "      - {provider: anthropic, deployment: claude-sonnet-4-5,\n"
+        "         price: {input: 3, output: 15}}\n"
     )
     model = config.models["gpt-4o"]
     assert model.targets == (
@@ -143,7 +147,9 @@ def test_fallbacks_survive_the_catalogs_json_form() -> None:
             "below the target before it (1)",
         ),
         (
-            "fallbacks: [{provider: openai, deployment: a}, {provider: openai, deployment: b}, {provider: openai, deployment: c}, {provider: openai, deployment: d}, {provider: openai, deployment: e}, {provider: openai, deployment: f}, {provider: openai, deployment: g}, {provider: openai, deployment: h}]",
+            "fallbacks: ["
+            + ", ".join(f"{{provider: openai, deployment: {d}}}" for d in "abcdefgh")
+            + "]",
             "models.gpt-4o.fallbacks",
             "at most 7 fallbacks",
         ),
@@ -153,4 +159,4 @@ def test_bad_fallbacks_name_the_field(entry: str, path: str, says: str) -> None:
     found = issues("  gpt-4o: {provider: azure-east, deployment: gpt-4o-prod, " + entry + "}\n")
     assert [issue.path for issue in found] == [path], [str(i) for i in found]
     assert says in found[0].message
-    assert found[0].line == 7
+    assert found[0].line == HEAD.count("\n") + 1
