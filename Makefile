@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ENCODINGS := ext_proc/tokens/_tiktoken_cache/.complete
 
-.PHONY: install run test lint typecheck unit integration e2e bench bench-smoke clean
+.PHONY: install run test lint typecheck unit integration e2e browser bench bench-smoke clean
 
 install: $(STAMP) $(ENCODINGS)
 
@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev,test]'
+	$(BIN)/python -m ext_proc.wheel_overlaps
 	@touch $@
 
 # tiktoken's o200k_base / cl100k_base files, taken once from the litellm wheel so
@@ -29,7 +30,24 @@ lint: install
 	$(BIN)/ruff format --check ext_proc tests bench
 	$(BIN)/mypy
 
-test: lint
+# The console's browser tests drive Debian's chromium and chromium-driver: installed here
+# when missing and we may (root, apt-get); otherwise tests/e2e/test_console.py skips.
+CHROMIUM := /usr/bin/chromium
+CHROMEDRIVER := /usr/bin/chromedriver
+
+browser:
+	@if [ -x $(CHROMIUM) ] && [ -x $(CHROMEDRIVER) ]; then \
+		:; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium and chromium-driver (the console's browser tests) ..."; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	else \
+		echo "note: $(CHROMIUM) or $(CHROMEDRIVER) is missing and apt-get cannot run here" \
+			"(not root, or no apt-get): the console's browser tests will be skipped;" \
+			"install Debian's chromium and chromium-driver packages to run them."; \
+	fi
+
+test: lint browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 unit: install

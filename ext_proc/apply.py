@@ -4,15 +4,21 @@ Precedence — which wins when:
 
 * Postgres is the runtime truth. Every replica serves what the catalog tables hold
   (``ext_proc.stores.catalog.load_config``), never the file directly.
-* ``apply`` makes the database match the file for every object the file declares
-  (providers, models, policies, applications with their environments and policy
-  bindings), overwriting any admin API edit to those objects.
-* Objects in the database that the file does not declare (created through the admin
-  API, or dropped from the file) are left alone and listed as "kept"; ``--prune``
-  deletes them.
-* An admin API edit persists until the next ``apply`` that declares that object.
+* Every object says who manages it (``managed_by``): ``file`` once ``apply`` wrote it,
+  ``api`` once the admin API created or edited it.
+* ``apply`` makes the database match the file for every file-managed object the file
+  declares (organizations, providers, models, policies, applications with their
+  environments and policy bindings), and creates what the file declares that does not
+  exist yet.
+* An object the file declares that the admin API manages (created or edited there since)
+  is not overwritten: ``apply`` lists it as skipped, with what differs; ``--force``
+  overwrites it (and the file manages it again).
+* Objects the file does not declare are kept and listed: file-managed ones (dropped from
+  the file) are deleted with ``--prune``, API-managed ones only with ``--prune-api``.
 * ``apply`` never deletes an application, or an environment, that still has active API
-  keys (revoke them first), nor a policy that stays bound to an application.
+  keys (revoke them first), nor a policy that stays bound to an application, nor an
+  organization that applications or admin tokens still belong to.
+* Every object ``apply`` writes is recorded in the audit log (actor ``ext-proc apply``).
 
 How: the file is validated first and rejected whole, with every problem as
 ``FILE:LINE:COL: field: message``, before the database is touched. ``plan`` compares
@@ -49,21 +55,26 @@ from ext_proc.settings import Settings
 from ext_proc.stores.cache import invalidate_shared
 from ext_proc.stores.catalog import (
     CONFIG_KIND,
+    MANAGED_BY_API,
+    MANAGED_BY_FILE,
     POSTGRES_SOURCE,
     SECTIONS,
     CatalogError,
     CatalogSpecs,
     Spec,
+    delete_object,
     read_snapshot,
     specs_of,
-    split_spec,
+    write_binding,
+    write_object,
 )
 from ext_proc.stores.invalidation import ALL, publish
 from ext_proc.stores.postgres import DATABASE_ERRORS, create_pool, database_error_message
 from ext_proc.stores.redis import create_redis
 
-Kind = Literal["provider", "model", "policy", "application", "binding"]
-Action = Literal["create", "update", "delete", "keep"]
+Kind = Literal["organization", "provider", "model", "policy", "application", "binding"]
+Action = Literal["create", "update", "delete", "keep", "skip"]
+APPLY_ACTOR = "ext-proc apply"  # the audit log's actor for what apply writes
 
 
 EXIT_OK = 0
@@ -71,6 +82,7 @@ EXIT_REFUSED = 1  # the plan cannot be applied as it is (nothing written)
 EXIT_INVALID = 2  # invalid file, database unreachable or not migrated (nothing written)
 
 _KIND_OF_SECTION: Mapping[str, Kind] = {
+    "organizations": "organization",
     "providers": "provider",
     "models": "model",
     "policies": "policy",
@@ -96,6 +108,7 @@ class Change:
     before: Any = None
     after: Any = None
     details: tuple[str, ...] = ()  # what changes, e.g. "requests 60 -> 100"
+    managed_by_api: bool = False  # a kept or skipped object the admin API manages
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +116,8 @@ class Plan:
     config: GatewayConfig  # the file
     prune: bool
     changes: tuple[Change, ...]  # creates and updates, then deletes, in write order
-    kept: tuple[Change, ...]  # in the database but not in the file (only without --prune)
+    kept: tuple[Change, ...]  # in the database but not in the file, not pruned
+    skipped: tuple[Change, ...]  # declared, but managed by the admin API (without --force)
     refusals: tuple[str, ...]  # why it cannot be applied; empty when it can
     notes: tuple[str, ...]  # things worth knowing that do not stop it
     revision: int  # the catalog revision the plan was made against
@@ -157,8 +171,19 @@ class StalePlan(CatalogError):
 # --- plan --------------------------------------------------------------------------------
 
 
-async def plan(pool: asyncpg.Pool, config: GatewayConfig, *, prune: bool) -> Plan:
+async def plan(
+    pool: asyncpg.Pool,
+    config: GatewayConfig,
+    *,
+    prune: bool,
+    force: bool = False,
+    prune_api: bool = False,
+) -> Plan:
     """What ``apply`` would do to make the catalog match ``config``. Writes nothing.
+
+    ``force``: overwrite declared objects the admin API manages (else they are skipped);
+    ``prune``: delete file-managed objects the file does not declare; ``prune_api``:
+    delete API-managed ones it does not declare too.
 
     Raises ``CatalogNotMigrated`` before ``ext-proc migrate``, and ``CatalogError`` if
     the config cannot be stored faithfully (a bug: reported, never written).
@@ -167,6 +192,7 @@ async def plan(pool: asyncpg.Pool, config: GatewayConfig, *, prune: bool) -> Pla
     async with pool.acquire() as conn:
         snapshot = await read_snapshot(conn)
         active_keys = await _active_keys(conn)
+        org_tokens = await _org_tokens(conn)
     notes: list[str] = []
     current = _normalized(snapshot.specs, notes)
     versions = snapshot.policy_versions
@@ -174,35 +200,68 @@ async def plan(pool: asyncpg.Pool, config: GatewayConfig, *, prune: bool) -> Pla
     changes: list[Change] = []
     deletes: list[Change] = []
     kept: list[Change] = []
+    skipped: list[Change] = []
+    skipped_apps: set[str] = set()
     for section in SECTIONS:
         kind = _KIND_OF_SECTION[section]
         now, want = current.section(section), desired.section(section)
         for name, spec in want.items():
+            by_api = snapshot.managed_by.get((section, name)) == MANAGED_BY_API
             if name not in now:
                 changes.append(Change(kind, name, "create", None, spec))
-            elif kind == "application":
+                continue
+            if now[name] == spec:
+                continue
+            details = _diff(now[name], spec)
+            if by_api and not force:
+                skipped.append(Change(kind, name, "skip", now[name], spec, details, True))
+                if kind == "application":
+                    skipped_apps.add(name)
+                continue
+            if kind == "application":
                 before, after = _app_attributes(now[name]), _app_attributes(spec)
                 if before != after:
                     details = _diff(before, after)
                     changes.append(Change(kind, name, "update", now[name], spec, details))
-            elif now[name] != spec:
-                details = _diff(now[name], spec)
-                if kind == "policy":
-                    version = versions.get(name, 1)
-                    details += (f"version {version} -> {version + 1}",)
-                changes.append(Change(kind, name, "update", now[name], spec, details))
+                continue
+            if kind == "policy":
+                version = versions.get(name, 1)
+                details += (f"version {version} -> {version + 1}",)
+            changes.append(Change(kind, name, "update", now[name], spec, details))
         for name, spec in now.items():
-            if name not in want:
-                (deletes if prune else kept).append(
-                    Change(kind, name, "delete" if prune else "keep", spec, None)
-                )
-    changes.extend(_binding_changes(current.applications, desired.applications))
-    # Deletes last, dependents first: applications, policies, models, providers.
-    order = {"application": 0, "policy": 1, "model": 2, "provider": 3}
+            if name in want:
+                continue
+            by_api = snapshot.managed_by.get((section, name)) == MANAGED_BY_API
+            if kind == "organization" and not by_api:
+                continue  # implied by applications: pruned with them (see _write)
+            if prune_api if by_api else prune:
+                deletes.append(Change(kind, name, "delete", spec, None, (), by_api))
+            else:
+                kept.append(Change(kind, name, "keep", spec, None, (), by_api))
+    changes.extend(
+        change
+        for change in _binding_changes(current.applications, desired.applications)
+        if change.name.partition("/")[0] not in skipped_apps
+    )
+
+    final = _final(current, desired, deletes, skipped)
+    # Organizations still named by an application are never deleted, nor listed as
+    # kept: the file names them (or an application kept in the database does).
+    named = {spec.get("org") for spec in final.applications.values()}
+    deletes = [c for c in deletes if not (c.kind == "organization" and c.name in named)]
+    kept = [c for c in kept if not (c.kind == "organization" and c.name in named)]
+    final = _final(current, desired, deletes, skipped)
+    # Deletes last, dependents first: applications, policies, models, providers, orgs.
+    order = {"application": 0, "policy": 1, "model": 2, "provider": 3, "organization": 4}
     changes.extend(sorted(deletes, key=lambda change: order[change.kind]))
 
-    final = _final(current, desired, prune)
     refusals = _refusals(current, desired, final, deletes, active_keys)
+    for change in deletes:
+        if change.kind == "organization" and org_tokens.get(change.name):
+            refusals.append(
+                f"organization {change.name} still has {org_tokens[change.name]} admin "
+                "token(s): revoke them first (POST /v1/tokens/NAME/revoke), or keep it"
+            )
     fingerprint = ""
     if not final.is_empty:
         try:
@@ -218,6 +277,7 @@ async def plan(pool: asyncpg.Pool, config: GatewayConfig, *, prune: bool) -> Pla
         prune=prune,
         changes=tuple(changes),
         kept=tuple(kept),
+        skipped=tuple(skipped),
         refusals=tuple(refusals),
         notes=tuple(notes),
         revision=snapshot.revision,
@@ -273,12 +333,28 @@ def _binding_changes(now: Mapping[str, Spec], want: Mapping[str, Spec]) -> list[
     return changes
 
 
-def _final(current: CatalogSpecs, desired: CatalogSpecs, prune: bool) -> CatalogSpecs:
+def _final(
+    current: CatalogSpecs,
+    desired: CatalogSpecs,
+    deletes: Sequence[Change],
+    skipped: Sequence[Change],
+) -> CatalogSpecs:
     """The catalog as it will be after the apply."""
+    gone = {(c.kind, c.name) for c in deletes}
+    held = {(c.kind, c.name) for c in skipped}
     sections: dict[str, dict[str, Spec]] = {}
     for section in SECTIONS:
-        merged = {} if prune else dict(current.section(section))
-        merged.update(desired.section(section))
+        kind = _KIND_OF_SECTION[section]
+        merged = {
+            name: spec
+            for name, spec in current.section(section).items()
+            if (kind, name) not in gone
+        }
+        merged.update(
+            (name, spec)
+            for name, spec in desired.section(section).items()
+            if (kind, name) not in held
+        )
         sections[section] = merged
     return CatalogSpecs(**sections)
 
@@ -320,6 +396,16 @@ def _refusals(
                     f"policy {policy} is still bound to application {app}{where}; unbind it first"
                 )
     return refusals
+
+
+async def _org_tokens(conn: asyncpg.Connection) -> dict[str, int]:
+    """Organizations -> their usable admin tokens (which keep them from being deleted)."""
+    rows = await conn.fetch(
+        "SELECT o.name, count(*) AS n FROM admin_tokens t "
+        "JOIN organizations o ON o.id = t.organization_id "
+        "WHERE t.revoked_at IS NULL GROUP BY o.name"
+    )
+    return {row["name"]: row["n"] for row in rows}
 
 
 async def _active_keys(conn: asyncpg.Connection) -> dict[tuple[str, str], int]:
@@ -395,117 +481,57 @@ async def apply(
 
 
 async def _write(conn: asyncpg.Connection, plan: Plan) -> None:
-    orgs = sorted({spec["org"] for spec in plan.desired.applications.values()})
-    if any(c.kind == "application" and c.action != "delete" for c in plan.changes):
-        await conn.execute(
-            "INSERT INTO organizations (name) SELECT unnest($1::text[]) "
-            "ON CONFLICT (name) DO NOTHING",
-            orgs,
-        )
     for change in plan.changes:
         if change.action == "delete":
-            await conn.execute(_DELETE[change.kind], change.name)
+            await delete_object(conn, _SECTION_OF_KIND[change.kind], change.name)
         elif change.kind == "binding":
-            await _write_binding(conn, change.name, change.after)
-        elif change.kind == "application":
-            await _write_application(conn, change)
+            app, _, env = change.name.partition("/")
+            await write_binding(conn, app, env or None, change.after)
         else:
-            section = _SECTION_OF_KIND[change.kind]
-            # The columns in split_spec's order, which is the order _UPSERT takes them in.
-            columns, rest = split_spec(section, change.after)
-            await conn.execute(
-                _UPSERT[change.kind], change.name, *columns.values(), orjson.dumps(rest).decode()
+            # An application's policy lists are binding changes of their own.
+            await write_object(
+                conn, _SECTION_OF_KIND[change.kind], change.name, change.after, MANAGED_BY_FILE
             )
     if plan.prune:
+        # Organizations the file only implied (named by applications) go with their last
+        # application; declared or API-managed ones are objects of their own (the plan).
         await conn.execute(
-            "DELETE FROM organizations o WHERE NOT EXISTS "
-            "(SELECT 1 FROM applications a WHERE a.organization_id = o.id)"
+            "DELETE FROM organizations o WHERE o.managed_by = 'file' "
+            "AND NOT (o.name = ANY($1::text[])) "
+            "AND NOT EXISTS (SELECT 1 FROM applications a WHERE a.organization_id = o.id) "
+            "AND NOT EXISTS (SELECT 1 FROM admin_tokens t WHERE t.organization_id = o.id)",
+            list(plan.desired.organizations),
         )
-
-
-# Insert or overwrite; source becomes 'file'. Unchanged rows are never written (plan).
-_UPSERT: Mapping[str, str] = {
-    "provider": """
-        INSERT INTO providers (name, type, base_url, config, source)
-        VALUES ($1, $2, $3, $4::jsonb, 'file')
-        ON CONFLICT (name) DO UPDATE SET type = EXCLUDED.type, base_url = EXCLUDED.base_url,
-            config = EXCLUDED.config, source = 'file'""",
-    "model": """
-        INSERT INTO models (name, provider_id, deployment, config, source)
-        SELECT $1, p.id, $3, $4::jsonb, 'file' FROM providers p WHERE p.name = $2
-        ON CONFLICT (name) DO UPDATE SET provider_id = EXCLUDED.provider_id,
-            deployment = EXCLUDED.deployment, config = EXCLUDED.config, source = 'file'""",
-    "policy": """
-        INSERT INTO policies (name, type, enabled, on_error, config, source)
-        VALUES ($1, $2, $3, $4, $5::jsonb, 'file')
-        ON CONFLICT (name) DO UPDATE SET type = EXCLUDED.type, enabled = EXCLUDED.enabled,
-            on_error = EXCLUDED.on_error, config = EXCLUDED.config, source = 'file'""",
-}
-_DELETE: Mapping[str, str] = {
-    "provider": "DELETE FROM providers WHERE name = $1",
-    "model": "DELETE FROM models WHERE name = $1",
-    "policy": "DELETE FROM policies WHERE name = $1",
-    # Its environments, bindings and (inactive) keys go with it; a trigger refuses while
-    # it has active keys.
-    "application": "DELETE FROM applications WHERE name = $1",
-}
-
-
-async def _write_application(conn: asyncpg.Connection, change: Change) -> None:
-    spec = change.after
-    app_id = await conn.fetchval(
-        """
-        INSERT INTO applications (name, organization_id, description, source)
-        SELECT $1, o.id, $3, 'file' FROM organizations o WHERE o.name = $2
-        ON CONFLICT (name) DO UPDATE SET organization_id = EXCLUDED.organization_id,
-            description = EXCLUDED.description, source = 'file'
-        RETURNING id""",
-        change.name,
-        spec["org"],
-        spec.get("description"),
-    )
-    environments = list(spec["environments"])
-    await conn.execute(
-        "INSERT INTO application_environments (application_id, name) "
-        "SELECT $1, unnest($2::text[]) ON CONFLICT (application_id, name) DO NOTHING",
-        app_id,
-        environments,
-    )
-    await conn.execute(
-        "DELETE FROM application_environments WHERE application_id = $1 "
-        "AND NOT (name = ANY($2::text[]))",
-        app_id,
-        environments,
+    await conn.executemany(
+        "INSERT INTO audit_log (actor, action, kind, name, org, before, after) "
+        "VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7::jsonb)",
+        [
+            (
+                APPLY_ACTOR,
+                change.action,
+                change.kind,
+                change.name,
+                _org_of(change),
+                _json_or_none(change.before),
+                _json_or_none(change.after),
+            )
+            for change in plan.changes
+        ],
     )
 
 
-async def _write_binding(conn: asyncpg.Connection, name: str, policies: list[str]) -> None:
-    app, _, env = name.partition("/")
-    app_id = await conn.fetchval("SELECT id FROM applications WHERE name = $1", app)
-    env_id = (
-        await conn.fetchval(
-            "SELECT id FROM application_environments WHERE application_id = $1 AND name = $2",
-            app_id,
-            env,
-        )
-        if env
-        else None
-    )
-    await conn.execute(
-        "DELETE FROM application_policies WHERE application_id = $1 "
-        "AND environment_id IS NOT DISTINCT FROM $2",
-        app_id,
-        env_id,
-    )
-    await conn.execute(
-        "INSERT INTO application_policies (application_id, environment_id, policy_id, position) "
-        "SELECT $1, $2, p.id, t.position - 1 "
-        "FROM unnest($3::text[]) WITH ORDINALITY AS t(policy, position) "
-        "JOIN policies p ON p.name = t.policy",
-        app_id,
-        env_id,
-        policies,
-    )
+def _org_of(change: Change) -> str | None:
+    if change.kind == "organization":
+        return change.name
+    if change.kind == "application":
+        spec = change.after or change.before or {}
+        org = spec.get("org")
+        return org if isinstance(org, str) else None
+    return None
+
+
+def _json_or_none(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
 
 
 async def _publish(
@@ -538,6 +564,7 @@ def format_plan(plan: Plan) -> str:
 
     + policy sixty-per-minute (rate_limit)
     ~ application support-bot: policies [a] -> [a, b]
+    ! policy tokens: managed by the admin API, not overwritten (--force): tokens 5 -> 9
     - model old (kept; --prune deletes)
     """
     lines: list[str] = []
@@ -563,12 +590,24 @@ def format_plan(plan: Plan) -> str:
             lines.append(f"~ {change.kind} {change.name}: {'; '.join(change.details)}")
         else:
             lines.append(f"- {change.kind} {change.name}{_summary(change.kind, change.before)}")
-    lines.extend(f"- {c.kind} {c.name} (kept; --prune deletes)" for c in plan.kept)
+    lines.extend(
+        f"! {c.kind} {c.name}: managed by the admin API, not overwritten (--force "
+        f"overwrites it): {'; '.join(c.details)}"
+        for c in plan.skipped
+    )
+    lines.extend(
+        f"- {c.kind} {c.name} (managed by the admin API; kept; --prune-api deletes)"
+        if c.managed_by_api
+        else f"- {c.kind} {c.name} (kept; --prune deletes)"
+        for c in plan.kept
+    )
     if plan.has_changes:
         summary = (
             f"{plan.count('create')} to create, {plan.count('update')} to update, "
             f"{plan.count('delete')} to delete"
         )
+        if plan.skipped:
+            summary += f"; {len(plan.skipped)} skipped (managed by the admin API)"
         if plan.kept:
             summary += f"; {len(plan.kept)} not in the file, kept"
         lines.append(summary)
@@ -643,7 +682,17 @@ def add_apply_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prune",
         action="store_true",
-        help="also delete objects in the database that the file does not declare",
+        help="also delete file-managed objects in the database that the file does not declare",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite declared objects the admin API manages (else they are skipped)",
+    )
+    parser.add_argument(
+        "--prune-api",
+        action="store_true",
+        help="also delete objects the admin API manages that the file does not declare",
     )
 
 
@@ -677,13 +726,25 @@ async def _run(ns: argparse.Namespace, settings: Settings, config: GatewayConfig
     redis = create_redis(settings.redis_url) if settings.redis_url and not ns.dry_run else None
     try:
         try:
-            the_plan = await plan(pool, config, prune=ns.prune)
+            the_plan = await plan(
+                pool,
+                config,
+                prune=ns.prune,
+                force=getattr(ns, "force", False),
+                prune_api=getattr(ns, "prune_api", False),
+            )
         except CatalogError as exc:  # CatalogNotMigrated too
             print(f"ext-proc apply: {exc}", file=sys.stderr)
             return EXIT_INVALID
         print(format_plan(the_plan))
         for note in the_plan.notes:
             print(f"note: {note}", file=sys.stderr)
+        if the_plan.skipped:
+            print(
+                f"note: {len(the_plan.skipped)} object(s) the file declares are managed by the "
+                "admin API and were not overwritten; --force overwrites them",
+                file=sys.stderr,
+            )
         if the_plan.refusals:
             for refusal in the_plan.refusals:
                 print(f"refused: {refusal}", file=sys.stderr)

@@ -9,13 +9,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from ext_proc import logs
 from ext_proc.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from ext_proc.config.model import GatewayConfig
 
 DEFAULT_CONFIG = Path("examples/gateway.yaml")
 
@@ -114,10 +118,13 @@ def cmd_validate(ns: argparse.Namespace, settings: Settings) -> int:
 def cmd_envoy_config(ns: argparse.Namespace, settings: Settings) -> int:
     from ext_proc.config.errors import ConfigError
     from ext_proc.config.loader import load_config
-    from ext_proc.envoy_config import EnvoyOptions, render_yaml
+    from ext_proc.envoy_config import EnvoyOptions, listener_tls_overrides, render_yaml
 
     try:
-        config = load_config(_config_path(ns, settings))
+        if ns.from_database:
+            config = asyncio.run(_catalog_config(_need_database(settings)))
+        else:
+            config = load_config(_config_path(ns, settings))
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
@@ -135,6 +142,9 @@ def cmd_envoy_config(ns: argparse.Namespace, settings: Settings) -> int:
     )
     if ns.headers_phase:
         options = dataclasses.replace(options, headers_phase=True)
+    options = dataclasses.replace(options, **listener_tls_overrides(ns))
+    if ns.otlp_endpoint:
+        options = dataclasses.replace(options, otlp_endpoint=ns.otlp_endpoint)
     text = render_yaml(config, options)
     if ns.output and ns.output != "-":
         Path(ns.output).write_text(text)
@@ -143,10 +153,67 @@ def cmd_envoy_config(ns: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def _catalog_config(database_url: str) -> GatewayConfig:
+    """The config the catalog in Postgres holds (what the replicas serve)."""
+    from ext_proc.config.errors import ConfigError, ConfigIssue
+    from ext_proc.stores.catalog import load_config as load_catalog
+    from ext_proc.stores.postgres import create_pool
+
+    pool = await create_pool(database_url, min_size=1, max_size=1)
+    try:
+        config = await load_catalog(pool)
+    finally:
+        await pool.close()
+    if config is None:
+        raise ConfigError([ConfigIssue("postgres", 0, 0, "", "the catalog is empty")])
+    return config
+
+
+def cmd_schema(ns: argparse.Namespace, settings: Settings) -> int:
+    import json
+
+    if ns.openapi:
+        from ext_proc.admin.app import create_app
+
+        text = json.dumps(create_app(_NoBackend(settings)).openapi(), indent=2) + "\n"
+    else:
+        from ext_proc.config.jsonschema import render_schema
+
+        text = render_schema()
+    if ns.output and ns.output != "-":
+        Path(ns.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+@dataclasses.dataclass
+class _NoBackend:
+    """Enough of a process for the admin API to describe itself (``schema --openapi``)."""
+
+    settings: Settings
+    pool: None = None
+    redis: None = None
+    activity: None = None
+    config_dir: None = None
+    running_config: None = None
+
+    async def readiness(self) -> tuple[int, dict[str, object]]:
+        return 503, {}
+
+    async def reload(self) -> str:
+        return ""
+
+
 def cmd_usage(ns: argparse.Namespace, settings: Settings) -> int:
     from ext_proc.usage.cli import run_usage
 
-    return run_usage(ns, _need_database(settings))
+    return run_usage(
+        ns,
+        _need_database(settings),
+        retention=settings.usage_retention,
+        rollup_retention=settings.usage_rollup_retention,
+    )
 
 
 def cmd_apply(ns: argparse.Namespace, settings: Settings) -> int:
@@ -223,11 +290,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("envoy-config", cmd_envoy_config, "render an Envoy bootstrap from the gateway config")
     config_flag(p)
+    p.add_argument(
+        "--from-database",
+        action="store_true",
+        help="render from the catalog in Postgres (DATABASE_URL), i.e. with the admin API's "
+        "changes, instead of a file",
+    )
     p.add_argument("-o", "--output", help="write here instead of stdout")
     p.add_argument(
         "--dev",
         action="store_true",
         help="the dev bootstrap (loopback listener, contract ports): envoy/dev.yaml",
+    )
+    p.add_argument(
+        "--otlp-endpoint",
+        default=None,
+        help="export Envoy's spans over OTLP/HTTP here (e.g. http://collector:4318)",
     )
     p.add_argument("--listener-host", default="0.0.0.0")
     p.add_argument("--listener-port", type=int, default=10000)
@@ -250,6 +328,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="also serve GET /stats/prometheus and /ready (only) on 0.0.0.0:PORT, for "
         "Prometheus and probes; the admin interface stays on loopback",
     )
+    from ext_proc.envoy_config import add_listener_tls_arguments
+
+    add_listener_tls_arguments(p)
+
+    p = add(
+        "schema",
+        cmd_schema,
+        "print the JSON Schema of gateway.yaml (schema/gateway.schema.json), or the admin "
+        "API's OpenAPI document",
+    )
+    p.add_argument("-o", "--output", help="write here instead of stdout")
+    p.add_argument("--openapi", action="store_true", help="the admin API's /openapi.json")
 
     from ext_proc.usage.cli import add_usage_arguments
 
@@ -276,10 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, ns.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    try:
+        logs.configure(ns.log_level, os.environ.get("EXT_PROC_LOG_FORMAT") or "text")
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     try:
         settings = Settings.from_env()
     except SettingsError as exc:

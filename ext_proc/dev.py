@@ -359,7 +359,11 @@ class Stack:
             headers_phase=self.options.envoy_headers_phase,
             direct_prefix="/__direct/" if self.options.envoy_direct_provider else None,
             direct_provider=self.options.envoy_direct_provider,
-            **self.options.envoy_overrides,
+            **{
+                # Traces: Envoy exports where the ext_proc server does (same variable).
+                "otlp_endpoint": self._child_env().get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
+                **self.options.envoy_overrides,
+            },
         )
         self.envoy_config_path.write_text(render_yaml(self.config, options))
         self._say(

@@ -29,17 +29,24 @@ Choices, with the reasons (ENVOY-NOTES.md has the measurements behind them):
   request limit itself is enforced by the processor.
 - Envoy's own error replies (upstream down, timeouts, oversized bodies) are rewritten to
   the OpenAI error shape; the processor's replies (details ``gw_*``) keep their body.
+- TLS on the listener is optional (``tls_cert_file`` / ``tls_key_file``): the files are
+  read when Envoy starts, so a renewed certificate needs an Envoy restart. A client CA
+  (``tls_client_ca_file``) turns it into mutual TLS: a client without a certificate that
+  CA signed is refused in the handshake, before any HTTP. The client certificate's
+  details never reach a provider (``x-forwarded-client-cert`` is sanitised, Envoy's
+  default).
 """
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
-from ext_proc import envoy_fallback
+from ext_proc import envoy_fallback, envoy_tracing
 from ext_proc.config.model import GatewayConfig, Provider
 from ext_proc.server.context import DEFAULT_MAX_REQUEST_BYTES
 from ext_proc.server.envoy_log import BODY_CAPTURE_LIMIT, BODY_NAMESPACE, LOG_FIELDS
@@ -64,6 +71,8 @@ from ext_proc.tokens.parsers import FORMATS
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 DEV_USAGE_LOG = ".data/usage-log/envoy.jsonl"
 DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+# Envoy's names for the oldest TLS version a listener accepts.
+_TLS_VERSIONS = {"1.2": "TLSv1_2", "1.3": "TLSv1_3"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,12 +111,106 @@ class EnvoyOptions:
     # or failed connections, for this many seconds (its traffic goes to the next one).
     eject_after: int = 3
     eject_for: float = 30.0
+    # TLS on the listener: PEM certificate chain and private key files (both or neither).
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    # Mutual TLS: clients must present a certificate signed by a CA in this PEM file.
+    tls_client_ca_file: str | None = None
+    # The oldest TLS version the listener accepts: "1.2" or "1.3".
+    tls_min_version: str = "1.2"
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("listener TLS needs both a certificate file and a key file")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError(
+                "a client CA (mutual TLS) needs listener TLS: give a certificate and a key"
+            )
+        if self.tls_min_version not in _TLS_VERSIONS:
+            raise ValueError(
+                f"TLS minimum version {self.tls_min_version!r} is not one of "
+                f"{', '.join(_TLS_VERSIONS)}"
+            )
+
+    # Traces: Envoy's spans exported over OTLP/HTTP to this endpoint (the
+    # OTEL_EXPORTER_OTLP_ENDPOINT form, e.g. http://collector:4318); None: no tracing.
+    otlp_endpoint: str | None = None
+    trace_sampling: float = 100.0  # percent of the traces Envoy starts itself
 
     @classmethod
     def dev(cls) -> EnvoyOptions:
         """``envoy/dev.yaml``: everything on loopback, contract ports, the usage log under
         ``.data/`` (Envoy run from the repository, as ``make run`` does)."""
         return cls(listener_host="127.0.0.1", usage_log_path=DEV_USAGE_LOG)
+
+
+def listener_tls(options: EnvoyOptions) -> dict[str, Any] | None:
+    """The listener's ``transport_socket`` (None: plain HTTP)."""
+    if options.tls_cert_file is None or options.tls_key_file is None:
+        return None
+    common: dict[str, Any] = {
+        "tls_params": {"tls_minimum_protocol_version": _TLS_VERSIONS[options.tls_min_version]},
+        "tls_certificates": [
+            {
+                "certificate_chain": {"filename": options.tls_cert_file},
+                "private_key": {"filename": options.tls_key_file},
+            }
+        ],
+        # HTTP/2 for clients that offer it (the OpenAI SDKs speak HTTP/1.1); the
+        # connection manager's AUTO codec follows what was negotiated.
+        "alpn_protocols": ["h2", "http/1.1"],
+    }
+    context: dict[str, Any] = {"common_tls_context": common}
+    if options.tls_client_ca_file is not None:
+        common["validation_context"] = {"trusted_ca": {"filename": options.tls_client_ca_file}}
+        context["require_client_certificate"] = True
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            **context,
+        },
+    }
+
+
+def add_listener_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    """``ext-proc envoy-config``'s listener TLS flags (``listener_tls_overrides`` reads them)."""
+    group = parser.add_argument_group("listener TLS (optional)")
+    group.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="serve the listener over TLS with this PEM certificate chain (a path on the "
+        "machine or in the container where Envoy runs; read when Envoy starts)",
+    )
+    group.add_argument("--tls-key", metavar="FILE", help="the certificate's PEM private key")
+    group.add_argument(
+        "--tls-client-ca",
+        metavar="FILE",
+        help="mutual TLS: require a client certificate signed by a CA in this PEM file",
+    )
+    group.add_argument(
+        "--tls-min-version",
+        choices=sorted(_TLS_VERSIONS),
+        default="1.2",
+        help="the oldest TLS version accepted (default 1.2)",
+    )
+
+
+def listener_tls_overrides(ns: argparse.Namespace) -> dict[str, Any]:
+    """``EnvoyOptions`` fields from the flags of ``add_listener_tls_arguments``; an
+    incomplete combination exits with a message naming the missing flag."""
+    cert, key, client_ca = ns.tls_cert, ns.tls_key, ns.tls_client_ca
+    if (cert is None) != (key is None):
+        missing = "--tls-key" if key is None else "--tls-cert"
+        raise SystemExit(f"error: listener TLS needs both --tls-cert and --tls-key ({missing})")
+    if client_ca is not None and cert is None:
+        raise SystemExit("error: --tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    return {
+        "tls_cert_file": cert,
+        "tls_key_file": key,
+        "tls_client_ca_file": client_ca,
+        "tls_min_version": ns.tls_min_version,
+    }
 
 
 def cluster_name(provider: Provider) -> str:
@@ -794,6 +897,8 @@ def render(config: GatewayConfig, options: EnvoyOptions = EnvoyOptions()) -> dic
         "http_filters": _http_filters(options),
         "access_log": [_usage_log(options)],
     }
+    if options.otlp_endpoint:
+        hcm["tracing"] = envoy_tracing.hcm_tracing(options.otlp_endpoint, options.trace_sampling)
     if options.access_log_path:
         hcm["access_log"].append(
             {
@@ -857,21 +962,23 @@ def render(config: GatewayConfig, options: EnvoyOptions = EnvoyOptions()) -> dic
             for model, indices in chains
         ),
     ]
+    chain: dict[str, Any] = {
+        "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]
+    }
+    tls = listener_tls(options)
+    if tls is not None:
+        chain["transport_socket"] = tls
+    if options.otlp_endpoint:
+        host = envoy_tracing.otlp_parts(options.otlp_endpoint)[1]
+        clusters.append(
+            envoy_tracing.otlp_cluster(options.otlp_endpoint, options.ca_bundle, _is_ip(host))
+        )
     listeners: list[dict[str, Any]] = [
         {
             "name": "llm_listener",
             "address": _socket_address(options.listener_host, options.listener_port),
             "per_connection_buffer_limit_bytes": buffer_limit,
-            "filter_chains": [
-                {
-                    "filters": [
-                        {
-                            "name": "envoy.filters.network.http_connection_manager",
-                            "typed_config": hcm,
-                        }
-                    ]
-                }
-            ],
+            "filter_chains": [chain],
         }
     ]
     if options.stats_port is not None:

@@ -7,8 +7,10 @@ Nothing else in the package reads ``os.environ`` for configuration; commands bui
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 DEFAULT_GRPC_PORT = 50051
@@ -49,6 +51,29 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+_AGE = re.compile(r"^\s*(\d+)\s*([hdw])\s*$")
+_AGE_UNITS = {"h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_age(value: str) -> timedelta:
+    """``90d``, ``12w``, ``36h`` as a timedelta; ValueError otherwise."""
+    match = _AGE.match(value)
+    if match is None or int(match.group(1)) == 0:
+        raise ValueError(f"{value!r} is not an age like 90d, 12w or 36h")
+    return timedelta(**{_AGE_UNITS[match.group(2)]: int(match.group(1))})
+
+
+def _age(env: Mapping[str, str], name: str) -> timedelta | None:
+    """An age setting; unset, empty or ``forever``: None (keep everything)."""
+    raw = (env.get(name) or "").strip()
+    if raw in ("", "forever"):
+        return None
+    try:
+        return parse_age(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{name}: {exc} (or 'forever', the default)") from None
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     database_url: str | None = None
@@ -70,11 +95,23 @@ class Settings:
     # While Postgres cannot answer, API keys loaded this recently keep working (seconds).
     # It is also how long a replica cut off from Redis and Postgres may honour a revoked key.
     key_stale_seconds: float = 3600.0
+    # Usage rows older than this are dropped, a whole UTC day at a time (None: never);
+    # the hourly and daily rollups older than usage_rollup_retention (None: never).
+    usage_retention: timedelta | None = None
+    usage_rollup_retention: timedelta | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         config = env.get("EXT_PROC_CONFIG")
+        retention = _age(env, "EXT_PROC_USAGE_RETENTION")
+        rollup_retention = _age(env, "EXT_PROC_USAGE_ROLLUP_RETENTION")
+        if rollup_retention is not None and (retention is None or rollup_retention < retention):
+            # Queries read whole hours from the rollups: rows kept longer would not count.
+            raise SettingsError(
+                "EXT_PROC_USAGE_ROLLUP_RETENTION must not be shorter than "
+                "EXT_PROC_USAGE_RETENTION (rollups are read for every whole hour of a range)"
+            )
         return cls(
             database_url=env.get("DATABASE_URL") or None,
             redis_url=env.get("REDIS_URL") or None,
@@ -88,4 +125,6 @@ class Settings:
             usage_log=Path(env.get("EXT_PROC_USAGE_LOG") or DEFAULT_USAGE_LOG),
             envoy_admin_url=(env.get("EXT_PROC_ENVOY_ADMIN_URL") or "").rstrip("/") or None,
             key_stale_seconds=_seconds(env, "EXT_PROC_KEY_STALE_SECONDS", 3600.0),
+            usage_retention=retention,
+            usage_rollup_retention=rollup_retention,
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +19,11 @@ class ConfigIssue:
     column: int  # 1-based
     path: str  # "policies.sixty-per-minute.window"; "" for the document itself
     message: str
+    # The path as keys and list indexes, ("policies", "p", "window"): what the admin API
+    # names a field by (not compared: ``path`` says the same).
+    loc: tuple[str | int, ...] = field(default=(), compare=False)
+    # A 1-based (line, column) inside the field's text (a CEL expression), when known.
+    text_position: tuple[int, int] | None = field(default=None, compare=False)
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}:{self.column}" if self.line else self.file
@@ -36,6 +41,17 @@ class ConfigError(Exception):
 
     def __str__(self) -> str:
         return "\n".join(str(issue) for issue in self.issues)
+
+
+def path_text(loc: Iterable[str | int]) -> str:
+    """``policies.p.models[1]`` for ("policies", "p", "models", 1)."""
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text = f"{text}.{part}" if text else part
+    return text
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

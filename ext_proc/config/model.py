@@ -1,7 +1,8 @@
 """The gateway config as typed, immutable objects (what gateway.yaml declares).
 
 Field names are the YAML keys. Every mapping is read-only and keeps the file's order.
-Objects are built by ``ext_proc.config.loader`` only after the whole file validated.
+Objects are built from the declared schema (``ext_proc.config.specs``, each model's
+``to_*``) by ``ext_proc.config.document`` only after the whole document validated.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit
 
-from ext_proc.policies.base import PolicyParams
+from ext_proc.policies.base import OnError, PolicyParams
 from ext_proc.tokens.encodings import encoding_name_for_model, known_encoding_name
 from ext_proc.usage.pricing import Price, decimal_text
 
@@ -53,10 +54,6 @@ RETRY_ON_CONDITIONS: frozenset[str] = frozenset(
 DEFAULT_RETRY_ON: tuple[str, ...] = ("connect-failure", "reset", "retriable-status-codes")
 DEFAULT_RETRIABLE_STATUS_CODES: tuple[int, ...] = (502, 503, 504)
 
-# When a policy's dependency (Redis for the limits) is down, or it cannot be evaluated:
-# "allow" = carry on (limits fall back to an in-process limiter), "deny" = answer 503.
-OnError = Literal["allow", "deny"]
-ON_ERROR_CHOICES: tuple[OnError, ...] = ("allow", "deny")
 
 # The environment of keys created without one; every application has it.
 DEFAULT_ENVIRONMENT = "default"
@@ -221,6 +218,15 @@ class Application:
 
 
 @dataclass(frozen=True, slots=True)
+class Organization:
+    name: str
+    description: str | None = field(default=None, metadata=OMIT_IF_NONE)
+    # Named by an application but not declared under `organizations:` (not compared:
+    # declared or implied, an organization means the same).
+    implied: bool = field(default=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     providers: Mapping[str, Provider]
     models: Mapping[str, Model]
@@ -230,6 +236,8 @@ class GatewayConfig:
     model_index: Mapping[str, Model]
     source: str  # the file it came from, or "<string>"
     fingerprint: str  # sha256 of the canonical form: equal iff the content means the same
+    # Declared under `organizations:`, then those only named by applications.
+    organizations: Mapping[str, Organization] = field(default_factory=_empty_mapping)
 
     def find_model(self, name: str) -> Model | None:
         """The model an app-facing name (or alias) stands for."""
@@ -246,7 +254,9 @@ class GatewayConfig:
         return tuple(self.policies[name] for name in names if self.policies[name].enabled)
 
     def canonical(self) -> dict[str, Any]:
-        return canonical_form(self.providers, self.models, self.policies, self.applications)
+        return canonical_form(
+            self.providers, self.models, self.policies, self.applications, self.organizations
+        )
 
 
 def canonical_form(
@@ -254,14 +264,18 @@ def canonical_form(
     models: Mapping[str, Model],
     policies: Mapping[str, Policy],
     applications: Mapping[str, Application],
+    organizations: Mapping[str, Organization],
 ) -> dict[str, Any]:
     """Plain JSON data for the config with defaults filled in; mapping order is
-    irrelevant (keys are sorted when hashed), list order is kept (it means something)."""
+    irrelevant (keys are sorted when hashed), list order is kept (it means something).
+    Organizations are every one declared or named by an application, so a file naming
+    ``org: acme`` and a catalog holding the row ``acme`` mean the same."""
     return {
         "providers": _plain(providers),
         "models": _plain(models),
         "policies": _plain(policies),
         "applications": _plain(applications),
+        "organizations": _plain(organizations),
     }
 
 

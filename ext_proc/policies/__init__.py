@@ -1,6 +1,6 @@
 """Policies: one module per policy type, looked up by the ``type:`` name in gateway.yaml.
 
-To add a type, write its module (params dataclass, parse function, ``POLICY_TYPE``) and
+To add a type, write its module (params model, params dataclass, ``POLICY_TYPE``) and
 list it below. Enforcement lives in the same modules, beside the config it reads.
 """
 
@@ -21,8 +21,8 @@ from ext_proc.policies import (
 from ext_proc.policies.base import (
     COMMON_FIELDS,
     SCOPES,
-    ParamReader,
     PolicyParams,
+    PolicySpec,
     PolicyType,
     Scope,
 )
@@ -38,8 +38,8 @@ __all__ = [
     "COMMON_FIELDS",
     "POLICY_TYPES",
     "SCOPES",
-    "ParamReader",
     "PolicyParams",
+    "PolicySpec",
     "PolicyType",
     "Scope",
 ]

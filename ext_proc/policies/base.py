@@ -1,22 +1,27 @@
-"""What every policy type provides, and what it is given to read its config.
+"""What every policy type provides, and the declared schema its config is read with.
 
 A policy type is one module in this package exporting ``POLICY_TYPE``: its name (the
-``type:`` in gateway.yaml), the YAML fields it accepts besides the common ones, a frozen
-params dataclass and a parse function. ``ext_proc.policies.POLICY_TYPES`` maps names to
-them; adding a type is adding its module and one line there.
+``type:`` in gateway.yaml), its params model (a ``PolicySpec`` subclass: the declared
+schema of its fields, their validation and messages, which the file loader, the catalog
+and the admin API all use, and from which the JSON Schema and OpenAPI document are
+generated), the frozen params dataclass its enforcer reads, and the enforcer.
+``ext_proc.policies.POLICY_TYPES`` maps names to them; adding a type is adding its
+module and one line there.
 
-The parse function gets a ``ParamReader``: typed getters over the policy's YAML mapping
-that report problems with their line and column (the config loader implements it), so a
-policy module validates its own fields without knowing about YAML. This module imports
-nothing from ``ext_proc.config`` (which imports the policies), so there is no cycle.
+This module imports only the schema's building blocks from ``ext_proc.config``
+(``ext_proc.config.fields``, which imports nothing of the policies), so there is no cycle.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Generic, Literal, TypeVar
+
+from pydantic import Field, ValidationInfo
+
+from ext_proc.config.fields import Bool, OneOf, SpecModel, Text, spec_context
 
 if TYPE_CHECKING:
     from ext_proc.policies.limiter import LimitResult, LimitSpec
@@ -26,10 +31,13 @@ if TYPE_CHECKING:
 Scope = Literal["app", "key", "org"]
 SCOPES: tuple[Scope, ...] = ("app", "key", "org")
 
-# Fields every policy has, whatever its type (parsed by the config loader).
-COMMON_FIELDS: tuple[str, ...] = ("type", "enabled", "on_error")
+# When a policy's dependency (Redis for the limits) is down, or it cannot be evaluated:
+# "allow" = carry on (limits fall back to an in-process limiter), "deny" = answer 503.
+OnError = Literal["allow", "deny"]
+ON_ERROR_CHOICES: tuple[OnError, ...] = ("allow", "deny")
 
-_Choice = TypeVar("_Choice", bound=str)
+# Fields every policy has, whatever its type.
+COMMON_FIELDS: tuple[str, ...] = ("type", "enabled", "on_error")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,79 +45,36 @@ class PolicyParams:
     """Base of each policy type's params dataclass (frozen, built once per config load)."""
 
 
-class ParamReader(Protocol):
-    """Typed access to one policy's YAML mapping.
+class PolicySpec(SpecModel):
+    """A policy as gateway.yaml writes it: the common fields here, each type's own in
+    its module's subclass (whose ``type`` is its name). ``params`` builds the type's
+    params dataclass from the validated fields."""
 
-    Every getter returns ``None`` when the field is absent (or null) or invalid; an
-    invalid or missing required field has already been reported with its position, so
-    the caller only decides what to build from what it got.
-    """
+    mapping_description: ClassVar[str | None] = "a mapping with a type and its fields"
 
-    @property
-    def policy_name(self) -> str: ...
+    type: Text = Field(description="the policy type")
+    enabled: Bool = Field(True, description="false: bound but not enforced")
+    on_error: Annotated[str, OneOf(ON_ERROR_CHOICES)] = Field(
+        "allow",
+        description="when its dependency (Redis) is down: allow (decide locally) or deny (503)",
+    )
 
-    @property
-    def declared_models(self) -> Collection[str]:
-        """Every app-facing model name in the config: model names and their aliases."""
-        ...
+    def params(self, name: str) -> PolicyParams:
+        """The params dataclass of policy ``name``."""
+        raise NotImplementedError(f"{type(self).__name__} builds no params")
 
-    def has(self, key: str) -> bool:
-        """The field is present with a non-null value (valid or not)."""
-        ...
 
-    def get_int(
-        self,
-        key: str,
-        *,
-        required: bool = False,
-        minimum: int | None = None,
-        maximum: int | None = None,
-    ) -> int | None: ...
+def policy_name(info: ValidationInfo) -> str:
+    """The name of the policy being validated ("" when validated on its own)."""
+    context = spec_context(info)
+    return context.entry if context is not None else ""
 
-    def get_bool(self, key: str, *, required: bool = False) -> bool | None: ...
 
-    def get_str(self, key: str, *, required: bool = False) -> str | None:
-        """A non-empty string (any YAML scalar, taken as the text written)."""
-        ...
-
-    def get_duration(
-        self, key: str, *, required: bool = False, allow_zero: bool = False
-    ) -> float | None:
-        """Seconds, from ``500ms`` / ``60s`` / ``5m`` / ``1h`` / ``1d`` or a bare number."""
-        ...
-
-    def get_decimal(
-        self,
-        key: str,
-        *,
-        required: bool = False,
-        minimum: Decimal | None = None,
-        maximum: Decimal | None = None,
-        positive: bool = False,
-        places: int | None = None,
-    ) -> Decimal | None:
-        """An exact decimal number as written (amounts of money), at most ``places``
-        decimal places."""
-        ...
-
-    def get_choice(
-        self, key: str, choices: Sequence[_Choice], *, required: bool = False
-    ) -> _Choice | None: ...
-
-    def get_str_list(
-        self, key: str, *, required: bool = False, non_empty: bool = False
-    ) -> list[str] | None:
-        """A list of non-empty strings; report item problems with ``error(key, ..., index=i)``."""
-        ...
-
-    def error(self, key: str | None, message: str, *, index: int | None = None) -> None:
-        """Report a problem at the field's value (its ``index``-th item), or at the policy."""
-        ...
-
-    def error_in_text(self, key: str, message: str, line: int, column: int) -> None:
-        """Report a problem at a 1-based line/column inside the field's string value,
-        located in the YAML file where that can be worked out (else at the value)."""
-        ...
+def declared_models(info: ValidationInfo) -> Collection[str] | None:
+    """Every app-facing model name of the config (names and aliases); None when the
+    policy is validated on its own (no check against the models then)."""
+    context = spec_context(info)
+    return context.model_names if context is not None else None
 
 
 _Params = TypeVar("_Params", bound=PolicyParams)
@@ -119,10 +84,16 @@ _Params = TypeVar("_Params", bound=PolicyParams)
 class PolicyType(Generic[_Params]):
     name: str  # the `type:` value in gateway.yaml
     params_type: type[_Params]
-    fields: tuple[str, ...]  # YAML fields beyond COMMON_FIELDS
-    parse: Callable[[ParamReader], _Params | None]  # None when a required field is unusable
+    spec: type[PolicySpec]  # its declared fields (``spec.params`` builds ``params_type``)
     # Builds the enforcer for one configured policy: (policy name, params, on_error).
     enforcer: Callable[[str, _Params, str], Enforcer] | None = None
+    # What CEL expressions of this type can read, by phase (custom_cel).
+    cel_variables: Mapping[str, Mapping[str, type]] | None = None
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """Its YAML fields beyond COMMON_FIELDS."""
+        return tuple(name for name in self.spec.model_fields if name not in COMMON_FIELDS)
 
 
 # --------------------------------------------------------------------- enforcement

@@ -35,15 +35,18 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_CEILING, Decimal
-from typing import Literal
+from typing import Annotated, Literal
 
+from pydantic import Field, model_validator
+
+from ext_proc.config.fields import IntRange, IsAmount, IsDuration, OneOf, fail_at
 from ext_proc.policies.base import (
     SCOPES,
     Denial,
     Enforcer,
     Outcome,
-    ParamReader,
     PolicyParams,
+    PolicySpec,
     PolicyType,
     RequestFacts,
     Scope,
@@ -102,37 +105,55 @@ def period_bounds(period: Period, moment: float) -> tuple[str, float]:
     return f"{at.year:04d}-{at.month:02d}", end.timestamp()
 
 
-def parse_params(reader: ParamReader) -> BudgetParams | None:
-    usd = reader.get_decimal(
-        "usd", required=True, positive=True, maximum=MAX_USD, places=USD_PLACES
+class BudgetSpec(PolicySpec):
+    """``{type: budget, usd: 50, window: 30d | period: day|month, scope: app}``"""
+
+    type: Literal["budget"]
+    usd: Annotated[Decimal, IsAmount(positive=True, maximum=MAX_USD, places=USD_PLACES)] = Field(
+        description="dollars per window or period"
     )
-    has_window, has_period = reader.has("window"), reader.has("period")
-    window = reader.get_duration("window") if has_window else None
-    period = reader.get_choice("period", PERIODS) if has_period else None
-    if has_window and has_period:
-        reader.error(
-            "period", "set either window (a rolling window) or period (day or month), not both"
-        )
-        return None
-    if not has_window and not has_period:
-        reader.error(
-            None,
-            "missing 'window' (a rolling window such as 30d) or 'period' (day or month, in UTC)",
-        )
-        return None
-    scope = reader.get_choice("scope", SCOPES) or "app"
-    default_max_tokens = reader.get_int("default_max_tokens", minimum=1) or DEFAULT_MAX_TOKENS
-    unpriced = reader.get_choice("unpriced", UNPRICED_CHOICES) or "allow"
-    if usd is None or (window is None and period is None):
-        return None
-    return BudgetParams(
-        usd=usd,
-        window=window,
-        period=period,
-        scope=scope,
-        default_max_tokens=default_max_tokens,
-        unpriced=unpriced,
+    window: Annotated[float, IsDuration()] | None = Field(
+        None, description="a rolling window (or period)"
     )
+    period: Annotated[str, OneOf(PERIODS)] | None = Field(
+        None, description="a calendar period in UTC"
+    )
+    scope: Annotated[str, OneOf(SCOPES)] = Field(
+        "app", description="whose counter: app, key or org"
+    )
+    default_max_tokens: Annotated[int, IntRange(1)] = Field(
+        DEFAULT_MAX_TOKENS,
+        description="completion tokens reserved (at the output price) when a request sets "
+        "no max_tokens",
+    )
+    unpriced: Annotated[str, OneOf(UNPRICED_CHOICES)] = Field(
+        "allow", description="a model without a price: pass uncharged, or deny"
+    )
+
+    @model_validator(mode="after")
+    def _window_or_period(self) -> BudgetSpec:
+        if self.window is not None and self.period is not None:
+            fail_at(
+                "period",
+                "set either window (a rolling window) or period (day or month), not both",
+            )
+        if self.window is None and self.period is None:
+            fail_at(
+                None,
+                "missing 'window' (a rolling window such as 30d) or 'period' (day or month, "
+                "in UTC)",
+            )
+        return self
+
+    def params(self, name: str) -> BudgetParams:
+        return BudgetParams(
+            usd=self.usd,
+            window=self.window,
+            period=self.period,  # type: ignore[arg-type]
+            scope=self.scope,  # type: ignore[arg-type]
+            default_max_tokens=self.default_max_tokens,
+            unpriced=self.unpriced,  # type: ignore[arg-type]
+        )
 
 
 class BudgetEnforcer(Enforcer):
@@ -240,7 +261,6 @@ def _duration(seconds: float) -> str:
 POLICY_TYPE = PolicyType(
     name="budget",
     params_type=BudgetParams,
-    fields=("usd", "window", "period", "scope", "default_max_tokens", "unpriced"),
-    parse=parse_params,
+    spec=BudgetSpec,
     enforcer=BudgetEnforcer,
 )

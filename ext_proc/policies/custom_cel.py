@@ -18,18 +18,30 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Annotated, Any, Literal
 
 import cel
+from annotated_types import GroupedMetadata
+from pydantic import BeforeValidator, Field, model_validator
 
+from ext_proc.config.fields import (
+    IntRange,
+    IsDuration,
+    Problem,
+    fail,
+    fail_at,
+    raise_problems,
+    read_text,
+)
 from ext_proc.policies.base import (
     Denial,
     Enforcer,
     Outcome,
-    ParamReader,
     PolicyParams,
+    PolicySpec,
     PolicyType,
     RequestFacts,
 )
@@ -98,88 +110,111 @@ class CustomCelParams(PolicyParams):
     post_check_program: cel.Program | None = field(default=None, compare=False, repr=False)
 
 
-def parse_params(reader: ParamReader) -> CustomCelParams | None:
-    pre = reader.get_str("pre_check_expression")
-    post = reader.get_str("post_check_expression")
-    message = reader.get_str("message") or f"denied by policy {reader.policy_name}"
-    status = reader.get_int("status", minimum=400, maximum=599) or DEFAULT_STATUS
-    cooldown = reader.get_duration("cooldown")
-    if not reader.has("pre_check_expression") and not reader.has("post_check_expression"):
-        reader.error(None, "set pre_check_expression, post_check_expression or both")
-        return None
-    if cooldown is not None and not reader.has("post_check_expression"):
-        reader.error(
-            "cooldown",
-            "cooldown applies after a post-check violation; "
-            "this policy has no post_check_expression",
-        )
-    pre_program = (
-        compile_check(reader, "pre_check_expression", pre, PRE_CHECK_VARIABLES)
-        if pre is not None
-        else None
-    )
-    post_program = (
-        compile_check(reader, "post_check_expression", post, POST_CHECK_VARIABLES)
-        if post is not None
-        else None
-    )
-    if (pre is not None and pre_program is None) or (post is not None and post_program is None):
-        return None
-    return CustomCelParams(
-        pre_check_expression=pre,
-        post_check_expression=post,
-        message=message,
-        status=status,
-        cooldown=cooldown,
-        pre_check_program=pre_program,
-        post_check_program=post_program,
-    )
-
-
-def compile_check(
-    reader: ParamReader, key: str, expression: str, variables: Mapping[str, type]
-) -> cel.Program | None:
-    """The compiled expression, or None after reporting why it cannot be used."""
+def compile_check(expression: str, key: str, variables: Mapping[str, type]) -> cel.Program:
+    """The compiled expression; raises its problems (with their line and column in the
+    text where CEL gives one) when it cannot be used."""
     try:
         program = cel.compile(expression)
     except ValueError as exc:
         line, column, detail = _syntax_error(str(exc))
-        reader.error_in_text(key, f"CEL syntax error: {detail}", line, column)
-        return None
+        fail(f"CEL syntax error: {detail}", text=(line, column))
     bound = set(_BOUND_NAME.findall(expression))
     unknown = [name for name in program.variables() if name not in variables and name not in bound]
+    problems: list[Problem] = []
     for name in unknown:
         if name in POST_CHECK_VARIABLES:
             message = f"'{name}' is only known after the call: use it in post_check_expression"
         else:
             message = f"unknown variable '{name}'; {key} can use: {', '.join(variables)}"
-        line, column = _first_use(expression, name)
-        reader.error_in_text(key, message, line, column)
-    if unknown:
-        return None
+        problems.append(Problem((), message, text=_first_use(expression, name)))
+    if problems:
+        raise_problems(problems)
     for sample in _samples(variables):
         try:
             result = program.execute(sample)
         except TypeError as exc:
-            reader.error(key, f"CEL type error: {_first_line(exc)}")
-            return None
+            fail(f"CEL type error: {_first_line(exc)}")
         except RuntimeError as exc:
             undefined = _UNDEFINED.search(str(exc))
             if undefined:
-                reader.error(
-                    key,
-                    f"unknown function '{undefined.group(1)}' or wrong argument types for it",
-                )
-            else:
-                reader.error(key, f"CEL error: {_first_line(exc)}")
-            return None
+                fail(f"unknown function '{undefined.group(1)}' or wrong argument types for it")
+            fail(f"CEL error: {_first_line(exc)}")
         except (ArithmeticError, LookupError):
             continue  # depends on the values (x / y, m["k"]): a run-time matter
         if not isinstance(result, bool):
             kind = _CEL_TYPE_NAMES.get(type(result), type(result).__name__)
-            reader.error(key, f"must evaluate to a bool, but gives a {kind}")
-            return None
+            fail(f"must evaluate to a bool, but gives a {kind}")
     return program
+
+
+@dataclass(frozen=True, slots=True)
+class CelExpression(GroupedMetadata):
+    """``Annotated[str, CelExpression(key, variables)]``: a CEL check, compiled and tried
+    at validation (its problems located in its text)."""
+
+    key: str
+    variables: Mapping[str, type] = field(compare=False)  # named by ``key``; unhashable
+
+    def __iter__(self) -> Iterator[Any]:
+        key, variables = self.key, self.variables
+
+        def read(value: Any) -> str:
+            expression = read_text(value)
+            compile_check(expression, key, variables)
+            return expression
+
+        verdict = "denies the request" if variables is PRE_CHECK_VARIABLES else "is a violation"
+        yield Field(
+            min_length=1,
+            description=f"a CEL expression over: {', '.join(variables)}; false {verdict}",
+        )
+        yield BeforeValidator(read)
+
+
+class CustomCelSpec(PolicySpec):
+    """``{type: custom_cel, pre_check_expression: "estimated_tokens < 4000",
+    post_check_expression: "total_tokens < 8000", message: ..., status: 403, cooldown: 5m}``"""
+
+    type: Literal["custom_cel"]
+    pre_check_expression: (
+        Annotated[str, CelExpression("pre_check_expression", PRE_CHECK_VARIABLES)] | None
+    ) = None
+    post_check_expression: (
+        Annotated[str, CelExpression("post_check_expression", POST_CHECK_VARIABLES)] | None
+    ) = None
+    message: Annotated[str, Field(min_length=1), BeforeValidator(read_text)] | None = Field(
+        None, description="the denial's message (default: denied by policy NAME)"
+    )
+    status: Annotated[int, IntRange(400, 599)] = Field(
+        DEFAULT_STATUS, description="the denial's HTTP status"
+    )
+    cooldown: Annotated[float, IsDuration()] | None = Field(
+        None, description="after a post-check violation, block the app this long"
+    )
+
+    @model_validator(mode="after")
+    def _an_expression(self) -> CustomCelSpec:
+        if self.pre_check_expression is None and self.post_check_expression is None:
+            fail_at(None, "set pre_check_expression, post_check_expression or both")
+        if self.cooldown is not None and self.post_check_expression is None:
+            fail_at(
+                "cooldown",
+                "cooldown applies after a post-check violation; "
+                "this policy has no post_check_expression",
+            )
+        return self
+
+    def params(self, name: str) -> CustomCelParams:
+        pre, post = self.pre_check_expression, self.post_check_expression
+        return CustomCelParams(
+            pre_check_expression=pre,
+            post_check_expression=post,
+            message=self.message or f"denied by policy {name}",
+            status=self.status,
+            cooldown=self.cooldown,
+            pre_check_program=cel.compile(pre) if pre is not None else None,
+            post_check_program=cel.compile(post) if post is not None else None,
+        )
 
 
 def _samples(variables: Mapping[str, type]) -> list[dict[str, object]]:
@@ -278,7 +313,9 @@ def _run(program: cel.Program, context: dict[str, object], policy: str) -> bool:
 POLICY_TYPE = PolicyType(
     name="custom_cel",
     params_type=CustomCelParams,
-    fields=("pre_check_expression", "post_check_expression", "message", "status", "cooldown"),
-    parse=parse_params,
+    spec=CustomCelSpec,
     enforcer=CustomCelEnforcer,
+    cel_variables=MappingProxyType(
+        {"pre_check_expression": PRE_CHECK_VARIABLES, "post_check_expression": POST_CHECK_VARIABLES}
+    ),
 )

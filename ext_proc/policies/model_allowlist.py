@@ -9,14 +9,19 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from typing import Annotated, Any, Literal
 
+from pydantic import BeforeValidator, Field, ValidationInfo
+
+from ext_proc.config.fields import Problem, collect, raise_problems, read_list, read_text
 from ext_proc.policies.base import (
     Denial,
     Enforcer,
-    ParamReader,
     PolicyParams,
+    PolicySpec,
     PolicyType,
     RequestFacts,
+    declared_models,
 )
 
 _WILDCARDS = frozenset("*?[")
@@ -34,21 +39,40 @@ class ModelAllowlistParams(PolicyParams):
     patterns: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
 
-def parse_params(reader: ParamReader) -> ModelAllowlistParams | None:
-    models = reader.get_str_list("models", required=True, non_empty=True)
-    if models is None:
-        return None
-    declared = reader.declared_models
-    for index, entry in enumerate(models):
-        if not is_pattern(entry) and entry not in declared:
+def _models(value: Any, info: ValidationInfo) -> list[str]:
+    """Declared model names or aliases (a typo cannot silently deny a model), or patterns."""
+    items = read_list(value, "names", non_empty=True)
+    declared = declared_models(info)
+    problems: list[Problem] = []
+    result: list[str] = []
+    for index, raw in enumerate(items):
+        entry = collect(problems, (index,), read_text, raw)
+        if entry is None:
+            continue
+        result.append(entry)
+        if declared is not None and not is_pattern(entry) and entry not in declared:
             close = difflib.get_close_matches(entry, list(declared), n=1, cutoff=0.6)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            reader.error("models", f"'{entry}' is not a declared model or alias{hint}", index=index)
-    return ModelAllowlistParams(
-        models=tuple(models),
-        names=frozenset(entry for entry in models if not is_pattern(entry)),
-        patterns=tuple(entry for entry in models if is_pattern(entry)),
+            problems.append(Problem((index,), f"'{entry}' is not a declared model or alias{hint}"))
+    if problems:
+        raise_problems(problems)
+    return result
+
+
+class ModelAllowlistSpec(PolicySpec):
+    """``{type: model_allowlist, models: [gpt-4o-mini, "text-embedding-*"]}``"""
+
+    type: Literal["model_allowlist"]
+    models: Annotated[list[str], Field(min_length=1), BeforeValidator(_models)] = Field(
+        description="model names or aliases, or fnmatch patterns such as gpt-4o*"
     )
+
+    def params(self, name: str) -> ModelAllowlistParams:
+        return ModelAllowlistParams(
+            models=tuple(self.models),
+            names=frozenset(entry for entry in self.models if not is_pattern(entry)),
+            patterns=tuple(entry for entry in self.models if is_pattern(entry)),
+        )
 
 
 class ModelAllowlistEnforcer(Enforcer):
@@ -80,7 +104,6 @@ class ModelAllowlistEnforcer(Enforcer):
 POLICY_TYPE = PolicyType(
     name="model_allowlist",
     params_type=ModelAllowlistParams,
-    fields=("models",),
-    parse=parse_params,
+    spec=ModelAllowlistSpec,
     enforcer=ModelAllowlistEnforcer,
 )

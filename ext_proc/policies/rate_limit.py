@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
+from pydantic import Field
+
+from ext_proc.config.fields import IntRange, IsDuration, OneOf
 from ext_proc.policies.base import (
     SCOPES,
     Enforcer,
-    ParamReader,
     PolicyParams,
+    PolicySpec,
     PolicyType,
     RequestFacts,
     Scope,
@@ -22,13 +26,18 @@ class RateLimitParams(PolicyParams):
     scope: Scope = "app"
 
 
-def parse_params(reader: ParamReader) -> RateLimitParams | None:
-    requests = reader.get_int("requests", required=True, minimum=1)
-    window = reader.get_duration("window", required=True)
-    scope = reader.get_choice("scope", SCOPES) or "app"
-    if requests is None or window is None:
-        return None
-    return RateLimitParams(requests=requests, window=window, scope=scope)
+class RateLimitSpec(PolicySpec):
+    """``{type: rate_limit, requests: 60, window: 60s, scope: app}``"""
+
+    type: Literal["rate_limit"]
+    requests: Annotated[int, IntRange(1)] = Field(description="requests allowed per window")
+    window: Annotated[float, IsDuration()]
+    scope: Annotated[str, OneOf(SCOPES)] = Field(
+        "app", description="whose counter: app, key or org"
+    )
+
+    def params(self, name: str) -> RateLimitParams:
+        return RateLimitParams(requests=self.requests, window=self.window, scope=self.scope)  # type: ignore[arg-type]
 
 
 class RateLimitEnforcer(Enforcer):
@@ -51,7 +60,6 @@ class RateLimitEnforcer(Enforcer):
 POLICY_TYPE = PolicyType(
     name="rate_limit",
     params_type=RateLimitParams,
-    fields=("requests", "window", "scope"),
-    parse=parse_params,
+    spec=RateLimitSpec,
     enforcer=RateLimitEnforcer,
 )

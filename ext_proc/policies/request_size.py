@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
+from pydantic import Field, model_validator
+
+from ext_proc.config.fields import IntRange, fail_at
 from ext_proc.policies.base import (
     Denial,
     Enforcer,
-    ParamReader,
     PolicyParams,
+    PolicySpec,
     PolicyType,
     RequestFacts,
 )
@@ -20,13 +24,25 @@ class RequestSizeParams(PolicyParams):
     max_messages: int | None = None
 
 
-def parse_params(reader: ParamReader) -> RequestSizeParams | None:
-    max_bytes = reader.get_int("max_bytes", minimum=1)
-    max_messages = reader.get_int("max_messages", minimum=1)
-    if not reader.has("max_bytes") and not reader.has("max_messages"):
-        reader.error(None, "set max_bytes, max_messages or both")
-        return None
-    return RequestSizeParams(max_bytes=max_bytes, max_messages=max_messages)
+class RequestSizeSpec(PolicySpec):
+    """``{type: request_size, max_bytes: 262144, max_messages: 64}`` (one or both)"""
+
+    type: Literal["request_size"]
+    max_bytes: Annotated[int, IntRange(1)] | None = Field(
+        None, description="largest request body, in bytes"
+    )
+    max_messages: Annotated[int, IntRange(1)] | None = Field(
+        None, description="most messages in one request"
+    )
+
+    @model_validator(mode="after")
+    def _a_limit(self) -> RequestSizeSpec:
+        if self.max_bytes is None and self.max_messages is None:
+            fail_at(None, "set max_bytes, max_messages or both")
+        return self
+
+    def params(self, name: str) -> RequestSizeParams:
+        return RequestSizeParams(max_bytes=self.max_bytes, max_messages=self.max_messages)
 
 
 class RequestSizeEnforcer(Enforcer):
@@ -58,7 +74,6 @@ class RequestSizeEnforcer(Enforcer):
 POLICY_TYPE = PolicyType(
     name="request_size",
     params_type=RequestSizeParams,
-    fields=("max_bytes", "max_messages"),
-    parse=parse_params,
+    spec=RequestSizeSpec,
     enforcer=RequestSizeEnforcer,
 )

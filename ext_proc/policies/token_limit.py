@@ -9,13 +9,17 @@ the real total the provider reported (or that we counted).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
+from pydantic import Field
+
+from ext_proc.config.fields import IntRange, IsDuration, OneOf
 from ext_proc.policies.base import (
     SCOPES,
     Enforcer,
     Outcome,
-    ParamReader,
     PolicyParams,
+    PolicySpec,
     PolicyType,
     RequestFacts,
     Scope,
@@ -33,16 +37,29 @@ class TokenLimitParams(PolicyParams):
     default_max_tokens: int = DEFAULT_MAX_TOKENS
 
 
-def parse_params(reader: ParamReader) -> TokenLimitParams | None:
-    tokens = reader.get_int("tokens", required=True, minimum=1)
-    window = reader.get_duration("window", required=True)
-    scope = reader.get_choice("scope", SCOPES) or "app"
-    default_max_tokens = reader.get_int("default_max_tokens", minimum=1) or DEFAULT_MAX_TOKENS
-    if tokens is None or window is None:
-        return None
-    return TokenLimitParams(
-        tokens=tokens, window=window, scope=scope, default_max_tokens=default_max_tokens
+class TokenLimitSpec(PolicySpec):
+    """``{type: token_limit, tokens: 100000, window: 60s, scope: app, default_max_tokens: 4096}``"""
+
+    type: Literal["token_limit"]
+    tokens: Annotated[int, IntRange(1)] = Field(
+        description="tokens (prompt + completion) allowed per window"
     )
+    window: Annotated[float, IsDuration()]
+    scope: Annotated[str, OneOf(SCOPES)] = Field(
+        "app", description="whose counter: app, key or org"
+    )
+    default_max_tokens: Annotated[int, IntRange(1)] = Field(
+        DEFAULT_MAX_TOKENS,
+        description="completion tokens reserved for a request that sets no max_tokens",
+    )
+
+    def params(self, name: str) -> TokenLimitParams:
+        return TokenLimitParams(
+            tokens=self.tokens,
+            window=self.window,
+            scope=self.scope,  # type: ignore[arg-type]
+            default_max_tokens=self.default_max_tokens,
+        )
 
 
 class TokenLimitEnforcer(Enforcer):
@@ -76,7 +93,6 @@ class TokenLimitEnforcer(Enforcer):
 POLICY_TYPE = PolicyType(
     name="token_limit",
     params_type=TokenLimitParams,
-    fields=("tokens", "window", "scope", "default_max_tokens"),
-    parse=parse_params,
+    spec=TokenLimitSpec,
     enforcer=TokenLimitEnforcer,
 )

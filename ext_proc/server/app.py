@@ -26,6 +26,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ext_proc import telemetry
+from ext_proc.admin.activity import ActivityFeed
+from ext_proc.admin.app import create_app
+from ext_proc.admin.server import AdminServer
 from ext_proc.auth.authenticator import Authenticator
 from ext_proc.auth.keys import KeyRecord
 from ext_proc.auth.store import (
@@ -34,6 +38,7 @@ from ext_proc.auth.store import (
     KEY_LOAD_TIMEOUT,
     key_cache,
 )
+from ext_proc.config.document import build_config
 from ext_proc.config.loader import load_config
 from ext_proc.config.model import GatewayConfig
 from ext_proc.http.server import HttpServer, Request, Response
@@ -56,6 +61,7 @@ from ext_proc.stores.postgres import create_pool
 from ext_proc.stores.redis import create_redis
 from ext_proc.stores.redis_limits import RedisLimits
 from ext_proc.stores.resp import RespClient, close_quietly
+from ext_proc.usage.maintenance import MaintenancePolicy
 from ext_proc.usage.recorder import UsageRecorder
 from ext_proc.usage.spool import Spool
 from ext_proc.usage.tail import LogTail
@@ -134,10 +140,15 @@ class Service:
         self._grpc: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._http: list[HttpServer] = []
+        self._admin: AdminServer | None = None
+        # Finished requests' records go to the usage writer through the activity feed
+        # (GET /v1/activity), which costs nothing while nobody listens.
+        self.activity: ActivityFeed | None = None
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._version: str | None = None
         self._reload_lock = asyncio.Lock()
+        self._reload_queued = False  # a scheduled reload has not started reading yet
         self.grpc_port = 0
         self.metrics_port = 0
         self.admin_port = 0
@@ -146,7 +157,16 @@ class Service:
 
     async def start(self) -> None:
         settings = self.settings
-        self.recorder = UsageRecorder(None, self.metrics, Spool(settings.spool_dir))
+        telemetry.setup()  # traces, when the OTEL_* variables ask for them
+        self.recorder = UsageRecorder(
+            None,
+            self.metrics,
+            Spool(settings.spool_dir),
+            maintenance=MaintenancePolicy(
+                retention=settings.usage_retention,
+                rollup_retention=settings.usage_rollup_retention,
+            ),
+        )
         await self.recorder.start()
         if settings.database_url:
             await self._connect_postgres(settings.database_url, STARTUP_POSTGRES_WAIT)
@@ -202,9 +222,10 @@ class Service:
             stale_ttl=settings.key_stale_seconds,
         )
         config = await self._load_config()
+        self.activity = ActivityFeed(self.recorder)
         self.gateway = Gateway(
             self._build(config),
-            self.recorder,
+            self.activity,
             self.metrics,
             Authenticator(self._keys),
         )
@@ -221,6 +242,10 @@ class Service:
                 settings.database_url, metrics=self.metrics
             )
             self._pg_listener.subscribe(KEY_KIND, self._keys.drop)
+            # Catalog changes NOTIFY too (schema/0006): heard while Redis is down.
+            self._pg_listener.subscribe(
+                catalog_store.CONFIG_KIND, lambda _id: self.schedule_reload()
+            )
             await self._pg_listener.start()
         self._tasks.append(asyncio.create_task(self._poll_config()))
 
@@ -256,11 +281,9 @@ class Service:
             self.options.metrics_host, settings.metrics_port
         )
         self._http.append(metrics_server)
-        from ext_proc.admin.api import AdminApi  # local: the admin API imports the stores
-
-        admin_server = HttpServer(AdminApi(self).handle)
-        self.admin_port = await admin_server.start(self.options.admin_host, settings.admin_port)
-        self._http.append(admin_server)
+        # The admin API (FastAPI under uvicorn) in this process's event loop.
+        self._admin = AdminServer(create_app(self), self.options.admin_host, settings.admin_port)
+        self.admin_port = await self._admin.start()
         log.info(
             "ext_proc serving: grpc %s:%d, metrics :%d, admin :%d, config from %s",
             self.options.grpc_host,
@@ -297,9 +320,11 @@ class Service:
     async def _load_config(self) -> GatewayConfig:
         """The config to serve: the applied catalog, else the file (with a warning)."""
         pool = self._pool
+        empty_catalog = False
         if pool is not None:
             try:
                 config = await catalog_store.load_config(pool)
+                empty_catalog = config is None
             except catalog_store.CatalogNotMigrated:
                 log.error(
                     "the database is not migrated: run `ext-proc migrate`, then "
@@ -313,11 +338,18 @@ class Service:
                 # edits), and a change landing in between is not taken as loaded.
                 self._version = config.fingerprint
                 return config
-            log.warning(
-                "nothing applied to the database yet: run `ext-proc apply -f FILE`; "
-                "until then serving the config file, and no API key can exist"
-            )
+            if self.options.config_path is not None:
+                log.warning(
+                    "nothing applied to the database yet: run `ext-proc apply -f FILE`; "
+                    "until then serving the config file, and no API key can exist"
+                )
         path = self.options.config_path
+        if path is None and empty_catalog:
+            # An empty catalog: serve nothing yet, and let the admin API build it up.
+            self.config_source = "postgres"
+            empty = build_config({}, catalog_store.POSTGRES_SOURCE, require_providers=False)
+            self._version = ""
+            return empty
         if path is None:
             raise RuntimeError(
                 "no configuration: nothing applied to Postgres and no config file given "
@@ -338,12 +370,19 @@ class Service:
     # ----------------------------------------------------------------- reload
 
     def schedule_reload(self) -> None:
+        # A change arrives twice (Postgres NOTIFY and Redis pub/sub): one reload that has
+        # not started reading yet covers both.
+        if self._reload_queued:
+            return
+        self._reload_queued = True
         task = asyncio.get_running_loop().create_task(self._reload_logged())
         self._tasks.append(task)
         task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
 
     async def _reload_logged(self) -> None:
         try:
+            async with self._reload_lock:  # a reload reading now may predate the change
+                self._reload_queued = False
             await self.reload()
         except Exception as exc:  # a bad catalog or file: keep serving the running one
             log.error("reload refused, keeping the running configuration: %s", exc)
@@ -404,6 +443,21 @@ class Service:
     @property
     def pool(self) -> asyncpg.Pool | None:
         return self._pool
+
+    @property
+    def redis(self) -> Any:
+        """The Redis client (None without REDIS_URL): the admin API publishes on it."""
+        return self._redis
+
+    @property
+    def config_dir(self) -> Path | None:
+        """Where relative api_key_file paths are read from (the config file's folder)."""
+        path = self.options.config_path
+        return path.resolve().parent if path is not None else None
+
+    @property
+    def running_config(self) -> GatewayConfig | None:
+        return self.gateway.runtime.config if self.gateway is not None else None
 
     @property
     def postgres_ready(self) -> bool:
@@ -542,6 +596,10 @@ class Service:
             await self._usage_log.stop()
         if self.recorder is not None:
             await self.recorder.close()
+        if self.activity is not None:
+            self.activity.close()  # ends the open activity streams
+        if self._admin is not None:
+            await self._admin.close()
         for server in self._http:
             await server.close()
         if self._listener is not None:
@@ -563,6 +621,7 @@ class Service:
         await close_quietly(self._lua)
         if self._pool is not None:
             await self._pool.close()
+        telemetry.shutdown()  # flush the last spans
 
 
 async def _select_one(pool: asyncpg.Pool) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 
+from ext_proc import logs, telemetry
 from ext_proc.policies.base import Outcome
 from ext_proc.server.context import Gateway
 from ext_proc.server.facts import Facts
@@ -89,6 +90,9 @@ async def finish(
     request metrics belong to whoever owned the request.
     """
     gw.recorded.add(facts.request_id)  # before any await: the usage log may be read now
+    if logs.ENABLED:
+        logs.bind_request(facts.request_id, facts.app_id)
+    span = None if telemetry.TRACER is None else telemetry.record_span(facts)
     rec = new_record(facts)
     rec.recorded_by = recorded_by
     rec.status_code = ending.status or CLIENT_CLOSED_REQUEST
@@ -138,6 +142,8 @@ async def finish(
         observe(gw, facts, rec)
         if ending.trail and facts.targets:
             observe_attempts(gw, facts, ending.trail)
+    if span is not None:
+        telemetry.end_record_span(span, rec)
     return rec
 
 

@@ -69,6 +69,9 @@ class Facts:
     # in ``Model.targets`` (the serving one is known only when the answer comes back:
     # ``select_target``). Empty for the common single-target request.
     targets: list[TargetFacts] = field(default_factory=list)
+    # Tracing on: the W3C traceparent of the request side's span, so whoever finishes
+    # the request (maybe another process, later) parents its span there.
+    trace_parent: str = ""
 
     def policy_facts(self) -> RequestFacts:
         return RequestFacts(
@@ -125,6 +128,8 @@ class Facts:
             out["pr"] = self.price
         if self.targets:
             out["tg"] = [t.to_list() for t in self.targets]
+        if self.trace_parent:
+            out["tp"] = self.trace_parent
         return orjson.dumps(out).decode()
 
     def select_target(self, index: Any) -> bool:
@@ -191,6 +196,7 @@ class Facts:
             reservations={str(k): int(v) for k, v in res.items()} if isinstance(res, dict) else {},
             price=d["pr"] if isinstance(d.get("pr"), str) else "",
             targets=TargetFacts.list_from(d.get("tg")),
+            trace_parent=d["tp"] if isinstance(d.get("tp"), str) else "",
         )
 
 

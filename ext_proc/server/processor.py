@@ -23,6 +23,7 @@ import orjson
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import struct_pb2
 
+from ext_proc import logs, telemetry
 from ext_proc.auth.authenticator import AuthError
 from ext_proc.policies.base import Denial
 from ext_proc.policies.engine import NO_POLICIES, BoundPolicies, LimitState, PolicyEngine
@@ -181,6 +182,10 @@ class RequestProcessor:
         self._done = False
 
     @property
+    def facts(self) -> Facts:
+        return self._facts
+
+    @property
     def done(self) -> bool:
         """The request side has answered its last message (the body): nothing more comes
         on this stream (the request filter sends no response phases)."""
@@ -298,6 +303,8 @@ class RequestProcessor:
         self._head = head
         facts = self._facts
         facts.request_id = head.request_id or f"gw-{time.time_ns():x}"
+        if logs.ENABLED:
+            logs.bind_request(facts.request_id)
         endpoint = classify(head.path)
         if endpoint is None:
             path = head.path.partition("?")[0][:200]
@@ -358,6 +365,8 @@ class RequestProcessor:
         facts.app_id = identity.app
         facts.org_id = identity.org
         facts.environment = identity.environment
+        if logs.ENABLED:
+            logs.bind_request(facts.request_id, identity.app)
         self._bound = self._rt.engine.bound(identity.app, identity.environment)
 
     async def _check_policies(self, route: Route) -> None:
@@ -370,9 +379,25 @@ class RequestProcessor:
         async def estimate() -> int:
             return self._facts.estimated_tokens or 0
 
-        denial = await self._rt.engine.check_body(
-            bound, pf, self._limit_state, estimate, header_checks_done=self._header_checks_done
-        )
+        tracer = telemetry.TRACER
+        if tracer is None:
+            denial = await self._rt.engine.check_body(
+                bound, pf, self._limit_state, estimate, header_checks_done=self._header_checks_done
+            )
+        else:
+            with tracer.start_as_current_span("gateway.policy_check") as span:
+                denial = await self._rt.engine.check_body(
+                    bound,
+                    pf,
+                    self._limit_state,
+                    estimate,
+                    header_checks_done=self._header_checks_done,
+                )
+                span.set_attribute(
+                    "gateway.policies", len(bound.body_checks) + len(bound.body_limits)
+                )
+                if denial is not None:
+                    span.set_attribute("gateway.denied_by", denial.policy or "")
         if denial is not None:
             raise self._denied(denial)
         self._facts.reservations = self._limit_state.reservations
@@ -457,6 +482,8 @@ class RequestProcessor:
         if self._bound.limited:
             for name, value in PolicyEngine.response_headers(self._limit_state):
                 fields[RATELIMIT_METADATA_KEYS[name]].string_value = value
+        if telemetry.TRACER is not None:
+            facts.trace_parent = telemetry.current_traceparent()
         facts.write_to(metadata.fields[NAMESPACE].struct_value)
         return r.continue_request_body_with_metadata(metadata, body=new_body)
 
@@ -525,6 +552,8 @@ class RequestProcessor:
         if self._bound.limited:
             for name, value in PolicyEngine.response_headers(self._limit_state):
                 fields[RATELIMIT_METADATA_KEYS[name]].string_value = value
+        if telemetry.TRACER is not None:
+            facts.trace_parent = telemetry.current_traceparent()
         facts.write_to(metadata.fields[NAMESPACE].struct_value)
         return r.continue_request_body_with_metadata(metadata, body=None)
 
@@ -553,6 +582,8 @@ class RequestProcessor:
 
     def deny(self, error: RequestError) -> pb.ProcessingResponse:
         """Answer the app now; the exchange is over and its record is written."""
+        if telemetry.TRACER is not None:
+            self._facts.trace_parent = telemetry.current_traceparent()
         # Messages and params may echo the app's input: its control characters (NUL
         # above all, which the usage record cannot hold) are shown escaped.
         message = _escaped(error.message)

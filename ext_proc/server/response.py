@@ -19,6 +19,7 @@ import time
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import struct_pb2
 
+from ext_proc import logs
 from ext_proc.routing.fallback import TARGET_KEY, TARGET_NAMESPACE
 from ext_proc.routing.providers import RESPONSE_TRANSLATORS
 from ext_proc.routing.translate import ResponseTranslator
@@ -82,6 +83,8 @@ class ResponseProcessor:
         forwarded = request.metadata_context.filter_metadata.get(NAMESPACE)
         self._facts = Facts.from_struct(forwarded) if forwarded is not None else None
         self._trail: str | None = None
+        if logs.ENABLED and self._facts is not None:
+            logs.bind_request(self._facts.request_id, self._facts.app_id)
         if self._facts is not None and self._facts.targets:
             attempts = request.metadata_context.filter_metadata.get(ATTEMPTS_NAMESPACE)
             trail = attempts.fields.get(TRAIL_FIELD) if attempts is not None else None
@@ -105,6 +108,10 @@ class ResponseProcessor:
         self._ended = False
         self._billable = False
         self._attempts: int | None = None
+
+    @property
+    def facts(self) -> Facts | None:
+        return self._facts
 
     @property
     def done(self) -> bool:

@@ -15,11 +15,13 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
+from ext_proc import telemetry
 from ext_proc.server.context import Gateway
 from ext_proc.server.processor import RequestError, RequestProcessor
 from ext_proc.server.response import ResponseProcessor
@@ -61,6 +63,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         timers = self._phase_timers
         self._streams.inc()
         finished = False
+        tracer = telemetry.TRACER
+        span: Any = None
+        answered: int | None = None
         try:
             async for request in request_iterator:
                 phase = request.WhichOneof("request")
@@ -74,7 +79,14 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                         if phase.startswith("request")
                         else ResponseProcessor(self._gw, request)
                     )
+                    if tracer is not None:
+                        span = telemetry.start_stream_span(
+                            tracer,
+                            "request" if phase.startswith("request") else "response",
+                            context.invocation_metadata(),
+                        )
                 handler = getattr(proc, "on_" + phase)
+                token = None if span is None else _attach(span)
                 try:
                     response = await handler(getattr(request, phase), request)
                 except RequestError as denial:
@@ -82,6 +94,11 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     response = proc.deny(denial)
                 except Exception as exc:  # one request failed: answer it, keep serving
                     response = proc.internal_error(exc)
+                finally:
+                    if token is not None:
+                        _detach(token)
+                if span is not None and response.HasField("immediate_response"):
+                    answered = response.immediate_response.status.code
                 timers[phase].observe(time.perf_counter() - started)
                 yield response
                 if response.HasField("immediate_response") or proc.done:
@@ -97,12 +114,22 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             # Envoy reset the stream: the app went away or the upstream failed mid-way.
             if proc is not None:
                 proc.close(cancelled=True)
+            if span is not None:
+                telemetry.end_stream_span(span, proc.facts if proc else None, None)
+                span = None
             proc = None
             raise
         finally:
             self._streams.dec()
             if proc is not None:
-                proc.close(cancelled=not finished)
+                token = None if span is None else _attach(span)
+                try:
+                    proc.close(cancelled=not finished)
+                finally:
+                    if token is not None:
+                        _detach(token)
+            if span is not None:
+                telemetry.end_stream_span(span, proc.facts if proc else None, answered)
 
 
 def _passthrough(phase: str | None) -> pb.ProcessingResponse:
@@ -111,3 +138,17 @@ def _passthrough(phase: str | None) -> pb.ProcessingResponse:
     if phase == "response_trailers":
         return pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
     return pb.ProcessingResponse()
+
+
+def _attach(span: Any) -> object:
+    """Make ``span`` current while a message is handled (tracing on only)."""
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+
+    return otel_context.attach(trace.set_span_in_context(span))
+
+
+def _detach(token: Any) -> None:
+    from opentelemetry import context as otel_context
+
+    otel_context.detach(token)

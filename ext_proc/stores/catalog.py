@@ -7,11 +7,15 @@ replica builds its ``GatewayConfig`` from them with ``load_config(pool)``.
 How objects are stored: each one keeps its fields the way gateway.yaml writes them — a
 few relational columns (names, foreign keys, a policy's type/enabled/on_error) and the
 rest in a ``config`` jsonb object (``{"requests": 60, "window": "1m"}``). Loading puts
-the rows back together into one gateway document (JSON, which is YAML) and validates it
-with the file's own loader (``parse_config(text, filename="postgres")``), so the catalog
-gets the same checks, CEL compilation and fingerprint as the file: a config applied from
-a file and loaded back has the file's fingerprint (``specs_of`` checks that round trip
-before anything is written).
+the rows back together into one gateway document and validates it with the declared
+schema the file and the admin API use (``ext_proc.config.document.build_config``, issues
+named against "postgres"), so the catalog gets the same checks, CEL compilation and
+fingerprint as the file: a config applied from a file and loaded back has the file's
+fingerprint (``specs_of`` checks that round trip before anything is written).
+
+Each object also says who manages it (``managed_by``: ``file`` when ``apply`` wrote it,
+``api`` when the admin API created or last edited it); ``apply`` reads it to decide what
+it may overwrite (``ext_proc.apply``).
 
 ``specs_of(config)`` is the other direction: a validated ``GatewayConfig`` as those
 per-object field mappings ("specs"), with every default written out, so two specs are
@@ -34,13 +38,14 @@ from typing import Any
 import asyncpg
 import orjson
 
+from ext_proc.config.document import build_config
 from ext_proc.config.errors import ConfigError
-from ext_proc.config.loader import parse_config
 from ext_proc.config.model import (
     DEFAULT_ENVIRONMENT,
     Application,
     GatewayConfig,
     Model,
+    Organization,
     Policy,
     Provider,
     Target,
@@ -52,7 +57,13 @@ from ext_proc.usage.pricing import Price, json_number
 POSTGRES_SOURCE = "postgres"
 # The invalidation kind of the catalog: "config:*" tells every ext_proc to reload it.
 CONFIG_KIND = "config"
-SECTIONS: tuple[str, ...] = ("providers", "models", "policies", "applications")
+# In the order objects are created (a section's objects refer to earlier sections').
+SECTIONS: tuple[str, ...] = ("organizations", "providers", "models", "policies", "applications")
+# What makes a catalog a config: organizations alone do not.
+_CONFIG_SECTIONS: tuple[str, ...] = ("providers", "models", "policies", "applications")
+# Who manages an object (the `managed_by` column).
+MANAGED_BY_FILE = "file"
+MANAGED_BY_API = "api"
 
 # One object's fields as gateway.yaml would write them (JSON values).
 Spec = dict[str, Any]
@@ -80,6 +91,7 @@ class CatalogSpecs:
     models: Mapping[str, Spec]
     policies: Mapping[str, Spec]
     applications: Mapping[str, Spec]
+    organizations: Mapping[str, Spec] = dataclasses.field(default_factory=dict)
 
     def section(self, name: str) -> Mapping[str, Spec]:
         value: Mapping[str, Spec] = getattr(self, name)
@@ -87,18 +99,22 @@ class CatalogSpecs:
 
     @property
     def is_empty(self) -> bool:
-        return not any(self.section(name) for name in SECTIONS)
+        """Nothing that makes a config (organizations alone do not)."""
+        return not any(self.section(name) for name in _CONFIG_SECTIONS)
 
     def document(self) -> dict[str, Any]:
         return {name: dict(self.section(name)) for name in SECTIONS if self.section(name)}
 
     def text(self) -> str:
-        # Indented so that issues found when loading point at distinct lines.
         return orjson.dumps(self.document(), option=orjson.OPT_INDENT_2).decode()
 
     def parse(self, filename: str = POSTGRES_SOURCE) -> GatewayConfig:
         """The validated config (raises ``ConfigError`` naming ``filename``)."""
-        return parse_config(self.text(), filename)
+        return build_config(self.document(), filename, require_providers=False)
+
+    def replace(self, section: str, objects: Mapping[str, Spec]) -> CatalogSpecs:
+        """A copy with ``section`` holding ``objects``."""
+        return dataclasses.replace(self, **{section: dict(objects)})
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +124,8 @@ class CatalogSnapshot:
     revision: int
     specs: CatalogSpecs
     policy_versions: Mapping[str, int]
+    # (section, name) -> who manages the object: MANAGED_BY_FILE or MANAGED_BY_API.
+    managed_by: Mapping[tuple[str, str], str] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +150,9 @@ def specs_of(config: GatewayConfig) -> CatalogSpecs:
         models={name: model_spec(m) for name, m in config.models.items()},
         policies={name: policy_spec(p) for name, p in config.policies.items()},
         applications={name: application_spec(a) for name, a in config.applications.items()},
+        organizations={
+            name: organization_spec(o) for name, o in config.organizations.items() if not o.implied
+        },
     )
     try:
         loaded = specs.parse(f"{config.source} (as stored)")
@@ -247,6 +268,13 @@ def application_spec(application: Application) -> Spec:
     return spec
 
 
+def organization_spec(organization: Organization) -> Spec:
+    spec: Spec = {}
+    if organization.description is not None:
+        spec["description"] = organization.description
+    return spec
+
+
 def duration_text(seconds: float) -> str | float:
     """``"90s"``, ``"5m"``, ``"1h"``, ``"1d"`` for whole seconds (the largest exact
     unit), else the number of seconds; both load back to exactly ``seconds``."""
@@ -288,11 +316,148 @@ def split_spec(section: str, spec: Mapping[str, Any]) -> tuple[dict[str, Any], S
 
 
 _COLUMNS: Mapping[str, tuple[str, ...]] = {
+    "organizations": ("description",),
     "providers": ("type", "base_url"),
     "models": ("provider", "deployment"),
     "policies": ("type", "enabled", "on_error"),
     "applications": ("org", "description", "policies", "environments"),
 }
+
+
+# --- writing objects (apply and the admin API) -----------------------------------------
+
+# Insert or overwrite one object's row; $last is who manages it from now on.
+_UPSERT: Mapping[str, str] = {
+    "organizations": """
+        INSERT INTO organizations (name, description, managed_by) VALUES ($1, $2, $3)
+        ON CONFLICT (name) DO UPDATE SET description = EXCLUDED.description,
+            managed_by = EXCLUDED.managed_by""",
+    "providers": """
+        INSERT INTO providers (name, type, base_url, config, managed_by)
+        VALUES ($1, $2, $3, $4::jsonb, $5)
+        ON CONFLICT (name) DO UPDATE SET type = EXCLUDED.type, base_url = EXCLUDED.base_url,
+            config = EXCLUDED.config, managed_by = EXCLUDED.managed_by""",
+    "models": """
+        INSERT INTO models (name, provider_id, deployment, config, managed_by)
+        SELECT $1, p.id, $3, $4::jsonb, $5 FROM providers p WHERE p.name = $2
+        ON CONFLICT (name) DO UPDATE SET provider_id = EXCLUDED.provider_id,
+            deployment = EXCLUDED.deployment, config = EXCLUDED.config,
+            managed_by = EXCLUDED.managed_by""",
+    "policies": """
+        INSERT INTO policies (name, type, enabled, on_error, config, managed_by)
+        VALUES ($1, $2, $3, $4, $5::jsonb, $6)
+        ON CONFLICT (name) DO UPDATE SET type = EXCLUDED.type, enabled = EXCLUDED.enabled,
+            on_error = EXCLUDED.on_error, config = EXCLUDED.config,
+            managed_by = EXCLUDED.managed_by""",
+}
+_DELETE: Mapping[str, str] = {
+    "organizations": "DELETE FROM organizations WHERE name = $1",
+    "providers": "DELETE FROM providers WHERE name = $1",
+    "models": "DELETE FROM models WHERE name = $1",
+    "policies": "DELETE FROM policies WHERE name = $1",
+    # Its environments, bindings and (inactive) keys go with it; a trigger refuses while
+    # it has active keys.
+    "applications": "DELETE FROM applications WHERE name = $1",
+}
+
+
+async def write_object(
+    conn: asyncpg.Connection, section: str, name: str, spec: Spec, managed_by: str
+) -> None:
+    """Insert or overwrite one object from its (validated, normalized) spec. An
+    application's row and environments are written here, its policy lists with
+    ``write_binding``; the organization it names must exist (it is created if not)."""
+    if section == "applications":
+        await _write_application(conn, name, spec, managed_by)
+        return
+    if section == "organizations":
+        await conn.execute(_UPSERT[section], name, spec.get("description"), managed_by)
+        return
+    # The columns in split_spec's order, which is the order _UPSERT takes them in.
+    columns, rest = split_spec(section, spec)
+    await conn.execute(
+        _UPSERT[section], name, *columns.values(), orjson.dumps(rest).decode(), managed_by
+    )
+
+
+async def delete_object(conn: asyncpg.Connection, section: str, name: str) -> None:
+    await conn.execute(_DELETE[section], name)
+
+
+async def _write_application(
+    conn: asyncpg.Connection, name: str, spec: Spec, managed_by: str
+) -> None:
+    await conn.execute(
+        "INSERT INTO organizations (name, managed_by) VALUES ($1, $2) "
+        "ON CONFLICT (name) DO NOTHING",
+        spec["org"],
+        managed_by,
+    )
+    app_id = await conn.fetchval(
+        """
+        INSERT INTO applications (name, organization_id, description, managed_by)
+        SELECT $1, o.id, $3, $4 FROM organizations o WHERE o.name = $2
+        ON CONFLICT (name) DO UPDATE SET organization_id = EXCLUDED.organization_id,
+            description = EXCLUDED.description, managed_by = EXCLUDED.managed_by
+        RETURNING id""",
+        name,
+        spec["org"],
+        spec.get("description"),
+        managed_by,
+    )
+    environments = list(spec.get("environments") or {DEFAULT_ENVIRONMENT: {}})
+    await conn.execute(
+        "INSERT INTO application_environments (application_id, name) "
+        "SELECT $1, unnest($2::text[]) ON CONFLICT (application_id, name) DO NOTHING",
+        app_id,
+        environments,
+    )
+    # A trigger refuses to drop an environment that still has active keys.
+    await conn.execute(
+        "DELETE FROM application_environments WHERE application_id = $1 "
+        "AND NOT (name = ANY($2::text[])) AND name <> $3",
+        app_id,
+        environments,
+        DEFAULT_ENVIRONMENT,
+    )
+
+
+async def write_binding(
+    conn: asyncpg.Connection, app: str, environment: str | None, policies: list[str]
+) -> None:
+    """An application's own policy list (``environment`` None) or an environment's."""
+    app_id = await conn.fetchval("SELECT id FROM applications WHERE name = $1", app)
+    env_id = (
+        await conn.fetchval(
+            "SELECT id FROM application_environments WHERE application_id = $1 AND name = $2",
+            app_id,
+            environment,
+        )
+        if environment
+        else None
+    )
+    await conn.execute(
+        "DELETE FROM application_policies WHERE application_id = $1 "
+        "AND environment_id IS NOT DISTINCT FROM $2",
+        app_id,
+        env_id,
+    )
+    await conn.execute(
+        "INSERT INTO application_policies (application_id, environment_id, policy_id, position) "
+        "SELECT $1, $2, p.id, t.position - 1 "
+        "FROM unnest($3::text[]) WITH ORDINALITY AS t(policy, position) "
+        "JOIN policies p ON p.name = t.policy",
+        app_id,
+        env_id,
+        policies,
+    )
+
+
+async def write_bindings(conn: asyncpg.Connection, app: str, spec: Spec) -> None:
+    """Every policy list of an application: its own and each environment's."""
+    await write_binding(conn, app, None, list(spec.get("policies") or []))
+    for env, env_spec in (spec.get("environments") or {}).items():
+        await write_binding(conn, app, env, list((env_spec or {}).get("policies") or []))
 
 
 async def is_migrated(conn: asyncpg.Connection | asyncpg.Pool) -> bool:
@@ -304,37 +469,51 @@ async def read_snapshot(conn: asyncpg.Connection) -> CatalogSnapshot:
     if not await is_migrated(conn):
         raise CatalogNotMigrated()
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        return await _read(conn)
+        return await read_in_transaction(conn)
 
 
-async def _read(conn: asyncpg.Connection) -> CatalogSnapshot:
+async def read_in_transaction(conn: asyncpg.Connection) -> CatalogSnapshot:
+    """Every catalog row as specs, read on ``conn`` inside the caller's transaction."""
     revision = await conn.fetchval("SELECT revision FROM catalog_state")
+    managed_by: dict[tuple[str, str], str] = {}
+
+    organizations: dict[str, Spec] = {}
+    for row in await conn.fetch(
+        "SELECT name, description, managed_by FROM organizations ORDER BY name"
+    ):
+        organizations[row["name"]] = (
+            {"description": row["description"]} if row["description"] is not None else {}
+        )
+        managed_by["organizations", row["name"]] = row["managed_by"]
 
     providers: dict[str, Spec] = {}
     for row in await conn.fetch(
-        "SELECT name, type, base_url, config::text AS config FROM providers ORDER BY name"
+        "SELECT name, type, base_url, config::text AS config, managed_by FROM providers "
+        "ORDER BY name"
     ):
         providers[row["name"]] = {
             "type": row["type"],
             "base_url": row["base_url"],
             **orjson.loads(row["config"]),
         }
+        managed_by["providers", row["name"]] = row["managed_by"]
 
     models: dict[str, Spec] = {}
     for row in await conn.fetch(
-        "SELECT m.name, p.name AS provider, m.deployment, m.config::text AS config "
-        "FROM models m JOIN providers p ON p.id = m.provider_id ORDER BY m.name"
+        "SELECT m.name, p.name AS provider, m.deployment, m.config::text AS config, "
+        "m.managed_by FROM models m JOIN providers p ON p.id = m.provider_id ORDER BY m.name"
     ):
         models[row["name"]] = {
             "provider": row["provider"],
             "deployment": row["deployment"],
             **orjson.loads(row["config"]),
         }
+        managed_by["models", row["name"]] = row["managed_by"]
 
     policies: dict[str, Spec] = {}
     versions: dict[str, int] = {}
     for row in await conn.fetch(
-        "SELECT name, type, config::text AS config, enabled, on_error, version "
+        "SELECT name, type, config::text AS config, enabled, on_error, version, managed_by "
         "FROM policies ORDER BY name"
     ):
         policies[row["name"]] = {
@@ -344,10 +523,11 @@ async def _read(conn: asyncpg.Connection) -> CatalogSnapshot:
             "on_error": row["on_error"],
         }
         versions[row["name"]] = row["version"]
+        managed_by["policies", row["name"]] = row["managed_by"]
 
     applications: dict[str, Spec] = {}
     for row in await conn.fetch(
-        "SELECT a.name, o.name AS org, a.description FROM applications a "
+        "SELECT a.name, o.name AS org, a.description, a.managed_by FROM applications a "
         "JOIN organizations o ON o.id = a.organization_id ORDER BY a.name"
     ):
         spec: Spec = {"org": row["org"]}
@@ -356,6 +536,7 @@ async def _read(conn: asyncpg.Connection) -> CatalogSnapshot:
         spec["policies"] = []
         spec["environments"] = {}
         applications[row["name"]] = spec
+        managed_by["applications", row["name"]] = row["managed_by"]
     for row in await conn.fetch(
         "SELECT a.name AS app, e.name AS env FROM application_environments e "
         "JOIN applications a ON a.id = e.application_id "
@@ -378,9 +559,14 @@ async def _read(conn: asyncpg.Connection) -> CatalogSnapshot:
     return CatalogSnapshot(
         revision=revision,
         specs=CatalogSpecs(
-            providers=providers, models=models, policies=policies, applications=applications
+            providers=providers,
+            models=models,
+            policies=policies,
+            applications=applications,
+            organizations=organizations,
         ),
         policy_versions=versions,
+        managed_by=managed_by,
     )
 
 

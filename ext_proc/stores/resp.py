@@ -26,6 +26,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ext_proc import telemetry
 from ext_proc.stores.redis import CONNECT_TIMEOUT, DEFAULT_TIMEOUT
 
 _CRLF = b"\r\n"
@@ -156,6 +157,16 @@ class RespClient:
         self._closed = False
 
     async def execute_command(self, *args: Any) -> Any:
+        tracer = telemetry.TRACER
+        if tracer is not None:  # traced like the redis-py calls (db.system redis)
+            from opentelemetry.trace import SpanKind
+
+            with tracer.start_as_current_span(str(args[0]), kind=SpanKind.CLIENT) as span:
+                span.set_attributes({"db.system": "redis", "db.operation.name": str(args[0])})
+                return await self._execute(*args)
+        return await self._execute(*args)
+
+    async def _execute(self, *args: Any) -> Any:
         protocol = self._protocol
         if protocol is None or protocol.lost:
             protocol = await self._connect()

@@ -2,9 +2,13 @@
 
 The request path calls ``UsageRecorder.submit`` (synchronous, O(1), never raises). A
 writer task drains the in-memory queue in batches: COPY into a per-connection temporary
-staging table, then ``INSERT ... SELECT ... ON CONFLICT (request_id) DO NOTHING`` into
+staging table, then ``INSERT ... SELECT ... ON CONFLICT`` on the primary key into
 ``usage_records``, in one transaction, so a batch written twice (retry after a lost
-commit acknowledgement, replay of a spooled copy) never duplicates a row.
+commit acknowledgement, replay of a spooled copy) never duplicates a row. The key is
+(request_id, created_at) since the table is partitioned by day (request_id alone
+before migration 0007; the statement names the constraint and fits both): every record
+of a request carries the request's start time as created_at, so they meet on it. The
+same transaction queues the rows for the rollups (triggers on the table).
 
 Nothing is dropped silently:
 
@@ -20,6 +24,11 @@ Nothing is dropped silently:
   Postgres's error, and are counted and logged;
 - only when the spool itself fails (disk full, unwritable folder) is a record dropped:
   counted in ``ext_proc_usage_records_dropped_total`` and logged with its request id.
+
+A third task keeps the data in shape (``ext_proc.usage.maintenance``): every few seconds
+it folds the changes the triggers queued into the hourly and daily rollups; at start and
+every hour it creates the partitions of the days ahead and, with a retention set, drops
+old days.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from ext_proc.metrics import Metrics
+from ext_proc.usage.maintenance import MaintenancePolicy, fold, maintain
 from ext_proc.usage.record import COLUMNS, UsageRecord, rank, rank_sql, record_row
 from ext_proc.usage.spool import Spool
 
@@ -49,9 +59,10 @@ _CREATE_STAGING = (
     "(LIKE usage_records INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
 )
 # A replayed batch never duplicates a row; a second record of one request replaces the
-# first only when it ranks higher (see record.RECORDER_RANK).
+# first only when it ranks higher (see record.RECORDER_RANK). The constraint is named,
+# not its columns: (request_id) before migration 0007, (request_id, created_at) after.
 _ON_CONFLICT = (
-    "ON CONFLICT (request_id) DO UPDATE SET "
+    "ON CONFLICT ON CONSTRAINT usage_records_pkey DO UPDATE SET "
     f"({_COLUMN_LIST}) = ({', '.join('EXCLUDED.' + c for c in COLUMNS)}) "
     f"WHERE {rank_sql('EXCLUDED.recorded_by')} > {rank_sql('usage_records.recorded_by')}"
 )
@@ -77,6 +88,7 @@ def _one_per_request(records: Sequence[UsageRecord]) -> Sequence[UsageRecord]:
 
 
 _SPILL_LINGER = 1.0  # seconds the replayer lets fresh spool data accumulate
+_MAINTENANCE_RETRY = 60.0  # seconds before a failed partition maintenance runs again
 
 # Errors caused by a record's content rather than by the connection: SQLSTATE classes 22
 # (data exception) and 23 (integrity constraint), and asyncpg's client-side encoding
@@ -113,6 +125,7 @@ class UsageRecorder:
 
     ``submit`` is called on the event loop thread. ``pool`` may be ``None`` when
     Postgres is not available at start-up: records are spooled until ``attach_pool``.
+    ``maintenance``: partitions ahead, retention, rollup folds (None: none of them).
     """
 
     def __init__(
@@ -129,6 +142,7 @@ class UsageRecorder:
         backoff_base: float = 0.1,
         backoff_max: float = 5.0,
         replay_interval: float = 30.0,
+        maintenance: MaintenancePolicy | None = MaintenancePolicy(),  # noqa: B008 (frozen)
     ) -> None:
         if max_queue < 1 or batch_size < 1 or max_attempts < 1:
             raise ValueError("max_queue, batch_size and max_attempts must be at least 1")
@@ -145,6 +159,7 @@ class UsageRecorder:
         # How often a healthy replayer looks for segments nobody told it about (left by a
         # crashed process sharing the spool folder).
         self._replay_interval = replay_interval
+        self._maintenance = maintenance
 
         self._queue: deque[UsageRecord] = deque()
         self._inflight: list[UsageRecord] = []  # taken from the queue, not finished yet
@@ -160,6 +175,10 @@ class UsageRecorder:
         self._close_done = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._replayer: asyncio.Task[None] | None = None
+        self._maintainer: asyncio.Task[None] | None = None
+        self._pool_attached = asyncio.Event()  # maintainer: a pool to work with
+        if pool is not None:
+            self._pool_attached.set()
         self._postgres_up = pool is not None
         self.stats = RecorderStats()
 
@@ -206,11 +225,16 @@ class UsageRecorder:
             self._writer = asyncio.create_task(self._write_loop(), name="usage-writer")
         if self._replayer is None:
             self._replayer = asyncio.create_task(self._replay_loop(), name="usage-replayer")
+        if self._maintainer is None and self._maintenance is not None:
+            self._maintainer = asyncio.create_task(
+                self._maintain_loop(self._maintenance), name="usage-maintenance"
+            )
 
     def attach_pool(self, pool: asyncpg.Pool) -> None:
         """Use ``pool`` from now on (Postgres became reachable); replay the spool."""
         self._pool = pool
         self._kick.set()
+        self._pool_attached.set()
 
     async def flush(self) -> None:
         """Return once every record submitted before the call is written or spooled."""
@@ -255,6 +279,9 @@ class UsageRecorder:
             # Between a commit and its segment's removal a cancel only means the segment
             # is replayed again next time, which inserts nothing.
             await self._cancel(self._replayer)
+        if self._maintainer is not None:
+            # Each partition change is its own transaction: a cancel rolls back at most one.
+            await self._cancel(self._maintainer)
         # From here on submit() spools directly, so nothing can land in a queue that no
         # one drains any more.
         self._closed = True
@@ -523,3 +550,28 @@ class UsageRecorder:
             raise ConnectionError("no Postgres pool")
         await asyncio.wait_for(pool.fetchval("SELECT 1"), self._write_timeout)
         self._mark_up()
+
+    # --- maintenance ---
+
+    async def _maintain_loop(self, policy: MaintenancePolicy) -> None:
+        """Fold the rollups every ``policy.fold_interval``; partitions ahead (and
+        retention) at start, then every ``policy.interval``. Idle while Postgres is down."""
+        await self._pool_attached.wait()
+        next_partitions = 0.0
+        while not self._closing:
+            pool = self._pool
+            if pool is not None and self._postgres_up:
+                if time.monotonic() >= next_partitions:
+                    ok = await self._maintenance_step(maintain(pool, policy), "partitions")
+                    wait = policy.interval if ok else min(policy.interval, _MAINTENANCE_RETRY)
+                    next_partitions = time.monotonic() + wait
+                await self._maintenance_step(fold(pool), "rollup fold")
+            await asyncio.sleep(policy.fold_interval)
+
+    async def _maintenance_step(self, step: Awaitable[object], what: str) -> bool:
+        try:
+            await step
+        except Exception as exc:  # a lock timeout, Postgres gone: the next run retries
+            log.warning("usage %s failed: %s: %s", what, type(exc).__name__, exc)
+            return False
+        return True

@@ -1,6 +1,16 @@
 """Usage rollups: totals of ``usage_records`` grouped by org, app, key, environment,
-model, provider, deployment, decision and hour/day, over a time range (the admin API and
-``ext-proc usage``).
+model, provider, deployment, decision, status class and hour/day, over a time range (the
+admin API and ``ext-proc usage``).
+
+Where the totals come from (``schema/0007_usage_partitions.sql``): ``usage_rollup_hourly``
+and ``usage_rollup_daily`` hold totals per UTC hour / day and group; what changed in
+``usage_records`` since the last fold waits in ``usage_rollup_pending`` (appended by
+triggers in the writer's transaction). A range is read as whole UTC days from the daily
+table (the hourly one when grouped by hour), the whole hours at either end from the
+hourly table, plus what is pending for those hours, and only the partial hours at either
+end (``--since 30d`` at 10:17 starts with 10:17-11:00) from the rows themselves; the
+parts are added up in one query, one snapshot, so the totals are exact whenever the fold
+last ran. A database not migrated that far yet is read from its rows alone.
 
 Only identifiers from the fixed ``GROUP_KEYS`` table reach the SQL text; every value
 (times, filters, limit) is a query parameter. Hours and days are UTC buckets.
@@ -9,19 +19,26 @@ Only identifiers from the fixed ``GROUP_KEYS`` table reach the SQL text; every v
 for a group none of whose rows has one (models without a price, requests denied before
 routing). As JSON it is a string (``"0.0123450000"``): a JSON number would go through a
 double.
+
+Counts, tokens, cost and average latency equal what the rows add up to. The p95 latency
+is read from a latency histogram (four buckets per doubling, each 19% wide): the
+bucket holding the 95th percentile is exact, and within it the bucket's latencies are
+taken as evenly spread, so the value is within that bucket's width of the exact
+percentile (a few percent, typically).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 
-# group key -> SQL expression (fixed text, never user input)
+# group key -> SQL expression over usage_records (fixed text, never user input)
 GROUP_KEYS: dict[str, str] = {
     "org_id": "org_id",
     "app_id": "app_id",
@@ -33,11 +50,102 @@ GROUP_KEYS: dict[str, str] = {
     "decision": "decision",
     "hour": "date_trunc('hour', created_at, 'UTC')",
     "day": "date_trunc('day', created_at, 'UTC')",
+    "status_class": "((status_code / 100)::text || 'xx')",  # '2xx', '4xx', ...
 }
 TIME_KEYS = frozenset({"hour", "day"})
 MAX_LIMIT = 100_000
 
-_AGGREGATES = """
+# The same keys over the rollup tables (whose ``bucket`` is the UTC hour or day).
+_HOURLY_KEYS = {**{k: k for k in GROUP_KEYS}, "hour": "bucket"}
+_HOURLY_KEYS["day"] = "date_trunc('day', bucket, 'UTC')"
+_DAILY_KEYS = {**{k: k for k in GROUP_KEYS}, "day": "bucket"}
+del _DAILY_KEYS["hour"]  # a day's totals have no hours: grouping by hour reads hourly
+
+# The latency histogram (usage_latency_bucket, usage_latency_unit in the schema).
+BUCKETS_PER_DOUBLING = 4
+LAST_BUCKET = 81  # 2^20 ms and over
+_FIELD = 10**16  # one bucket's count per 16 decimal digits of the packed histogram
+# 4 / ln(2), written as in usage_latency_bucket: the same double, so a latency on a
+# bucket's edge falls on the same side here and there.
+_BUCKETS_PER_LN = 5.770780163555854
+P95 = 0.95
+
+HOUR = timedelta(hours=1)
+DAY = timedelta(days=1)
+
+_ROLLUP_TABLES = ("usage_rollup_hourly", "usage_rollup_daily", "usage_rollup_pending")
+
+# Each part of a range yields these partial sums; the outer query adds them up.
+_RAW_MEASURES = """
+    count(*) AS requests,
+    sum(prompt_tokens) AS prompt_tokens,
+    sum(completion_tokens) AS completion_tokens,
+    sum(total_tokens) AS total_tokens,
+    sum(cached_tokens) AS cached_tokens,
+    sum(cache_creation_tokens) AS cache_creation_tokens,
+    sum(reasoning_tokens) AS reasoning_tokens,
+    sum(cost_usd) AS cost_usd,
+    count(cost_usd) AS cost_rows,
+    count(*) FILTER (WHERE tokens_estimated) AS estimated_rows,
+    count(*) FILTER (WHERE decision = 'error') AS errors,
+    count(*) FILTER (WHERE decision = 'denied') AS denied,
+    count(usage_latency(latency_ms)) AS latency_rows,
+    sum(usage_latency(latency_ms)::numeric) AS latency_sum_ms,
+    count(usage_latency(latency_ms)) * usage_latency_unit(usage_latency_bucket(latency_ms))
+        AS latency_histogram
+"""
+_PENDING_MEASURES = """
+    sum(weight) AS requests,
+    sum(weight * prompt_tokens) AS prompt_tokens,
+    sum(weight * completion_tokens) AS completion_tokens,
+    sum(weight * total_tokens) AS total_tokens,
+    sum(weight * cached_tokens) AS cached_tokens,
+    sum(weight * cache_creation_tokens) AS cache_creation_tokens,
+    sum(weight * reasoning_tokens) AS reasoning_tokens,
+    sum(weight * cost_usd) AS cost_usd,
+    sum(weight) FILTER (WHERE cost_usd IS NOT NULL) AS cost_rows,
+    sum(weight) FILTER (WHERE tokens_estimated) AS estimated_rows,
+    sum(weight) FILTER (WHERE decision = 'error') AS errors,
+    sum(weight) FILTER (WHERE decision = 'denied') AS denied,
+    sum(weight) FILTER (WHERE usage_latency(latency_ms) IS NOT NULL) AS latency_rows,
+    sum(weight * usage_latency(latency_ms)::numeric) AS latency_sum_ms,
+    sum(weight) FILTER (WHERE usage_latency(latency_ms) IS NOT NULL)
+        * usage_latency_unit(usage_latency_bucket(latency_ms)) AS latency_histogram
+"""
+_ROLLUP_MEASURES = """
+    sum(requests) AS requests,
+    sum(prompt_tokens) AS prompt_tokens,
+    sum(completion_tokens) AS completion_tokens,
+    sum(total_tokens) AS total_tokens,
+    sum(cached_tokens) AS cached_tokens,
+    sum(cache_creation_tokens) AS cache_creation_tokens,
+    sum(reasoning_tokens) AS reasoning_tokens,
+    sum(cost_usd) AS cost_usd,
+    sum(cost_rows) AS cost_rows,
+    sum(estimated_rows) AS estimated_rows,
+    sum(requests) FILTER (WHERE decision = 'error') AS errors,
+    sum(requests) FILTER (WHERE decision = 'denied') AS denied,
+    sum(latency_rows) AS latency_rows,
+    sum(latency_sum_ms) AS latency_sum_ms,
+    sum(latency_histogram) AS latency_histogram
+"""
+_TOTALS = """
+    coalesce(sum(requests), 0)::bigint AS requests,
+    coalesce(sum(prompt_tokens), 0)::bigint AS prompt_tokens,
+    coalesce(sum(completion_tokens), 0)::bigint AS completion_tokens,
+    coalesce(sum(total_tokens), 0)::bigint AS total_tokens,
+    coalesce(sum(cached_tokens), 0)::bigint AS cached_tokens,
+    coalesce(sum(cache_creation_tokens), 0)::bigint AS cache_creation_tokens,
+    coalesce(sum(reasoning_tokens), 0)::bigint AS reasoning_tokens,
+    CASE WHEN sum(cost_rows) > 0 THEN sum(cost_usd) END AS cost_usd,
+    coalesce(sum(estimated_rows), 0)::bigint AS estimated_rows,
+    coalesce(sum(errors), 0)::bigint AS errors,
+    coalesce(sum(denied), 0)::bigint AS denied,
+    (sum(latency_sum_ms) / nullif(sum(latency_rows), 0))::float8 AS avg_latency_ms,
+    sum(latency_histogram) AS latency_histogram
+"""
+# Before migration 0007 (no rollup tables): everything from the rows, p95 exact.
+_LEGACY_TOTALS = """
     count(*) AS requests,
     coalesce(sum(prompt_tokens), 0)::bigint AS prompt_tokens,
     coalesce(sum(completion_tokens), 0)::bigint AS completion_tokens,
@@ -69,7 +177,7 @@ class RollupRow:
     errors: int
     denied: int
     avg_latency_ms: float | None  # None when no row of the group has a latency
-    p95_latency_ms: float | None
+    p95_latency_ms: float | None  # from the latency histogram (see the module's doc)
 
     def as_dict(self) -> dict[str, Any]:
         """Keys and measures flat, datetimes as ISO strings, cost as a decimal string
@@ -83,8 +191,9 @@ class RollupRow:
         return out
 
 
-# The measures, in column order: every field but the group keys (named as in _AGGREGATES).
+# The measures, in column order: every field but the group keys (named as in _TOTALS).
 _MEASURES: tuple[str, ...] = tuple(f.name for f in fields(RollupRow) if f.name != "keys")
+_SQL_MEASURES: tuple[str, ...] = _MEASURES[: _MEASURES.index("p95_latency_ms")]
 
 
 def validate_group_by(group_by: Sequence[str]) -> list[str]:
@@ -102,6 +211,118 @@ def validate_group_by(group_by: Sequence[str]) -> list[str]:
     return list(group_by)
 
 
+# --- the latency histogram ---
+
+
+def latency_bucket(ms: float) -> int:
+    """The histogram bucket of a latency, as ``usage_latency_bucket`` computes it."""
+    if ms < 1:
+        return 0
+    return min(1 + _floor_log(ms), LAST_BUCKET)
+
+
+def _floor_log(ms: float) -> int:
+    return math.floor(math.log(ms) * _BUCKETS_PER_LN)
+
+
+def bucket_bounds(bucket: int) -> tuple[float, float]:
+    """The latencies (ms) bucket ``bucket`` holds: [low, high); high is inf for the last."""
+    if bucket == 0:
+        return 0.0, 1.0
+    low = 2.0 ** ((bucket - 1) / BUCKETS_PER_DOUBLING)
+    if bucket >= LAST_BUCKET:
+        return low, float("inf")
+    return low, 2.0 ** (bucket / BUCKETS_PER_DOUBLING)
+
+
+def unpack_histogram(packed: Decimal | int | None) -> list[int]:
+    """Bucket counts (index = bucket) of a packed histogram (``usage_latency_unit``)."""
+    if packed is None:
+        return []
+    value = int(packed)
+    if value < 0:
+        raise ValueError(f"a latency histogram cannot be negative: {packed}")
+    counts: list[int] = []
+    while value:
+        value, count = divmod(value, _FIELD)
+        counts.append(count)
+    return counts
+
+
+def histogram_percentile(counts: Sequence[int], q: float = P95) -> float | None:
+    """The ``q`` quantile of the latencies a histogram counts, as ``percentile_cont``
+    would give it if each bucket's latencies were evenly spread over the bucket."""
+    total = sum(counts)
+    if total == 0:
+        return None
+    position = q * (total - 1)  # 0-based rank among the sorted latencies
+    before = 0
+    for bucket, count in enumerate(counts):
+        if count and position < before + count:
+            low, high = bucket_bounds(bucket)
+            if high == float("inf"):
+                return low
+            # the bucket's values sit at the middles of `count` equal slices of it
+            return low + (position - before + 0.5) / count * (high - low)
+        before += count
+    return bucket_bounds(len(counts) - 1)[0]
+
+
+# --- which table answers which part of a range ---
+
+Source = Literal["raw", "hourly", "daily", "pending"]
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    source: Source
+    since: datetime | None  # None: unbounded
+    until: datetime | None
+
+
+def _utc(moment: datetime) -> datetime:
+    """``moment`` in UTC; a naive datetime is taken as UTC (as Postgres takes it)."""
+    return moment.astimezone(UTC) if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _floor(moment: datetime, unit: timedelta) -> datetime:
+    floor = _utc(moment).replace(minute=0, second=0, microsecond=0)
+    return floor.replace(hour=0) if unit == DAY else floor
+
+
+def _ceil(moment: datetime, unit: timedelta) -> datetime:
+    floor = _floor(moment, unit)
+    return floor if floor == _utc(moment) else floor + unit
+
+
+def plan_parts(since: datetime | None, until: datetime | None, *, by_hour: bool) -> list[Part]:
+    """The pieces of ``[since, until)`` (None: unbounded) and where each is read: the
+    partial hours at the ends from the rows, whole days from the daily rollup (not when
+    grouping by hour), the whole hours in between from the hourly one, and the changes
+    not folded into the rollups yet for all the whole hours."""
+    first_hour = _ceil(since, HOUR) if since is not None else None
+    end_hour = _floor(until, HOUR) if until is not None else None
+    if first_hour is not None and end_hour is not None and first_hour >= end_hour:
+        return [Part("raw", since, until)]  # not one whole hour
+    parts: list[Part] = []
+    if since is not None and first_hour is not None and since < first_hour:
+        parts.append(Part("raw", since, first_hour))
+    if until is not None and end_hour is not None and end_hour < until:
+        parts.append(Part("raw", end_hour, until))
+    parts.append(Part("pending", first_hour, end_hour))
+    first_day = _ceil(first_hour, DAY) if first_hour is not None else None
+    end_day = _floor(end_hour, DAY) if end_hour is not None else None
+    if by_hour or (first_day is not None and end_day is not None and first_day >= end_day):
+        parts.append(Part("hourly", first_hour, end_hour))
+        return parts
+    if first_hour is not None and first_day is not None and first_hour < first_day:
+        parts.append(Part("hourly", first_hour, first_day))
+    parts.append(Part("daily", first_day, end_day))
+    if end_day is not None and end_hour is not None and end_day < end_hour:
+        parts.append(Part("hourly", end_day, end_hour))
+    return parts
+
+
 def _build_query(
     keys: list[str],
     *,
@@ -109,26 +330,62 @@ def _build_query(
     until: datetime | None,
     filters: dict[str, str | None],
     limit: int,
+    rollups: bool = True,
+    parts: Sequence[Part] | None = None,
 ) -> tuple[str, list[Any]]:
+    """The query and its parameters; ``parts`` replaces the plan (tests and benchmarks
+    compare the rollups' answer with the rows' own)."""
     params: list[Any] = []
-    where: list[str] = []
 
     def param(value: Any) -> str:
         params.append(value)
         return f"${len(params)}"
 
-    if since is not None:
-        where.append(f"created_at >= {param(since)}")
-    if until is not None:
-        where.append(f"created_at < {param(until)}")
-    for column, value in filters.items():
-        if value is not None:
-            where.append(f"{column} = {param(value)}")
+    def where(time_column: str, lo: datetime | None, hi: datetime | None) -> str:
+        conditions = []
+        if lo is not None:
+            conditions.append(f"{time_column} >= {param(lo)}")
+        if hi is not None:
+            conditions.append(f"{time_column} < {param(hi)}")
+        conditions += [f"{column} = {param(v)}" for column, v in filters.items() if v is not None]
+        return " WHERE " + " AND ".join(conditions) if conditions else ""
 
-    select = [f"{GROUP_KEYS[k]} AS {k}" for k in keys]
-    sql = f"SELECT {', '.join([*select, _AGGREGATES])} FROM usage_records"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
+    if not rollups:
+        select = [f"{GROUP_KEYS[k]} AS {k}" for k in keys]
+        sql = f"SELECT {', '.join([*select, _LEGACY_TOTALS])} FROM usage_records"
+        sql += where("created_at", since, until)
+    else:
+        members = []
+        if parts is None:
+            parts = plan_parts(since, until, by_hour="hour" in keys)
+        for part in parts:
+            if part.source in ("raw", "pending"):
+                table, measures = (
+                    ("usage_records", _RAW_MEASURES)
+                    if part.source == "raw"
+                    else ("usage_rollup_pending", _PENDING_MEASURES)
+                )
+                select = [f"{GROUP_KEYS[k]} AS {k}" for k in keys]
+                grouping = [GROUP_KEYS[k] for k in keys] + ["usage_latency_bucket(latency_ms)"]
+                members.append(
+                    f"SELECT {', '.join([*select, measures])} FROM {table}"
+                    + where("created_at", part.since, part.until)
+                    + f" GROUP BY {', '.join(grouping)}"
+                )
+            else:
+                # Each part totals its own groups first: a big part aggregates in
+                # parallel workers, and the outer query adds a few rows per group.
+                exprs = _HOURLY_KEYS if part.source == "hourly" else _DAILY_KEYS
+                select = [f"{exprs[k]} AS {k}" for k in keys]
+                member = (
+                    f"SELECT {', '.join([*select, _ROLLUP_MEASURES])} "
+                    f"FROM usage_rollup_{part.source}" + where("bucket", part.since, part.until)
+                )
+                if keys:
+                    member += f" GROUP BY {', '.join(exprs[k] for k in keys)}"
+                members.append(member)
+        union = "\n    UNION ALL\n    ".join(members)
+        sql = f"SELECT {', '.join([*keys, _TOTALS])} FROM (\n    {union}\n) parts"
     if keys:
         positions = ", ".join(str(i) for i in range(1, len(keys) + 1))
         # Time buckets in order; within one, the biggest consumers first; then the keys
@@ -136,9 +393,21 @@ def _build_query(
         order = [f"{k} ASC" for k in keys if k in TIME_KEYS]
         order += ["total_tokens DESC", "requests DESC"]
         order += [f"{k} ASC NULLS LAST" for k in keys if k not in TIME_KEYS]
-        sql += f" GROUP BY {positions} ORDER BY {', '.join(order)}"
+        sql += f" GROUP BY {positions}"
+        if rollups:  # a group whose rows all moved to another group nets to nothing
+            sql += " HAVING sum(requests) > 0"
+        sql += f" ORDER BY {', '.join(order)}"
     sql += f" LIMIT {param(limit)}"
     return sql, params
+
+
+async def has_rollups(pool: asyncpg.Pool | asyncpg.Connection) -> bool:
+    """Whether the database has the rollup tables (migration 0007)."""
+    found = await pool.fetchval(
+        "SELECT count(*) FROM unnest($1::text[]) t WHERE to_regclass(t) IS NOT NULL",
+        list(_ROLLUP_TABLES),
+    )
+    return bool(found == len(_ROLLUP_TABLES))
 
 
 async def rollup(
@@ -161,16 +430,25 @@ async def rollup(
         raise ValueError(f"limit must be between 1 and {MAX_LIMIT}, got {limit}")
     if since is not None and until is not None and since >= until:
         raise ValueError(f"since ({since.isoformat()}) must be before until ({until.isoformat()})")
+    rollups = await has_rollups(pool)
     sql, params = _build_query(
         keys,
         since=since,
         until=until,
         filters={"org_id": org_id, "app_id": app_id, "model": model},
         limit=limit,
+        rollups=rollups,
     )
     rows = await pool.fetch(sql, *params)
     return [
-        RollupRow(keys={k: row[k] for k in keys}, **{m: row[m] for m in _MEASURES}) for row in rows
+        RollupRow(
+            keys={k: row[k] for k in keys},
+            **{m: row[m] for m in _SQL_MEASURES},
+            p95_latency_ms=row["p95_latency_ms"]
+            if not rollups
+            else histogram_percentile(unpack_histogram(row["latency_histogram"])),
+        )
+        for row in rows
     ]
 
 

@@ -108,13 +108,13 @@ async def test_apply_writes_the_catalog_and_loads_back_with_the_same_fingerprint
 
     # Rows as gateway.yaml writes them.
     policy = await pool.fetchrow(
-        "SELECT type, config::text, enabled, on_error, version, source FROM policies "
+        "SELECT type, config::text, enabled, on_error, version, managed_by FROM policies "
         "WHERE name = 'sixty-per-minute'"
     )
     assert policy is not None
     assert orjson.loads(policy["config"]) == {"requests": 60, "window": "1m", "scope": "app"}
     assert (policy["type"], policy["enabled"], policy["on_error"]) == ("rate_limit", True, "allow")
-    assert (policy["version"], policy["source"]) == (1, "file")
+    assert (policy["version"], policy["managed_by"]) == (1, "file")
     cel = await pool.fetchrow(
         "SELECT config::text, on_error FROM policies WHERE name = 'short-prompts'"
     )
@@ -449,15 +449,19 @@ async def test_an_unmigrated_database_is_refused(unmigrated_cli: Cli, tmp_path: 
     assert "run `ext-proc migrate` first" in err
 
 
-async def test_apply_overwrites_admin_edits_to_declared_objects_only(
+async def test_apply_overwrites_file_managed_objects_and_skips_api_managed_ones(
     cli: Cli, pool: asyncpg.Pool, tmp_path: Path
 ) -> None:
     path = write(tmp_path, GATEWAY)
     assert (await cli("apply", "-f", str(path)))[0] == 0
-    # An admin edit to a declared policy, and an admin-created policy.
+    # An SQL edit to a file-managed policy (the file still manages it), an edit made as
+    # the admin API makes them (it manages the policy from then on), and an API policy.
     await pool.execute(
-        "UPDATE policies SET config = config || '{\"requests\": 5}', source = 'admin' "
-        "WHERE name = 'sixty-per-minute'"
+        "UPDATE policies SET config = config || '{\"requests\": 5}' WHERE name = 'sixty-per-minute'"
+    )
+    await pool.execute(
+        "UPDATE policies SET config = config || '{\"tokens\": 5}', managed_by = 'api' "
+        "WHERE name = 'tokens-per-minute'"
     )
     await pool.execute(
         "INSERT INTO policies (name, type, config) "
@@ -470,16 +474,50 @@ async def test_apply_overwrites_admin_edits_to_declared_objects_only(
     code, out, err = await cli("apply", "-f", str(path))
     assert code == 0, err
     assert "~ policy sixty-per-minute: requests 5 -> 60; version 2 -> 3" in out
-    assert "- policy admin-only (kept; --prune deletes)" in out
-    row = await pool.fetchrow(
-        "SELECT version, source FROM policies WHERE name = 'sixty-per-minute'"
-    )
-    assert row is not None and (row["version"], row["source"]) == (3, "file")
+    assert (
+        "! policy tokens-per-minute: managed by the admin API, not overwritten (--force "
+        "overwrites it): tokens 5 -> 100000"
+    ) in out
+    assert "- policy admin-only (managed by the admin API; kept; --prune-api deletes)" in out
+    assert "1 skipped (managed by the admin API)" in out
+    assert "--force overwrites them" in err
+    rows = {
+        row["name"]: (row["version"], row["managed_by"])
+        for row in await pool.fetch("SELECT name, version, managed_by FROM policies")
+    }
+    assert rows["sixty-per-minute"] == (3, "file")
+    assert rows["tokens-per-minute"] == (2, "api")  # not overwritten
+    assert rows["admin-only"] == (1, "api")
+    kept = await load_catalog(pool)
+    assert kept is not None and kept.policies["tokens-per-minute"].params.tokens == 5  # type: ignore[attr-defined]
+
+    # --prune leaves API-managed objects alone; --force takes them over; --prune-api
+    # deletes the ones the file does not declare.
+    code, out, err = await cli("apply", "-f", str(path), "--prune")
+    assert code == 0, err
     assert await pool.fetchval("SELECT count(*) FROM policies WHERE name = 'admin-only'") == 1
+    code, out, err = await cli("apply", "-f", str(path), "--force", "--prune-api")
+    assert code == 0, err
+    assert "~ policy tokens-per-minute: tokens 5 -> 100000; version 2 -> 3" in out
+    assert "- policy admin-only (rate_limit)" in out
+    rows = {
+        row["name"]: (row["version"], row["managed_by"])
+        for row in await pool.fetch("SELECT name, version, managed_by FROM policies")
+    }
+    assert rows["tokens-per-minute"] == (3, "file") and "admin-only" not in rows
     restored = await load_catalog(pool)
-    assert restored is not None
-    assert restored.policies["sixty-per-minute"].params.requests == 60  # type: ignore[attr-defined]
+    assert restored is not None and restored.fingerprint == load_config(path).fingerprint
     assert await config_version(pool) == restored.fingerprint
+    # Each write is in the audit log.
+    actions = await pool.fetch(
+        "SELECT action, kind, name FROM audit_log WHERE actor = 'ext-proc apply' "
+        "AND name IN ('tokens-per-minute', 'admin-only') ORDER BY id"
+    )
+    assert [(r["action"], r["kind"], r["name"]) for r in actions] == [
+        ("create", "policy", "tokens-per-minute"),
+        ("update", "policy", "tokens-per-minute"),
+        ("delete", "policy", "admin-only"),
+    ]
 
 
 async def test_versions_are_bumped_by_the_database_for_any_writer(pool: asyncpg.Pool) -> None:
@@ -505,7 +543,8 @@ async def test_a_plan_made_before_another_change_is_refused(
     result = await apply(pool, await plan(pool, config, prune=False))
     assert result.created == 13
     assert result.policy_versions == dict.fromkeys(config.policies, 1)
-    assert format_plan(await plan(pool, config, prune=False)) == "no changes"
+    # (The organization inserted by SQL is an object of its own now, kept and listed.)
+    assert format_plan(await plan(pool, config, prune=False)).splitlines()[-1] == "no changes"
 
 
 async def next_message(pubsub: aioredis.client.PubSub, timeout: float = 5.0) -> bytes | None:

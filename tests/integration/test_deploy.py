@@ -2,10 +2,13 @@
 
 What a user of those files would trip over, checked without Docker or a cluster, in a
 few seconds: every container command is a real ``ext-proc`` invocation, the published
-and declared ports are the contract's, every mounted file exists, the Envoy configs pass
-``envoy --mode validate`` and equal what ``ext_proc.envoy_config`` renders for their
-gateway configs, and every metric the dashboard and the alerts query is one the service
-(or Envoy) exports.
+and declared ports are the contract's, every mounted file exists, every compose service
+has CPU and memory limits and the file passes the compose-spec schema (and ``docker
+compose config`` where a compose CLI is installed), the Envoy configs pass ``envoy
+--mode validate`` and equal what ``ext_proc.envoy_config`` renders for their gateway
+configs, and every metric the dashboard and the alerts query is one the service exports
+or a real Envoy shows on /stats/prometheus (``promtool`` checks and unit-tests the rules
+where it is installed). The Helm chart has its own module, ``test_helm_chart.py``.
 
 The rendered Envoy configs are generated files. After changing a gateway config under
 ``deploy/`` or the renderer, regenerate them (from the repository root)::
@@ -17,12 +20,16 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import http.server
 import json
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -44,7 +51,10 @@ K8S_GATEWAY = K8S_DIR / "gateway-config.yaml"
 K8S_ENVOY = K8S_DIR / "envoy-config.yaml"
 PROMETHEUS = REPO / "deploy/prometheus/prometheus.yml"
 ALERTS = REPO / "deploy/prometheus/alerts.yml"
+ALERTS_TEST = REPO / "deploy/prometheus/alerts_test.yml"
 DASHBOARD = REPO / "deploy/grafana/dashboard.json"
+DATASOURCES = REPO / "deploy/grafana/provisioning/datasources/prometheus.yaml"
+POSTGRES_DATASOURCE = "grafana-postgresql-datasource"  # Grafana's PostgreSQL plugin id
 
 # The contract (DESIGN.md) plus the Envoy stats listener the deploy configs add.
 LISTENER_PORT, GRPC_PORT, METRICS_PORT, ADMIN_PORT = 10000, 50051, 9464, 8080
@@ -373,12 +383,17 @@ def _compose_cli() -> list[str] | None:
 
 
 def test_compose_config_is_valid_for_docker_compose() -> None:
+    """``docker compose config`` (or docker-compose 1.29, Debian's `docker-compose`
+    package) accepts the file, and keeps every service's resource limits."""
     cli = _compose_cli()
     if cli is None:
-        pytest.skip("neither `docker compose` nor `docker-compose` is installed")
+        pytest.skip(
+            "neither `docker compose` nor `docker-compose` is installed (Debian: "
+            "apt-get install docker-compose); the compose-spec schema test still runs"
+        )
     for profile in ([], ["--profile", "observability"]):
         result = subprocess.run(
-            [*cli, "-f", str(COMPOSE_FILE), *profile, "config", "-q"],
+            [*cli, "-f", str(COMPOSE_FILE), *profile, "config"],
             cwd=REPO,
             capture_output=True,
             text=True,
@@ -386,6 +401,60 @@ def test_compose_config_is_valid_for_docker_compose() -> None:
             check=False,
         )
         assert result.returncode == 0, result.stdout + result.stderr
+        resolved = yaml.safe_load(result.stdout)["services"]
+        for name, service in resolved.items():
+            limits = service["deploy"]["resources"]["limits"]
+            assert float(limits["cpus"]) > 0 and limits["memory"], name
+
+
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)([bkmg]?)b?$", re.IGNORECASE)
+
+
+def _bytes(size: str) -> float:
+    match = _SIZE.match(str(size).strip())
+    assert match, f"not a compose byte value: {size!r}"
+    unit = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[match.group(2).lower()]
+    return float(match.group(1)) * unit
+
+
+def test_compose_services_have_cpu_and_memory_limits() -> None:
+    """Every service, the observability profile's too: a CPU and a memory limit, and a
+    memory reservation below it (deploy/README.md, "Resource limits")."""
+    for name, service in _compose()["services"].items():
+        resources = service.get("deploy", {}).get("resources", {})
+        limits, reservations = resources.get("limits", {}), resources.get("reservations", {})
+        assert set(limits) == {"cpus", "memory"}, f"{name}: limits {limits}"
+        assert 0 < float(limits["cpus"]) <= 4, name
+        assert _bytes(reservations["memory"]) <= _bytes(limits["memory"]), name
+        # docker-compose 1.29 ignores (with a warning) reserved CPUs; limits it applies.
+        assert "cpus" not in reservations, name
+    services = _compose()["services"]
+    # Envoy buffers bodies up to 32 MiB per connection; ext-proc holds caches and queues.
+    for name in ("envoy", "ext-proc"):
+        assert _bytes(services[name]["deploy"]["resources"]["limits"]["memory"]) >= 2**30
+
+
+def test_compose_file_matches_the_compose_spec_schema() -> None:
+    """The compose-spec JSON schema (the one `docker compose` validates with), as
+    vendored by check-jsonschema, accepts the file."""
+    try:
+        import jsonschema
+        from check_jsonschema import builtin_schemas  # noqa: F401 - locates the data
+    except ImportError:
+        pytest.skip("check-jsonschema / jsonschema (pyproject's test extra) not installed")
+    import importlib.resources
+
+    schema_file = importlib.resources.files("check_jsonschema") / (
+        "builtin_schemas/vendor/compose-spec.json"
+    )
+    schema = json.loads(schema_file.read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(_compose()), key=lambda e: list(e.path))
+    assert not errors, "\n".join(f"{'.'.join(str(p) for p in e.path)}: {e.message}" for e in errors)
+    # And the validator does catch a mistake (a limit spelled wrong).
+    broken = _compose()
+    broken["services"]["envoy"]["deploy"]["resources"]["limits"]["mem"] = "1g"
+    assert list(validator.iter_errors(broken))
 
 
 # --------------------------------------------------------------------------------------
@@ -728,6 +797,14 @@ def test_grafana_dashboard_queries_only_exported_metrics() -> None:
         assert panel["title"] and panel["gridPos"], panel.get("title")
         assert panel["targets"], f"panel {panel['title']!r} has no query"
         for target in panel["targets"]:
+            source = target.get("datasource") or panel["datasource"]
+            if source["type"] == POSTGRES_DATASOURCE:
+                # Cost and budgets come from usage_records (tests/integration/
+                # test_dashboard_sql.py runs every query against the real schema).
+                assert source["uid"] == "${usage_db}", panel["title"]
+                assert target["rawSql"].strip() and target["format"] in {"table", "time_series"}
+                continue
+            assert source == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
             used |= _check_promql(target["expr"], exported, f"panel {panel['title']!r}")
     for variable in dashboard["templating"]["list"]:
         if variable["type"] == "query":
@@ -749,8 +826,47 @@ def test_grafana_dashboard_queries_only_exported_metrics() -> None:
         "ext_proc_usage_records_dropped_total",
         "ext_proc_dependency_up",
         "ext_proc_circuit_state",
+        "ext_proc_upstream_attempts_total",
+        "ext_proc_upstream_target_ejected",
+        "ext_proc_cache_stale_served_total",
+        "ext_proc_invalidation_listener_up",
+        "ext_proc_usage_log_lines_total",
+        "envoy_cluster_outlier_detection_ejections_active",
     ):
         assert needed in used, f"the dashboard shows nothing from {needed}"
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["usage_db"]["type"] == "datasource"
+    assert variables["usage_db"]["query"] == POSTGRES_DATASOURCE
+
+
+def dashboard_sql() -> list[tuple[str, str, str]]:
+    """(panel title, format, SQL) of every Postgres query of the dashboard."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [
+        (panel["title"], target["format"], target["rawSql"])
+        for panel in _panels(dashboard)
+        for target in panel.get("targets", [])
+        if (target.get("datasource") or panel["datasource"])["type"] == POSTGRES_DATASOURCE
+    ]
+
+
+def test_grafana_provisions_the_dashboards_data_sources() -> None:
+    """Compose's Grafana has a data source for each of the dashboard's variables."""
+    folder = DATASOURCES.parent
+    provisioned = [
+        source
+        for path in sorted(folder.glob("*.yaml"))
+        for source in yaml.safe_load(path.read_text())["datasources"]
+    ]
+    types = {source["type"] for source in provisioned}
+    assert {"prometheus", POSTGRES_DATASOURCE} <= types
+    (usage,) = [s for s in provisioned if s["type"] == POSTGRES_DATASOURCE]
+    service = _compose()["services"]["postgres"]["environment"]
+    assert usage["url"] == "postgres:5432"
+    assert usage["jsonData"]["database"] == service["POSTGRES_DB"]
+    assert usage["user"] == service["POSTGRES_USER"]
+    grafana = _compose()["services"]["grafana"]["volumes"]
+    assert any(v.startswith("./deploy/grafana/provisioning:") for v in grafana)
 
 
 def test_prometheus_scrapes_ext_proc_and_envoy() -> None:
@@ -788,19 +904,142 @@ def test_prometheus_alerts_use_exported_metrics() -> None:
         "ext_proc_circuit_state",
         "ext_proc_requests_total",
         "gen_ai_server_request_duration_seconds_bucket",
+        "ext_proc_upstream_attempts_total",
+        "ext_proc_upstream_target_ejected",
+        "ext_proc_cache_stale_served_total",
+        "ext_proc_invalidation_listener_up",
+        "ext_proc_usage_log_skipped_bytes_total",
     ):
         assert needed in referenced, f"no alert on {needed}"
 
 
 def test_prometheus_files_pass_promtool() -> None:
+    """``promtool check`` on the config and rules, and the alert unit tests
+    (deploy/prometheus/alerts_test.yml: synthetic series in, the alerts that fire out)."""
     promtool = shutil.which("promtool")
     if promtool is None:
-        pytest.skip("promtool is not installed (the checks above cover names and structure)")
-    for args in (["check", "config", str(PROMETHEUS)], ["check", "rules", str(ALERTS)]):
+        pytest.skip(
+            "promtool is not installed (Debian's `prometheus` package has it); the checks "
+            "above cover metric names and structure"
+        )
+    for args in (
+        ["check", "config", str(PROMETHEUS)],
+        ["check", "rules", str(ALERTS)],
+        ["test", "rules", str(ALERTS_TEST)],
+    ):
         result = subprocess.run(
-            [promtool, *args], capture_output=True, text=True, timeout=30, check=False
+            [promtool, *args], capture_output=True, text=True, timeout=60, check=False
         )
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_new_alert_has_a_unit_test() -> None:
+    tested = {
+        case["alertname"]
+        for test in yaml.safe_load(ALERTS_TEST.read_text())["tests"]
+        for case in test["alert_rule_test"]
+    }
+    groups = {g["name"]: g for g in yaml.safe_load(ALERTS.read_text())["groups"]}
+    for name in ("llm-gateway-fallback", "llm-gateway-keys-and-usage-log", "llm-gateway-budgets"):
+        for rule in groups[name]["rules"]:
+            assert rule["alert"] in tested, f"{rule['alert']} has no case in {ALERTS_TEST.name}"
+
+
+class _Ok(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("content-length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def _envoy_stat_names(tmp_path: Path) -> set[str]:
+    """The series names a real Envoy exports on /stats/prometheus for a deploy-like
+    bootstrap (a provider over TLS, a model with fallbacks: its chain cluster), after
+    one request reached an upstream (Envoy exports a histogram once it has a value)."""
+    from ext_proc.config.loader import parse_config
+    from ext_proc.dev import envoy_binary, free_port
+    from ext_proc.envoy_config import EnvoyOptions, render_yaml
+
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Ok)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    config = parse_config(
+        f"""
+providers:
+  openai: {{type: openai, base_url: "https://api.openai.com", api_key_env: OPENAI_API_KEY}}
+  local: {{type: openai, base_url: "http://127.0.0.1:{upstream.server_address[1]}"}}
+models:
+  gpt-4o: {{provider: openai, fallbacks: [{{provider: local}}]}}
+applications:
+  app: {{org: acme}}
+""",
+        "envoy-stats",
+    )
+    admin, listener = free_port(), free_port()
+    options = EnvoyOptions(
+        listener_host="127.0.0.1",
+        listener_port=listener,
+        admin_port=admin,
+        ext_proc_port=free_port(),
+        stats_port=free_port(),
+        usage_log_path=str(tmp_path / "usage.jsonl"),
+        # The benchmark's route straight to a provider: one request reaches an upstream.
+        direct_prefix="/__direct/",
+        direct_provider="local",
+    )
+    bootstrap = tmp_path / "envoy.yaml"
+    bootstrap.write_text(render_yaml(config, options))
+    process = subprocess.Popen(
+        [envoy_binary(), "-c", str(bootstrap), "--disable-hot-restart", "--log-level", "error"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def get(url: str) -> str:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as answer:
+                    return str(answer.read().decode())
+            except OSError:
+                assert process.poll() is None, "Envoy exited"
+                assert time.monotonic() < deadline, f"no answer from {url}"
+                time.sleep(0.1)
+
+    try:
+        assert get(f"http://127.0.0.1:{listener}/__direct/x") == "ok"
+        text = get(f"http://127.0.0.1:{admin}/stats/prometheus")
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        upstream.shutdown()
+    return {
+        line.split("{", 1)[0].split(" ", 1)[0]
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+
+
+def test_envoy_series_in_dashboard_and_alerts_exist(tmp_path: Path) -> None:
+    """Every ``envoy_*`` name the dashboard and the alerts query is one a real Envoy 1.40
+    exports for the rendered bootstrap (the name checks above cover ext_proc's)."""
+    exported = _Exported.from_registry()
+    referenced: set[str] = set()
+    dashboard = json.loads(DASHBOARD.read_text())
+    for panel in _panels(dashboard):
+        for target in panel.get("targets", []):
+            if "expr" in target:
+                referenced |= _check_promql(target["expr"], exported, panel["title"])
+    for group in yaml.safe_load(ALERTS.read_text())["groups"]:
+        for rule in group["rules"]:
+            referenced |= _check_promql(rule["expr"], exported, rule["alert"])
+    envoy_names = {n for n in referenced if n.startswith("envoy_")}
+    assert envoy_names
+    missing = sorted(envoy_names - _envoy_stat_names(tmp_path))
+    assert not missing, f"not exported by Envoy: {missing}"
 
 
 def test_promql_name_extraction() -> None:

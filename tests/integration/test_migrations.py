@@ -76,7 +76,7 @@ async def test_repository_schema_matches_the_usage_record(database_url: str) -> 
             )
         }
         assert {
-            "(request_id)",
+            "(request_id, created_at)",  # the primary key: created_at is the partition key
             "(created_at)",
             "(org_id, created_at)",
             "(app_id, created_at)",

@@ -14,7 +14,6 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from ext_proc.routing.providers.base import (
-    FieldReader,
     ProviderAdapter,
     ProviderType,
     UpstreamCall,
@@ -63,7 +62,6 @@ def adapter_for(provider: Provider, credential: str | None) -> ProviderAdapter:
 __all__ = [
     "PROVIDER_TYPES",
     "RESPONSE_TRANSLATORS",
-    "FieldReader",
     "ProviderAdapter",
     "ProviderType",
     "UpstreamCall",

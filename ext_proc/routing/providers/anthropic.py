@@ -13,13 +13,16 @@ translation.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import orjson
+from pydantic import Field
 
+from ext_proc.config.fields import Text
 from ext_proc.config.model import Provider
+from ext_proc.config.specs import ProviderSpec
 from ext_proc.routing.endpoints import Endpoint, Operation
-from ext_proc.routing.providers.base import FieldReader, ProviderType, UpstreamCall, api_root
+from ext_proc.routing.providers.base import ProviderType, UpstreamCall, api_root
 from ext_proc.routing.translate.openai_anthropic import (
     TRANSLATION,
     MessagesToChatCompletion,
@@ -68,16 +71,21 @@ class AnthropicAdapter:
         )
 
 
-def _options(reader: FieldReader) -> dict[str, Any] | None:
-    return {"anthropic_version": reader.get_str("anthropic_version") or DEFAULT_ANTHROPIC_VERSION}
+class AnthropicProviderSpec(ProviderSpec):
+    """``{type: anthropic, base_url: "https://api.anthropic.com",
+    api_key_env: ANTHROPIC_API_KEY}``"""
+
+    type: Literal["anthropic"]
+    anthropic_version: Text = Field(
+        DEFAULT_ANTHROPIC_VERSION, description="the anthropic-version header sent upstream"
+    )
 
 
 PROVIDER_TYPE = ProviderType(
     name="anthropic",
     adapter=AnthropicAdapter,
     usage_format="anthropic",
-    options=("anthropic_version",),
-    parse_options=_options,
+    spec=AnthropicProviderSpec,
     translations={
         TRANSLATION: lambda include_usage: MessagesToChatCompletion(include_usage=include_usage)
     },

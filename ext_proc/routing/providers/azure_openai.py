@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 import orjson
+from pydantic import BeforeValidator, Field
 
+from ext_proc.config.fields import fail, read_text
 from ext_proc.config.model import Provider
+from ext_proc.config.specs import ProviderSpec
 from ext_proc.routing.endpoints import OPENAI_SUFFIX, RESPONSES_FORMAT, Endpoint, Operation
 from ext_proc.routing.providers.base import (
-    FieldReader,
     ProviderType,
     UpstreamCall,
     add_stream_usage,
@@ -60,22 +62,28 @@ class AzureOpenAIAdapter:
         return UpstreamCall(path, self._headers, body_out)
 
 
-def _options(reader: FieldReader) -> dict[str, Any] | None:
-    version = reader.get_str("api_version", required=True)
-    if version is None:
-        return None
+def _api_version(value: Any) -> str:
+    version = read_text(value)
     if not _API_VERSION.fullmatch(version):
-        reader.error("api_version", f"'{version}' is not an Azure api-version like 2024-10-21")
-        return None
-    return {"api_version": version}
+        fail(f"'{version}' is not an Azure api-version like 2024-10-21")
+    return version
+
+
+class AzureOpenAIProviderSpec(ProviderSpec):
+    """``{type: azure_openai, base_url: "https://contoso.openai.azure.com",
+    api_version: "2024-10-21", api_key_env: AZURE_OPENAI_API_KEY}``"""
+
+    type: Literal["azure_openai"]
+    api_version: Annotated[
+        str, Field(pattern=f"^({_API_VERSION.pattern})$"), BeforeValidator(_api_version)
+    ] = Field(description="the api-version query parameter, e.g. 2024-10-21")
 
 
 PROVIDER_TYPE = ProviderType(
     name="azure_openai",
     adapter=AzureOpenAIAdapter,
     usage_format="openai",
-    options=("api_version",),
-    parse_options=_options,
+    spec=AzureOpenAIProviderSpec,
     stream_usage_injectable=True,
     price_list="azure",  # genai-prices falls back to OpenAI's list for Azure
     about="Azure OpenAI (deployments, api-version)",

@@ -5,8 +5,9 @@ A provider type is one module in this package exporting ``PROVIDER_TYPE`` (a
 module (with its translation pair and usage format where it needs them, each in the
 file named for it). The type owns everything that differs between providers:
 
-- its own gateway.yaml fields (``options``) and their validation (``parse_options``),
-  which the config loader calls and the catalog stores as written;
+- its own gateway.yaml fields: ``spec``, a ``ProviderSpec`` subclass (the declared schema
+  the file loader, the catalog and the admin API validate with, and the JSON Schema and
+  OpenAPI document are generated from); their values become ``Provider.options``;
 - the adapter: upstream addressing (paths, api-version, deployment), credential
   injection, which app operations it serves natively or by translation (``call``);
 - its usage format (``ext_proc.tokens.parsers``: JSON, SSE, and the fields Envoy reads
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ext_proc.config.specs import ProviderSpec
 from ext_proc.routing.endpoints import Endpoint, Operation
 
 if TYPE_CHECKING:
@@ -65,26 +67,6 @@ class ProviderAdapter(Protocol):
         ...
 
 
-class FieldReader(Protocol):
-    """Typed access to a provider's gateway.yaml mapping (the config loader's reader).
-
-    Getters return None when the field is absent or invalid; an invalid field has
-    already been reported with its position.
-    """
-
-    def has(self, key: str) -> bool: ...
-
-    def get_str(self, key: str, *, required: bool = False) -> str | None: ...
-
-    def get_bool(self, key: str, *, required: bool = False) -> bool | None: ...
-
-    def error(self, key: str | None, message: str, *, index: int | None = None) -> None: ...
-
-
-def _no_options(reader: FieldReader) -> dict[str, Any]:
-    return {}
-
-
 def _no_translations() -> Mapping[str, Callable[[bool], ResponseTranslator]]:
     return MappingProxyType({})
 
@@ -94,10 +76,8 @@ class ProviderType:
     name: str  # the `type:` in gateway.yaml
     adapter: Callable[[Provider, str | None], ProviderAdapter]
     usage_format: str  # the name of its ext_proc.tokens.parsers format
-    # Its own gateway.yaml fields beside the common ones, and their parser: the values it
-    # returns become ``Provider.options`` (None: a field was invalid, already reported).
-    options: tuple[str, ...] = ()
-    parse_options: Callable[[FieldReader], dict[str, Any] | None] = _no_options
+    # Its gateway.yaml fields: the common ones and its own (``type`` is its name).
+    spec: type[ProviderSpec]
     # Its streams report usage only when asked (OpenAI's stream_options.include_usage):
     # the gateway asks unless the provider says `inject_stream_usage: false`.
     stream_usage_injectable: bool = False
@@ -109,6 +89,11 @@ class ProviderType:
     # file gives no price; None: none (self-hosted), such models have no cost.
     price_list: str | None = None
     about: str = ""  # one line for error messages and docs
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """Its own gateway.yaml fields beside the common ones (``Provider.options``)."""
+        return self.spec.own_fields()
 
 
 def api_root(provider: Provider) -> str:

@@ -14,11 +14,12 @@ them: the row's ``deployment`` does.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
 from ext_proc.config.model import Provider
+from ext_proc.config.specs import ProviderSpec
 from ext_proc.routing.endpoints import Endpoint, Operation
 from ext_proc.routing.providers.base import ProviderType, UpstreamCall
 from ext_proc.routing.translate.openai_cohere import (
@@ -81,8 +82,15 @@ class CohereAdapter:
         raise ValueError(f"Cohere serves {endpoint.path}? supports() said no")
 
 
+class CohereProviderSpec(ProviderSpec):
+    """``{type: cohere, base_url: "https://api.cohere.com", api_key_env: CO_API_KEY}``"""
+
+    type: Literal["cohere"]
+
+
 PROVIDER_TYPE = ProviderType(
     name="cohere",
+    spec=CohereProviderSpec,
     adapter=CohereAdapter,
     usage_format="cohere",
     translations={

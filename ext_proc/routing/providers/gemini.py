@@ -17,12 +17,13 @@ so their rows are estimated from the input.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote
 
 import orjson
 
 from ext_proc.config.model import Provider
+from ext_proc.config.specs import ProviderSpec
 from ext_proc.routing.endpoints import Endpoint, Operation
 from ext_proc.routing.providers.base import ProviderType, UpstreamCall
 from ext_proc.routing.translate.openai_gemini import (
@@ -91,8 +92,16 @@ class GeminiAdapter:
         raise ValueError(f"Gemini serves {endpoint.path}? supports() said no")
 
 
+class GeminiProviderSpec(ProviderSpec):
+    """``{type: gemini, base_url: "https://generativelanguage.googleapis.com",
+    api_key_env: GEMINI_API_KEY}``"""
+
+    type: Literal["gemini"]
+
+
 PROVIDER_TYPE = ProviderType(
     name="gemini",
+    spec=GeminiProviderSpec,
     adapter=GeminiAdapter,
     usage_format="google",
     translations={

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
 from ext_proc.config.model import Provider
+from ext_proc.config.specs import ProviderSpec
 from ext_proc.routing.endpoints import OPENAI_SUFFIX, RESPONSES_FORMAT, Endpoint, Operation
 from ext_proc.routing.providers.base import (
     ProviderType,
@@ -54,10 +55,18 @@ class OpenAIAdapter:
 # Responses API stream always ends with response.completed and its usage).
 _STREAMS_WITH_USAGE_OPTION = frozenset({Operation.CHAT, Operation.TEXT_COMPLETION})
 
+
+class OpenAIProviderSpec(ProviderSpec):
+    """``{type: openai, base_url: "https://api.openai.com", api_key_env: OPENAI_API_KEY}``"""
+
+    type: Literal["openai"]
+
+
 PROVIDER_TYPE = ProviderType(
     name="openai",
     adapter=OpenAIAdapter,
     usage_format="openai",
+    spec=OpenAIProviderSpec,
     stream_usage_injectable=True,
     price_list="openai",
     about="OpenAI or an OpenAI-compatible server (vLLM, Ollama, ...)",
