@@ -82,7 +82,7 @@ def cmd_dev(ns: argparse.Namespace, settings: Settings) -> int:
             database_url=settings.database_url,
             redis_url=settings.redis_url,
             redis_prefix=settings.redis_prefix,
-            admin_token=settings.admin_token,
+            admin_token=settings.admin_token or _dev_admin_token(Path(ns.data_dir)),
             log_level=ns.log_level,
             key_file=Path(ns.data_dir) / "dev-api-key",
         )
@@ -90,6 +90,24 @@ def cmd_dev(ns: argparse.Namespace, settings: Settings) -> int:
     except ConfigError as exc:
         print(f"error: invalid gateway config:\n{exc}", file=sys.stderr)
         return 2
+
+
+def _dev_admin_token(data_dir: Path) -> str:
+    """``ext-proc dev`` without EXT_PROC_ADMIN_TOKEN: an admin token made once and kept in
+    the data folder (mode 0600), so the console and admin API can be used at once and
+    the token stays the same from one ``make run`` to the next."""
+    import secrets
+
+    path = data_dir / "dev-admin-token"
+    if path.is_file():
+        token = path.read_text(encoding="utf-8").strip()
+        if token:
+            return token
+    data_dir.mkdir(parents=True, exist_ok=True)
+    token = "gwadm-" + secrets.token_urlsafe(24)
+    path.write_text(token + "\n", encoding="utf-8")
+    path.chmod(0o600)
+    return token
 
 
 def cmd_migrate(ns: argparse.Namespace, settings: Settings) -> int:

@@ -476,7 +476,9 @@ The gateway is up ({time.monotonic() - started:.1f}s).
   listener      {url}   (OpenAI-compatible: point the SDK's base_url at {url}/v1)
   API key       {key}
   metrics       http://127.0.0.1:{options.metrics_port}/metrics
-  admin API     http://127.0.0.1:{options.admin_port}/healthz
+  console       http://127.0.0.1:{options.admin_port}/ui/   (sign in with the admin token)
+  admin API     http://127.0.0.1:{options.admin_port}/v1/...   (/openapi.json, /healthz)
+  admin token   {options.admin_token or "<none: set EXT_PROC_ADMIN_TOKEN>"}
   Envoy admin   http://127.0.0.1:{options.envoy_admin_port}/
   database      {stack.database_url}
   logs          {stack.log_dir}/
