@@ -16,6 +16,9 @@ from pathlib import Path
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_ADMIN_PORT = 8080
 DEFAULT_METRICS_PORT = 9464
+# The ext_proc service's gRPC server library (README "Performance" says why).
+GRPC_SERVERS = ("grpcio", "grpclib")
+DEFAULT_GRPC_SERVER = "grpcio"
 # Envoy's usage log (one JSON line per finished request), on a volume both share; the
 # Envoy templates rendered by `ext-proc envoy-config` write here too.
 DEFAULT_USAGE_LOG = Path("/var/lib/ext-proc/usage-log/envoy.jsonl")
@@ -99,6 +102,8 @@ class Settings:
     # the hourly and daily rollups older than usage_rollup_retention (None: never).
     usage_retention: timedelta | None = None
     usage_rollup_retention: timedelta | None = None
+    # The gRPC server library the ext_proc service runs on (grpclib or grpcio).
+    grpc_server: str = DEFAULT_GRPC_SERVER
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -111,6 +116,11 @@ class Settings:
             raise SettingsError(
                 "EXT_PROC_USAGE_ROLLUP_RETENTION must not be shorter than "
                 "EXT_PROC_USAGE_RETENTION (rollups are read for every whole hour of a range)"
+            )
+        grpc_server = (env.get("EXT_PROC_GRPC_SERVER") or DEFAULT_GRPC_SERVER).strip().lower()
+        if grpc_server not in GRPC_SERVERS:
+            raise SettingsError(
+                f"EXT_PROC_GRPC_SERVER={grpc_server!r}: use one of {', '.join(GRPC_SERVERS)}"
             )
         return cls(
             database_url=env.get("DATABASE_URL") or None,
@@ -127,4 +137,5 @@ class Settings:
             key_stale_seconds=_seconds(env, "EXT_PROC_KEY_STALE_SECONDS", 3600.0),
             usage_retention=retention,
             usage_rollup_retention=rollup_retention,
+            grpc_server=grpc_server,
         )

@@ -108,7 +108,8 @@ def parent_from_metadata(metadata: Any) -> Context | None:
     """The trace context Envoy sent on an ext_proc stream (gRPC metadata ``traceparent``)."""
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-    carrier = {item.key: item.value for item in metadata or () if item.key.startswith("trace")}
+    # grpc.aio's metadata items are (key, value) named tuples; grpclib's are pairs too.
+    carrier = {key: value for key, value in metadata or () if key.startswith("trace")}
     if "traceparent" not in carrier:
         return None
     return TraceContextTextMapPropagator().extract(carrier)

@@ -19,7 +19,7 @@ import urllib.request
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import grpc
@@ -65,6 +65,9 @@ from ext_proc.usage.maintenance import MaintenancePolicy
 from ext_proc.usage.recorder import UsageRecorder
 from ext_proc.usage.spool import Spool
 from ext_proc.usage.tail import LogTail
+
+if TYPE_CHECKING:
+    from ext_proc.server.grpclib_transport import GrpclibServer
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +141,7 @@ class Service:
         self._readiness: tuple[float, int, dict[str, Any]] | None = None
         self._readiness_probe: asyncio.Task[tuple[int, dict[str, Any]]] | None = None
         self._grpc: grpc.aio.Server | None = None
+        self._grpclib: GrpclibServer | None = None
         self._health = health.aio.HealthServicer()
         self._http: list[HttpServer] = []
         self._admin: AdminServer | None = None
@@ -249,22 +253,7 @@ class Service:
             await self._pg_listener.start()
         self._tasks.append(asyncio.create_task(self._poll_config()))
 
-        self._grpc = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                ("grpc.max_send_message_length", 64 * 1024 * 1024),
-                ("grpc.so_reuseport", 0),
-                ("grpc.http2.max_pings_without_data", 0),
-                ("grpc.keepalive_permit_without_calls", 1),
-            ]
-        )
-        add_to_server(ExternalProcessor(self.gateway), self._grpc)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
-        bind = f"{self.options.grpc_host}:{settings.grpc_port}"
-        self.grpc_port = self._grpc.add_insecure_port(bind)
-        if self.grpc_port == 0:
-            raise OSError(f"cannot bind the gRPC port {bind}")
-        await self._grpc.start()
+        await self._start_grpc(settings)
         self._usage_log = LogTail(
             settings.usage_log,
             UsageLog(self.gateway).consume,
@@ -293,6 +282,33 @@ class Service:
             self.config_source,
         )
         self.options.ready.set()
+
+    async def _start_grpc(self, settings: Settings) -> None:
+        """The ext_proc and health services, on the gRPC library the settings name."""
+        assert self.gateway is not None  # built by start() before the services
+        servicer = ExternalProcessor(self.gateway)
+        if settings.grpc_server == "grpclib":
+            from ext_proc.server.grpclib_transport import GrpclibServer
+
+            self._grpclib = GrpclibServer(servicer)
+            self.grpc_port = await self._grpclib.start(self.options.grpc_host, settings.grpc_port)
+            return
+        self._grpc = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                ("grpc.so_reuseport", 0),
+                ("grpc.http2.max_pings_without_data", 0),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ]
+        )
+        add_to_server(servicer, self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        bind = f"{self.options.grpc_host}:{settings.grpc_port}"
+        self.grpc_port = self._grpc.add_insecure_port(bind)
+        if self.grpc_port == 0:
+            raise OSError(f"cannot bind the gRPC port {bind}")
+        await self._grpc.start()
 
     async def _connect_postgres(self, url: str, budget: float | None) -> None:
         """Connect, retrying with backoff, for ``budget`` seconds (None: until stopped)."""
@@ -589,6 +605,8 @@ class Service:
         await self._health.enter_graceful_shutdown()
         if self._grpc is not None:
             await self._grpc.stop(GRACE_SECONDS)
+        if self._grpclib is not None:
+            await self._grpclib.stop(GRACE_SECONDS)
         if self.gateway is not None:
             await self.gateway.drain()
         if self._usage_log is not None:
