@@ -94,8 +94,11 @@ async def test_every_operation_keeps_its_contract(service: Service, tmp_path: Pa
         str(MAX_SECONDS),
         "--request-timeout",
         "30",
+        # One worker: with two threads, hypothesis' lambda-source cache (used while
+        # schemathesis builds coverage cases) raced and failed a run with a KeyError
+        # inside the tool ("Inconsistent results"), not in our API.
         "--workers",
-        "2",
+        "1",
         "--seed",
         "1",
         "--generation-database",
