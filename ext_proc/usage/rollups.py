@@ -251,19 +251,31 @@ def unpack_histogram(packed: Decimal | int | None) -> list[int]:
 
 def histogram_percentile(counts: Sequence[int], q: float = P95) -> float | None:
     """The ``q`` quantile of the latencies a histogram counts, as ``percentile_cont``
-    would give it if each bucket's latencies were evenly spread over the bucket."""
+    would give it if each bucket's latencies were evenly spread over the bucket: the
+    estimates of the two ranks around ``q * (n - 1)``, interpolated linearly."""
     total = sum(counts)
     if total == 0:
         return None
     position = q * (total - 1)  # 0-based rank among the sorted latencies
+    below = math.floor(position)
+    low_value = _rank_estimate(counts, below)
+    if position == below:
+        return low_value
+    high_value = _rank_estimate(counts, below + 1)
+    return low_value + (position - below) * (high_value - low_value)
+
+
+def _rank_estimate(counts: Sequence[int], rank: int) -> float:
+    """The latency of 0-based ``rank``: the middle of its slice of its bucket (the
+    bucket's ``count`` latencies spread evenly); the last bucket, unbounded, gives its
+    floor."""
     before = 0
     for bucket, count in enumerate(counts):
-        if count and position < before + count:
+        if count and rank < before + count:
             low, high = bucket_bounds(bucket)
             if high == float("inf"):
                 return low
-            # the bucket's values sit at the middles of `count` equal slices of it
-            return low + (position - before + 0.5) / count * (high - low)
+            return low + (rank - before + 0.5) / count * (high - low)
         before += count
     return bucket_bounds(len(counts) - 1)[0]
 
