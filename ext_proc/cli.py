@@ -48,6 +48,20 @@ def cmd_serve(ns: argparse.Namespace, settings: Settings) -> int:
 
     # Postgres (what `apply` wrote) is the runtime truth; a file given here or in
     # EXT_PROC_CONFIG is served only until something is applied.
+    if ns.processes > 1:
+        from ext_proc.server.supervisor import Supervisor, without_processes_flag
+
+        ports = {
+            "grpc": settings.grpc_port,
+            "metrics": settings.metrics_port,
+            "admin": settings.admin_port,
+        }
+        try:
+            supervisor = Supervisor(ns.processes, without_processes_flag(ns.argv), ports)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return supervisor.run()
     config_path = Path(ns.config) if ns.config else settings.config_path
     options = ServeOptions(
         config_path=config_path,
@@ -110,6 +124,16 @@ def _dev_admin_token(data_dir: Path) -> str:
     return token
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
 def cmd_migrate(ns: argparse.Namespace, settings: Settings) -> int:
     from ext_proc.stores.postgres import run_migrate
 
@@ -158,6 +182,10 @@ def cmd_envoy_config(ns: argparse.Namespace, settings: Settings) -> int:
             stats_port=ns.stats_port,
         )
     )
+    if ns.ext_proc_processes > 1:
+        first = options.ext_proc_port
+        ports = tuple(range(first, first + ns.ext_proc_processes))
+        options = dataclasses.replace(options, ext_proc_ports=ports)
     if ns.headers_phase:
         options = dataclasses.replace(options, headers_phase=True)
     options = dataclasses.replace(options, **listener_tls_overrides(ns))
@@ -300,6 +328,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--metrics-host", default=os.environ.get("EXT_PROC_METRICS_HOST", "0.0.0.0"))
     p.add_argument("--admin-host", default=os.environ.get("EXT_PROC_ADMIN_HOST", "127.0.0.1"))
+    p.add_argument(
+        "--processes",
+        type=_positive_int,
+        default=os.environ.get("EXT_PROC_PROCESSES") or "1",  # a string: argparse checks it
+        metavar="N",
+        help="run N server processes (ports: each of gRPC, metrics and admin plus 0..N-1); "
+        "render Envoy's config with `envoy-config --ext-proc-processes N` to match "
+        "(default 1, or EXT_PROC_PROCESSES)",
+    )
 
     add("migrate", cmd_migrate, "apply pending database migrations (schema/)")
 
@@ -331,6 +368,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ext-proc-host", default="127.0.0.1")
     p.add_argument(
         "--ext-proc-port", type=int, default=None, help="default: $EXT_PROC_GRPC_PORT or 50051"
+    )
+    p.add_argument(
+        "--ext-proc-processes",
+        type=_positive_int,
+        default=os.environ.get("EXT_PROC_PROCESSES") or "1",
+        metavar="N",
+        help="one endpoint per `serve --processes N` child: the port and the N-1 after it "
+        "(default 1, or EXT_PROC_PROCESSES)",
     )
     p.add_argument(
         "--headers-phase",
@@ -383,7 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     ns = parser.parse_args(argv)
+    ns.argv = argv  # `serve --processes N` starts its children with these, less that flag
     try:
         logs.configure(ns.log_level, os.environ.get("EXT_PROC_LOG_FORMAT") or "text")
     except ValueError as exc:

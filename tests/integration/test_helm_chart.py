@@ -660,3 +660,42 @@ def test_default_chart_and_deploy_kubernetes_describe_the_same_gateway(helm: lis
         for key in ("name", "command", "args", "resources", "securityContext"):
             assert chart_c[key] == plain_c[key], f"Job {plain_c['name']}.{key}"
     assert len(_k8s("ConfigMap")) == 2  # deploy/kubernetes keeps its pre-rendered Envoy one
+
+
+def test_several_ext_proc_processes_get_ports_endpoints_and_scrapes(helm: list[str]) -> None:
+    kubernetes_validate = pytest.importorskip(
+        "kubernetes_validate", reason="kubernetes-validate (pyproject's test extra)"
+    )
+    objects = render(helm, "all-options", "--set", "extProc.processes=3")
+    for obj in objects:
+        if obj["kind"] != "ServiceMonitor":
+            kubernetes_validate.validate(obj, KUBERNETES_VERSIONS[-1], strict=True)
+    pod = _deployment_pod(objects)
+    containers = _containers(pod)
+    serve = _check_ext_proc_argv(_container_argv(containers["ext-proc"]), "ext-proc")
+    assert serve.command == "serve" and serve.processes == 3
+    render_args = _check_ext_proc_argv(
+        _container_argv(containers["render-envoy-config"]), "render-envoy-config"
+    )
+    assert render_args.ext_proc_processes == 3 and render_args.ext_proc_port == GRPC_PORT
+    metrics = {p["name"]: p["containerPort"] for p in containers["ext-proc"]["ports"]}
+    assert {k: v for k, v in metrics.items() if k.startswith("metrics")} == {
+        "metrics": METRICS_PORT,
+        "metrics-1": METRICS_PORT + 1,
+        "metrics-2": METRICS_PORT + 2,
+    }
+    service_ports = {p["name"]: p["port"] for p in _only(objects, "Service")["spec"]["ports"]}
+    assert service_ports["metrics-2"] == METRICS_PORT + 2
+    monitor = _only(objects, "ServiceMonitor")
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == [
+        "metrics",
+        "metrics-1",
+        "metrics-2",
+        "envoy-stats",
+    ]
+
+
+def test_processes_must_be_a_positive_number(helm: list[str]) -> None:
+    result = _run(helm, "template", RELEASE, str(CHART), "--set", "extProc.processes=0")
+    assert result.returncode != 0
+    assert "processes" in result.stderr

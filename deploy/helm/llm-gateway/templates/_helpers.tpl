@@ -129,6 +129,10 @@ exec:
 - 127.0.0.1
 - --ext-proc-port
 - "50051"
+{{- if gt (int .Values.extProc.processes) 1 }}
+- --ext-proc-processes
+- {{ .Values.extProc.processes | quote }}
+{{- end }}
 - --stats-port
 - "9902"
 {{- if .Values.tls.enabled }}
