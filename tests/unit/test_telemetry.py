@@ -8,6 +8,7 @@ import io
 import json
 import logging
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -82,9 +83,11 @@ def test_a_bad_protocol_is_named() -> None:
         )
 
 
-class Metadatum:
-    def __init__(self, key: str, value: str) -> None:
-        self.key, self.value = key, value
+class Metadatum(NamedTuple):
+    """grpc's own metadata item: a named (key, value) tuple (grpclib gives plain pairs)."""
+
+    key: str
+    value: str
 
 
 def test_stream_span_continues_envoys_trace_and_names_the_request(
