@@ -182,6 +182,8 @@ def cmd_envoy_config(ns: argparse.Namespace, settings: Settings) -> int:
             stats_port=ns.stats_port,
         )
     )
+    if ns.ext_proc_streams is not None:
+        options = dataclasses.replace(options, ext_proc_streams_per_process=ns.ext_proc_streams)
     if ns.ext_proc_processes > 1:
         first = options.ext_proc_port
         ports = tuple(range(first, first + ns.ext_proc_processes))
@@ -368,6 +370,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ext-proc-host", default="127.0.0.1")
     p.add_argument(
         "--ext-proc-port", type=int, default=None, help="default: $EXT_PROC_GRPC_PORT or 50051"
+    )
+    p.add_argument(
+        "--ext-proc-streams",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="request-side ext_proc streams open at once per process before Envoy sheds "
+        "the next request with 503 + retry-after (default 256)",
     )
     p.add_argument(
         "--ext-proc-processes",

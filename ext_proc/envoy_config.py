@@ -75,6 +75,12 @@ DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 _TLS_VERSIONS = {"1.2": "TLSv1_2", "1.3": "TLSv1_3"}
 
 
+# At ~0.7 ms of CPU per request, 256 streams waiting on one process is ~180 ms of queue:
+# past that a spike is shed (503 + retry-after), not queued (README "Shedding spikes").
+DEFAULT_EXT_PROC_STREAMS = 256
+RESPONSE_CLUSTER = "ext_proc_response"
+
+
 @dataclass(frozen=True, slots=True)
 class EnvoyOptions:
     listener_host: str = "0.0.0.0"
@@ -86,6 +92,11 @@ class EnvoyOptions:
     # Several ext_proc processes on one host: one endpoint each (HTTP/2 pins Envoy's
     # connection, so SO_REUSEPORT alone would send every stream to one process).
     ext_proc_ports: tuple[int, ...] = ()
+    # Request-side ext_proc streams open at once, per ext_proc process: Envoy answers the
+    # next request 503 + retry-after at once (recorded from the usage log) instead of
+    # queueing it behind a saturated processor. Streams' response sides (long, mostly
+    # idle) have their own cluster and no such bound.
+    ext_proc_streams_per_process: int = DEFAULT_EXT_PROC_STREAMS
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
     message_timeout_ms: int = 2000
@@ -490,7 +501,7 @@ def _http_filters(options: EnvoyOptions) -> list[dict[str, Any]]:
             "disabled": True,
             "typed_config": {
                 "@type": _EXT_PROC,
-                "grpc_service": {"envoy_grpc": {"cluster_name": "ext_proc"}},
+                "grpc_service": {"envoy_grpc": {"cluster_name": RESPONSE_CLUSTER}},
                 "failure_mode_allow": False,
                 "status_on_error": {"code": "ServiceUnavailable"},
                 "message_timeout": timeout,
@@ -671,7 +682,17 @@ def _local_reply_config() -> dict[str, Any]:
                 }
             )
         flt = filters[0] if len(filters) == 1 else {"and_filter": {"filters": filters}}
-        return {"filter": flt, "body_format_override": body_format}
+        out: dict[str, Any] = {"filter": flt, "body_format_override": body_format}
+        if status == 503:
+            # Envoy's own 503s (a saturated ext_proc shed, no healthy upstream): come back
+            # in a second. A provider's 503 is not a local reply and keeps its headers.
+            out["headers_to_add"] = [
+                {
+                    "header": {"key": "retry-after", "value": "1"},
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                }
+            ]
+        return out
 
     ours = "response.code_details.startsWith('gw_') || response.code_details == 'lua_response'"
     return {
@@ -915,38 +936,11 @@ def render(config: GatewayConfig, options: EnvoyOptions = EnvoyOptions()) -> dic
                 },
             }
         )
-    ext_proc_is_ip = _is_ip(options.ext_proc_host)
+    endpoints = options.ext_proc_ports or (options.ext_proc_port,)
+    request_streams = options.ext_proc_streams_per_process * len(endpoints)
     clusters = [
-        {
-            "name": "ext_proc",
-            # A name (docker compose's `ext-proc`) needs DNS; STRICT_DNS makes every address
-            # it resolves to an endpoint, so `--scale ext-proc=N` spreads the streams.
-            "type": "STATIC" if ext_proc_is_ip else "STRICT_DNS",
-            "connect_timeout": "1s",
-            "circuit_breakers": {
-                "thresholds": [
-                    {"max_connections": 1024, "max_pending_requests": 65536, "max_requests": 65536}
-                ]
-            },
-            "typed_extension_protocol_options": {
-                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                    "explicit_http_config": {"http2_protocol_options": {}},
-                }
-            },
-            "load_assignment": {
-                "cluster_name": "ext_proc",
-                "endpoints": [
-                    {
-                        "lb_endpoints": [
-                            {"endpoint": {"address": _socket_address(options.ext_proc_host, port)}}
-                            for port in (options.ext_proc_ports or (options.ext_proc_port,))
-                        ]
-                    }
-                ],
-            },
-            **({} if ext_proc_is_ip else {"dns_lookup_family": "V4_PREFERRED"}),
-        },
+        _ext_proc_cluster("ext_proc", options, request_streams),
+        _ext_proc_cluster(RESPONSE_CLUSTER, options, 65536),
         *(_provider_cluster(p, options) for p in providers),
         *(
             envoy_fallback.chain_cluster_config(
@@ -996,3 +990,42 @@ def render_yaml(config: GatewayConfig, options: EnvoyOptions = EnvoyOptions()) -
         f"# Source: {config.source or '<string>'}\n"
     )
     return header + yaml.safe_dump(render(config, options), sort_keys=False, width=100)
+
+
+def _ext_proc_cluster(name: str, options: EnvoyOptions, max_requests: int) -> dict[str, Any]:
+    """The ext_proc processes as a cluster; ``max_requests`` bounds its open streams."""
+    ext_proc_is_ip = _is_ip(options.ext_proc_host)
+    return {
+        "name": name,
+        # A name (docker compose's `ext-proc`) needs DNS; STRICT_DNS makes every address
+        # it resolves to an endpoint, so `--scale ext-proc=N` spreads the streams.
+        "type": "STATIC" if ext_proc_is_ip else "STRICT_DNS",
+        "connect_timeout": "1s",
+        "circuit_breakers": {
+            "thresholds": [
+                {
+                    "max_connections": 1024,
+                    "max_pending_requests": max_requests,
+                    "max_requests": max_requests,
+                }
+            ]
+        },
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": _socket_address(options.ext_proc_host, port)}}
+                        for port in (options.ext_proc_ports or (options.ext_proc_port,))
+                    ]
+                }
+            ],
+        },
+        **({} if ext_proc_is_ip else {"dns_lookup_family": "V4_PREFERRED"}),
+    }
