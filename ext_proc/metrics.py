@@ -171,6 +171,12 @@ class Metrics:
             "was full (written later, not lost).",
             registry=r,
         )
+        self.usage_spool_bytes = Gauge(
+            "ext_proc_usage_spool_bytes",
+            "Bytes of usage records waiting in the disk spool folder (written to Postgres "
+            "when it answers again; 0 normally).",
+            registry=r,
+        )
         self.usage_dropped = Counter(
             "ext_proc_usage_records_dropped_total",
             "Usage records lost (neither Postgres nor the disk spool took them).",

@@ -162,10 +162,12 @@ class Service:
     async def start(self) -> None:
         settings = self.settings
         telemetry.setup()  # traces, when the OTEL_* variables ask for them
+        spool = Spool(settings.spool_dir)
+        self.metrics.usage_spool_bytes.set_function(spool.pending_bytes)
         self.recorder = UsageRecorder(
             None,
             self.metrics,
-            Spool(settings.spool_dir),
+            spool,
             maintenance=MaintenancePolicy(
                 retention=settings.usage_retention,
                 rollup_retention=settings.usage_rollup_retention,

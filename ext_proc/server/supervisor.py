@@ -9,9 +9,10 @@ an HTTP/2 connection pins its streams to one process, so a shared port with
 SO_REUSEPORT would send all of Envoy's traffic to whichever child accepted its
 connection.
 
-The children share everything else: the database, Redis, the spool folder (each child
-spools under its own sub-folder) and Envoy's usage log, which one child at a time tails
-(a lock file; another takes over when it exits). The supervisor forwards SIGTERM and
+The children share everything else: the database, Redis, the spool folder (each segment
+is locked by the process writing it; any process replays sealed ones, so nothing is
+stranded when N shrinks) and Envoy's usage log, which one child at a time tails (a lock
+file; another takes over when it exits). The supervisor forwards SIGTERM and
 SIGINT (graceful stop) and SIGHUP (reload) to every child, starts a child again when it
 dies (after a backoff that grows while it keeps dying), and exits once all children are
 gone after a stop, with the first non-zero exit status if any.
@@ -27,7 +28,6 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +61,12 @@ def without_processes_flag(argv: Sequence[str]) -> list[str]:
 
 
 def child_env(env: Mapping[str, str], index: int, base: Mapping[str, int]) -> dict[str, str]:
-    """The environment of child ``index``: its own ports and spool sub-folder."""
+    """The environment of child ``index``: its own ports (the spool folder is shared:
+    segments are locked by their writer and replayed by whichever process is free)."""
     out = dict(env)
     out["EXT_PROC_GRPC_PORT"] = str(base["grpc"] + index)
     out["EXT_PROC_METRICS_PORT"] = str(base["metrics"] + index)
     out["EXT_PROC_ADMIN_PORT"] = str(base["admin"] + index)
-    spool = Path(env.get("EXT_PROC_SPOOL_DIR") or ".data/usage-spool")
-    out["EXT_PROC_SPOOL_DIR"] = str(spool / f"process-{index}")
     return out
 
 

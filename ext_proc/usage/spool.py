@@ -21,7 +21,9 @@ the synchronous path ``UsageRecorder.submit`` takes when its queue is full.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
+import fnmatch
 import json
 import logging
 import os
@@ -248,6 +250,20 @@ class Spool:
             except OSError:
                 log.exception("closing spool segment %s failed", self._path)
         self._file, self._path, self._size = None, None, 0
+
+    def pending_bytes(self) -> int:
+        """Bytes of usage records waiting in the folder (every process's segments, the
+        open one included); read when Prometheus scrapes, a directory listing."""
+        total = 0
+        try:
+            with os.scandir(self.directory) as entries:
+                for entry in entries:
+                    if fnmatch.fnmatchcase(entry.name, _SEGMENT_GLOB):
+                        with contextlib.suppress(FileNotFoundError):  # replayed meanwhile
+                            total += entry.stat().st_size
+        except FileNotFoundError:
+            return 0
+        return total
 
     # --- replaying ---
 

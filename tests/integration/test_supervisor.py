@@ -42,7 +42,7 @@ def test_children_get_the_command_line_less_the_flag_and_their_own_ports() -> No
     assert env["EXT_PROC_GRPC_PORT"] == "50053"
     assert env["EXT_PROC_METRICS_PORT"] == "9466"
     assert env["EXT_PROC_ADMIN_PORT"] == "8082"
-    assert env["EXT_PROC_SPOOL_DIR"] == "/var/spool/gw/process-2"
+    assert env["EXT_PROC_SPOOL_DIR"] == "/var/spool/gw"  # shared: segments are locked
     assert env["KEEP"] == "1"
 
 

@@ -209,3 +209,20 @@ async def test_unwritable_folder_raises_oserror(tmp_path: Path) -> None:
         spool.append_now([UsageRecord(request_id="x")])
     with pytest.raises(OSError):
         await spool.append([UsageRecord(request_id="y")])
+
+
+async def test_pending_bytes_counts_every_segment_until_replayed(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    assert spool.pending_bytes() == 0  # no folder yet
+    await spool.append([full_record("a-0"), full_record("a-1")])
+    open_size = spool.pending_bytes()
+    assert open_size > 0  # the open segment counts
+    (sealed,) = await spool.segments()
+    other = Spool(tmp_path / "spool")  # another process sharing the folder
+    await other.append([UsageRecord(request_id="b-0")])
+    both = spool.pending_bytes()
+    assert both > open_size == sealed.stat().st_size
+    (tmp_path / "spool" / "notes.txt").write_text("not a segment")
+    assert spool.pending_bytes() == both
+    await spool.remove(sealed)
+    assert 0 < spool.pending_bytes() == both - open_size
