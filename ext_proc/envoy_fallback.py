@@ -32,22 +32,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from ext_proc import envoy_contract as contract
 from ext_proc.config.model import GatewayConfig, Model, Provider
+from ext_proc.envoy_contract import TARGET_HEADER, TARGET_KEY, TARGET_NAMESPACE
 from ext_proc.routing.fallback import (
-    CLEAR_FIELD,
-    TARGET_KEY,
-    TARGET_NAMESPACE,
-    TARGETS_FIELD,
     chain_cluster,
     chain_key,
     distinct_chains,
     endpoint_hostname,
 )
-from ext_proc.server.facts import ATTEMPTS_NAMESPACE, ROUTE_NAMESPACE, TRAIL_FIELD
 
-# The header carrying the index from the header_mutation filter to the Lua filter (it
+# TARGET_HEADER carries the index from the header_mutation filter to the Lua filter (it
 # never leaves Envoy: the Lua filter removes it).
-TARGET_HEADER = "x-gateway-target"
 # Retry pacing between attempts: the next target is another provider, so no waiting for
 # the failed one's retry-after.
 _BACK_OFF = {"base_interval": "0.005s", "max_interval": "0.05s"}
@@ -55,10 +51,10 @@ _BACK_OFF = {"base_interval": "0.005s", "max_interval": "0.05s"}
 _UPSTREAM_LUA = r"""
 function envoy_on_request(h)
   local hd = h:headers()
-  local index = hd:get("@HEADER@")
-  hd:remove("@HEADER@")
-  local route = h:streamInfo():dynamicMetadata():get("@ROUTE@")
-  local targets = route and route["@TARGETS@"]
+  local index = hd:get("@TARGET_HEADER@")
+  hd:remove("@TARGET_HEADER@")
+  local route = h:streamInfo():dynamicMetadata():get("@ROUTE_NAMESPACE@")
+  local targets = route and route["@ROUTE_TARGETS@"]
   local target = targets and index and targets[index]
   if target == nil then
     h:respond({[":status"] = "500", ["content-type"] = "application/json"},
@@ -67,19 +63,19 @@ function envoy_on_request(h)
     return
   end
   local md = h:streamInfo():dynamicMetadata()
-  local attempts = md:get("@ATTEMPTS@")
-  md:set("@ATTEMPTS@", "@TRAIL@", (attempts and attempts["@TRAIL@"] or "") .. index .. ":")
-  local clear = route["@CLEAR@"]
+  local attempts = md:get("@ATTEMPTS_NAMESPACE@")
+  md:set("@ATTEMPTS_NAMESPACE@", "@TRAIL_FIELD@", (attempts and attempts["@TRAIL_FIELD@"] or "") .. index .. ":")
+  local clear = route["@ROUTE_CLEAR@"]
   if type(clear) == "table" then
     for _, name in ipairs(clear) do hd:remove(name) end
   end
-  hd:replace(":path", target["path"])
-  hd:replace(":authority", target["host"])
-  local set = target["set"]
+  hd:replace(":path", target["@ROUTE_PATH@"])
+  hd:replace(":authority", target["@ROUTE_HOST@"])
+  local set = target["@ROUTE_SET@"]
   if type(set) == "table" then
     for name, value in pairs(set) do hd:replace(name, value) end
   end
-  local own = target["body"]
+  local own = target["@ROUTE_BODY@"]
   local body = h:body()
   if own ~= nil then
     if body ~= nil then body:setBytes(own) end
@@ -91,22 +87,15 @@ end
 
 function envoy_on_response(h)
   local md = h:streamInfo():dynamicMetadata()
-  local attempts = md:get("@ATTEMPTS@")
+  local attempts = md:get("@ATTEMPTS_NAMESPACE@")
   local status = h:headers():get(":status") or "0"
-  md:set("@ATTEMPTS@", "@TRAIL@", (attempts and attempts["@TRAIL@"] or "") .. status .. ",")
+  md:set("@ATTEMPTS_NAMESPACE@", "@TRAIL_FIELD@", (attempts and attempts["@TRAIL_FIELD@"] or "") .. status .. ",")
 end
 """
 
 
 def upstream_lua() -> str:
-    return (
-        _UPSTREAM_LUA.replace("@HEADER@", TARGET_HEADER)
-        .replace("@ROUTE@", ROUTE_NAMESPACE)
-        .replace("@TARGETS@", TARGETS_FIELD)
-        .replace("@CLEAR@", CLEAR_FIELD)
-        .replace("@ATTEMPTS@", ATTEMPTS_NAMESPACE)
-        .replace("@TRAIL@", TRAIL_FIELD)
-    )
+    return contract.lua(_UPSTREAM_LUA)
 
 
 def _upstream_filters() -> list[dict[str, Any]]:

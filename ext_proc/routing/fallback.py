@@ -17,6 +17,7 @@ import re
 from collections.abc import Mapping
 
 from ext_proc.config.model import GatewayConfig, Model, Provider
+from ext_proc.envoy_contract import ROUTE_CLEAR, ROUTE_TARGETS
 from ext_proc.routing.endpoints import Operation
 from ext_proc.routing.providers import PROVIDER_TYPES
 
@@ -28,12 +29,10 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 # host, headers and (when its own) body, by target index; and every header name any
 # target sets, which each attempt clears before setting its own (headers an attempt
 # set are still there on the next one).
-TARGETS_FIELD = "tg"
+TARGETS_FIELD = ROUTE_TARGETS
 # The endpoint metadata naming a target in Envoy's chain cluster: namespace and key, its
 # value the target's index in ``Model.targets`` (read per attempt and by the finishers).
-TARGET_NAMESPACE = "gw"
-TARGET_KEY = "t"
-CLEAR_FIELD = "clr"
+CLEAR_FIELD = ROUTE_CLEAR
 
 
 def authority(provider: Provider) -> str:

@@ -29,6 +29,22 @@ from typing import Any
 
 import orjson
 
+from ext_proc.envoy_contract import (
+    ATTEMPTS_NAMESPACE,
+    BODY_BYTES_FIELD,
+    BODY_NAMESPACE,
+    DENIAL_FIELD,
+    DETAILS_PREFIX,
+    FACTS_FIELD,
+    MODEL_NAMESPACE,
+    NAMESPACE,
+    RECORDED_FIELD,
+    RESPONSE_NAMESPACE,
+    TARGET_KEY,
+    TARGET_NAMESPACE,
+    TRAIL_FIELD,
+    USAGE_NAMESPACE,
+)
 from ext_proc.server.completion import (
     CLIENT_CLOSED_REQUEST,
     FALLBACK_RECORDER,
@@ -44,7 +60,6 @@ from ext_proc.usage.record import Decision
 
 log = logging.getLogger(__name__)
 
-BODY_NAMESPACE = "gw_body"  # set by the capture Lua filter: an answer Envoy could not read
 # Bodies up to this many bytes are kept for counting; longer ones only their length.
 BODY_CAPTURE_LIMIT = 4 * 1024 * 1024
 
@@ -65,17 +80,18 @@ LOG_FIELDS: dict[str, str] = {
     "att": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
     "uh": "%UPSTREAM_HOST%",
     # A model with fallbacks: the index of the target that answered (endpoint metadata).
-    "tgt": "%UPSTREAM_METADATA(gw:t)%",
-    "trl": "%DYNAMIC_METADATA(gw_attempts:trail)%",  # and every attempt's target and status
+    "tgt": f"%UPSTREAM_METADATA({TARGET_NAMESPACE}:{TARGET_KEY})%",
+    # ... and every attempt's target and status.
+    "trl": f"%DYNAMIC_METADATA({ATTEMPTS_NAMESPACE}:{TRAIL_FIELD})%",
     "route": "%ROUTE_NAME%",
     "ct": "%RESP(CONTENT-TYPE)%",
     "ce": "%RESP(CONTENT-ENCODING)%",
-    "gw": "%DYNAMIC_METADATA(gw:f)%",
-    "dn": "%DYNAMIC_METADATA(gw:d)%",
-    "u": "%DYNAMIC_METADATA(gw_usage)%",
-    "mdl": "%DYNAMIC_METADATA(gw_model)%",
-    "rp": "%DYNAMIC_METADATA(gw_response:recorded)%",
-    "bd": "%DYNAMIC_METADATA(gw_body)%",
+    "gw": f"%DYNAMIC_METADATA({NAMESPACE}:{FACTS_FIELD})%",
+    "dn": f"%DYNAMIC_METADATA({NAMESPACE}:{DENIAL_FIELD})%",
+    "u": f"%DYNAMIC_METADATA({USAGE_NAMESPACE})%",
+    "mdl": f"%DYNAMIC_METADATA({MODEL_NAMESPACE})%",
+    "rp": f"%DYNAMIC_METADATA({RESPONSE_NAMESPACE}:{RECORDED_FIELD})%",
+    "bd": f"%DYNAMIC_METADATA({BODY_NAMESPACE})%",
 }
 
 # Envoy response flags (short form) that say how a request ended.
@@ -211,7 +227,7 @@ class UsageLog:
         facts = Facts.from_json(facts_text) if type(facts_text) is str else None
         if facts is not None and facts.targets:
             facts.select_target(entry.get("tgt"))
-        if details.startswith("gw_") or entry.get("rp"):
+        if details.startswith(DETAILS_PREFIX) or entry.get("rp"):
             # The gateway's own answer, or the response processor's: recorded by them.
             if facts is None or facts.request_id in self._gw.recorded:
                 return None
@@ -226,7 +242,7 @@ class UsageLog:
         self, entry: dict[str, Any], facts: Facts, status: int, details: str
     ) -> None:
         self._fallbacks.inc()
-        if details.startswith("gw_"):
+        if details.startswith(DETAILS_PREFIX):
             # A denial or an error the gateway answered itself: nothing reached a provider.
             decision, policy, code = _denial(entry.get("dn"), status, details)
             ending = Ending(
@@ -289,7 +305,7 @@ class UsageLog:
         self, facts: Facts, entry: dict[str, Any], body: dict[str, Any]
     ) -> ResponseSummary | None:
         """The rare path: an answer whose usage Envoy could not read, counted here."""
-        encoded = body.get("b")
+        encoded = body.get(BODY_BYTES_FIELD)
         if type(encoded) is not str:
             return None  # too large to keep: only its length is known
         try:

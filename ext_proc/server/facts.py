@@ -16,24 +16,35 @@ from typing import Any
 import orjson
 from google.protobuf import struct_pb2
 
+# The metadata names are the wire contract's (ext_proc/envoy_contract.py), re-exported
+# for the modules that read facts.
+from ext_proc.envoy_contract import (
+    ATTEMPTS_NAMESPACE,
+    DENIAL_FIELD,
+    MODEL_NAMESPACE,
+    NAMESPACE,
+    RESPONSE_NAMESPACE,
+    ROUTE_NAMESPACE,
+    TRAIL_FIELD,
+    USAGE_NAMESPACE,
+)
+from ext_proc.envoy_contract import FACTS_FIELD as FIELD
 from ext_proc.policies.base import RequestFacts
 from ext_proc.usage.pricing import Price
 
-NAMESPACE = "gw"  # request facts: read by the usage log reader and the response processor
-ROUTE_NAMESPACE = "gw_route"  # routing + credentials for the Lua filter (scrubbed after use)
-RESPONSE_NAMESPACE = "gw_response"  # set by the response processor: "it wrote the record"
-USAGE_NAMESPACE = "gw_usage"  # set by Envoy's json_to_metadata from a JSON response body
-MODEL_NAMESPACE = "gw_model"  # the same: the model the answer names (its own namespace, so
-# "gw_usage is set" means "Envoy read a usage count")
-# A model with fallbacks: Envoy's upstream filter of each attempt appends to field
-# ``trail`` "<target index>:" when it starts and "<status>," when its answer arrives
-# (an attempt that timed out, was reset or never connected has no status).
-ATTEMPTS_NAMESPACE = "gw_attempts"
-TRAIL_FIELD = "trail"
-FIELD = "f"  # the field of NAMESPACE that holds the facts (compact JSON)
-# Beside the facts of a request the gateway answered itself: [decision, policy, code],
-# so that its record can be rebuilt from Envoy's usage log (see server/envoy_log.py).
-DENIAL_FIELD = "d"
+__all__ = [
+    "ATTEMPTS_NAMESPACE",
+    "DENIAL_FIELD",
+    "FIELD",
+    "MODEL_NAMESPACE",
+    "NAMESPACE",
+    "RESPONSE_NAMESPACE",
+    "ROUTE_NAMESPACE",
+    "TRAIL_FIELD",
+    "USAGE_NAMESPACE",
+    "Facts",
+    "TargetFacts",
+]
 
 
 @dataclass(slots=True)

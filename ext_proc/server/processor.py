@@ -23,6 +23,7 @@ import orjson
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import struct_pb2
 
+from ext_proc import envoy_contract as contract
 from ext_proc import logs, telemetry
 from ext_proc.auth.authenticator import AuthError
 from ext_proc.policies.base import Denial
@@ -45,9 +46,9 @@ from ext_proc.usage.record import clean_text
 log = logging.getLogger(__name__)
 
 # The route header Envoy matches to pick the provider cluster (set only by the gateway).
-PROVIDER_HEADER = "x-gateway-provider"
+PROVIDER_HEADER = contract.PROVIDER_HEADER
 # "1" routes the response through the response processor (streams, translations).
-RESPONSE_HEADER = "x-gateway-response"
+RESPONSE_HEADER = contract.RESPONSE_HEADER
 # Where the ext_proc filter puts the attributes it was asked for.
 ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
 # What the Envoy config asks the filter to attach (see envoy_config.py).
@@ -471,10 +472,10 @@ class RequestProcessor:
         metadata = struct_pb2.Struct()
         # Built field by field: Struct.update's generic conversion costs several times more.
         fields = metadata.fields[ROUTE_NAMESPACE].struct_value.fields
-        fields["path"].string_value = path
-        fields["prov"].string_value = route.provider.name
-        fields["resp"].string_value = "1" if respond else "0"
-        set_struct = fields["set"].struct_value
+        fields[contract.ROUTE_PATH].string_value = path
+        fields[contract.ROUTE_PROVIDER].string_value = route.provider.name
+        fields[contract.ROUTE_RESPONSE].string_value = "1" if respond else "0"
+        set_struct = fields[contract.ROUTE_SET].struct_value
         set_struct.SetInParent()  # an empty table for Lua when there is nothing to set
         set_headers = set_struct.fields
         for name, value in call_headers:
@@ -524,12 +525,12 @@ class RequestProcessor:
         facts.response_processor = respond
         metadata = struct_pb2.Struct()
         fields = metadata.fields[ROUTE_NAMESPACE].struct_value.fields
-        fields["path"].string_value = calls[0].path
-        fields["prov"].string_value = chain_key(
+        fields[contract.ROUTE_PATH].string_value = calls[0].path
+        fields[contract.ROUTE_PROVIDER].string_value = chain_key(
             chain[0].model.name, tuple(target.index for target in chain)
         )
-        fields["resp"].string_value = "1" if respond else "0"
-        fields["set"].struct_value.SetInParent()  # credentials go per target, below
+        fields[contract.ROUTE_RESPONSE].string_value = "1" if respond else "0"
+        fields[contract.ROUTE_SET].struct_value.SetInParent()  # credentials go per target, below
         per_target = fields[TARGETS_FIELD].struct_value.fields
         cleared: set[str] = set()
         # An attempt's body changes stay for the next attempt (and its content-length
@@ -537,15 +538,15 @@ class RequestProcessor:
         own_bodies = any(call.body is not None for call in calls)
         for target, call in zip(chain, calls, strict=True):
             entry = per_target[str(target.index)].struct_value.fields
-            entry["path"].string_value = call.path
-            entry["host"].string_value = authority(target.provider)
-            set_struct = entry["set"].struct_value
+            entry[contract.ROUTE_PATH].string_value = call.path
+            entry[contract.ROUTE_HOST].string_value = authority(target.provider)
+            set_struct = entry[contract.ROUTE_SET].struct_value
             set_struct.SetInParent()
             for name, value in call.headers:
                 set_struct.fields[name].string_value = value
                 cleared.add(name)
             if own_bodies:
-                entry["body"].string_value = (call.body or raw).decode()
+                entry[contract.ROUTE_BODY].string_value = (call.body or raw).decode()
         clear = fields[CLEAR_FIELD].list_value
         for name in sorted(cleared):
             clear.values.add().string_value = name
@@ -575,7 +576,7 @@ class RequestProcessor:
             200,
             orjson.dumps({"object": "list", "data": data}),
             [("content-type", "application/json")],
-            details="gw_list_models",
+            details=contract.details("list_models"),
         )
 
     # ------------------------------------------------------------ outcomes

@@ -20,7 +20,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import struct_pb2
 
 from ext_proc import logs
-from ext_proc.routing.fallback import TARGET_KEY, TARGET_NAMESPACE
+from ext_proc.envoy_contract import TARGET_KEY, TARGET_NAMESPACE
 from ext_proc.routing.providers import RESPONSE_TRANSLATORS
 from ext_proc.routing.translate import ResponseTranslator
 from ext_proc.server import responses as r

@@ -15,6 +15,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
+from ext_proc import envoy_contract as contract
+
 ProcessingResponse = pb.ProcessingResponse
 _HeaderValue = base_pb2.HeaderValue
 _HeaderValueOption = base_pb2.HeaderValueOption
@@ -129,7 +131,7 @@ def immediate(
     else:
         body = error_body(message, status=status, code=code, param=param, error_type=error_type)
     all_headers = [("content-type", "application/json"), *headers]
-    return immediate_raw(status, body, all_headers, details=f"gw_{code or 'error'}")
+    return immediate_raw(status, body, all_headers, details=contract.details(code or "error"))
 
 
 def immediate_raw(

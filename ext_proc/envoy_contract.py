@@ -1,0 +1,86 @@
+"""The wire contract between the ext_proc server and the Envoy config it is rendered
+with: every name both sides must spell the same way, in one place.
+
+The request processor writes its decision and facts into Envoy's dynamic metadata; the
+Lua filter, Envoy's access-log formats and ``json_to_metadata`` (rendered by
+``ext_proc.envoy_config`` and ``ext_proc.envoy_fallback``) read and write the same
+namespaces and fields; the usage-log reader and the response processor read them back.
+A name changed here changes on every side at once; ``tests/unit/test_envoy_contract.py``
+fails when a module spells one of them itself.
+
+Nothing here imports the gateway's own modules: every side may import it.
+"""
+
+from __future__ import annotations
+
+import re
+
+# --- dynamic metadata namespaces ---
+NAMESPACE = "gw"  # request facts: read by the usage log reader and the response processor
+ROUTE_NAMESPACE = "gw_route"  # routing + credentials for the Lua filter (scrubbed after use)
+RESPONSE_NAMESPACE = "gw_response"  # set by the response processor: "it wrote the record"
+USAGE_NAMESPACE = "gw_usage"  # set by Envoy's json_to_metadata from a JSON response body
+# The same: the model the answer names (its own namespace, so "gw_usage is set" means
+# "Envoy read a usage count").
+MODEL_NAMESPACE = "gw_model"
+# A model with fallbacks: Envoy's upstream filter of each attempt appends to field
+# ``trail`` "<target index>:" when it starts and "<status>," when its answer arrives.
+ATTEMPTS_NAMESPACE = "gw_attempts"
+BODY_NAMESPACE = "gw_body"  # set by the capture Lua filter: an answer Envoy could not read
+
+# --- fields ---
+BODY_BYTES_FIELD, BODY_LENGTH_FIELD = "b", "n"  # BODY_NAMESPACE: base64 body, or its length
+FACTS_FIELD = "f"  # NAMESPACE: the request's facts (compact JSON)
+DENIAL_FIELD = "d"  # NAMESPACE: [decision, policy, code] of an answer the gateway gave
+TRAIL_FIELD = "trail"  # ATTEMPTS_NAMESPACE
+RECORDED_FIELD = "recorded"  # RESPONSE_NAMESPACE: "1" once the response side recorded it
+# ROUTE_NAMESPACE, read by the Lua filter: upstream path, provider route header value,
+# whether the response processor runs ("1"/"0"), the headers to set (credentials too).
+ROUTE_PATH, ROUTE_PROVIDER, ROUTE_RESPONSE, ROUTE_SET = "path", "prov", "resp", "set"
+ROUTE_TARGETS, ROUTE_CLEAR = "tg", "clr"  # chained (fallback) requests: per-target entries
+ROUTE_HOST, ROUTE_BODY = "host", "body"  # a target's entry: its authority, its own body
+# Endpoint metadata naming a fallback target in Envoy's chain cluster.
+TARGET_NAMESPACE = NAMESPACE
+TARGET_KEY = "t"
+
+# --- response code details of the gateway's own answers (``gw_<code>``) ---
+DETAILS_PREFIX = "gw_"
+
+
+def details(code: str) -> str:
+    """The response code details of an answer the gateway gave itself."""
+    return DETAILS_PREFIX + code
+
+
+# --- headers ---
+GATEWAY_HEADER_PREFIX = "x-gateway-"  # the gateway's own headers (an app's are dropped)
+PROVIDER_HEADER = GATEWAY_HEADER_PREFIX + "provider"  # routes to the provider's cluster
+RESPONSE_HEADER = GATEWAY_HEADER_PREFIX + "response"  # "1": the response processor runs
+TARGET_HEADER = GATEWAY_HEADER_PREFIX + "target"  # a fallback attempt's target
+# Where apps put their gateway key (OpenAI, Azure, Anthropic SDKs); removed before upstream.
+KEY_HEADERS = ("authorization", "api-key", "x-api-key")
+
+
+def lua(source: str, **extra: str) -> str:
+    """``source`` with ``@NAME@`` placeholders replaced by this module's constants (a
+    tuple becomes Lua list items: ``"a", "b"``) or ``extra``, so Lua code rendered into
+    Envoy's config spells every name as the server does."""
+    names: dict[str, str] = {}
+    for key, value in globals().items():
+        if not key.isupper():
+            continue
+        if isinstance(value, str):
+            names[key] = value
+        elif isinstance(value, tuple) and all(isinstance(v, str) for v in value):
+            names[key] = ", ".join(f'"{v}"' for v in value)
+    names.update(extra)
+
+    def constant(match: re.Match[str]) -> str:
+        if match.group(1) not in names:
+            raise ValueError(f"unknown wire-contract placeholder in Lua: {match.group(0)}")
+        return names[match.group(1)]
+
+    return _PLACEHOLDER.sub(constant, source)
+
+
+_PLACEHOLDER = re.compile(r"@([A-Z][A-Z_]*)@")
