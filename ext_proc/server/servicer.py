@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -29,8 +29,25 @@ from ext_proc.server.wire import decode_request
 
 log = logging.getLogger(__name__)
 
-_PHASES = ("request_headers", "request_body", "response_headers", "response_body")
 SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+# What handles each phase of a stream, per side: typed tables (mypy checks every method's
+# signature against them) instead of a method looked up by name.
+RequestHandler = Callable[
+    [RequestProcessor, Any, pb.ProcessingRequest], Awaitable[pb.ProcessingResponse]
+]
+ResponseHandler = Callable[
+    [ResponseProcessor, Any, pb.ProcessingRequest], Awaitable[pb.ProcessingResponse]
+]
+_REQUEST_SIDE: dict[str, RequestHandler] = {
+    "request_headers": RequestProcessor.on_request_headers,
+    "request_body": RequestProcessor.on_request_body,
+}
+_RESPONSE_SIDE: dict[str, ResponseHandler] = {
+    "response_headers": ResponseProcessor.on_response_headers,
+    "response_body": ResponseProcessor.on_response_body,
+}
+_PHASES = (*_REQUEST_SIDE, *_RESPONSE_SIDE)
 
 
 def add_to_server(servicer: ExternalProcessor, server: grpc.aio.Server) -> None:
@@ -85,10 +102,20 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                             "request" if phase.startswith("request") else "response",
                             context.invocation_metadata(),
                         )
-                handler = getattr(proc, "on_" + phase)
                 token = None if span is None else _attach(span)
                 try:
-                    response = await handler(getattr(request, phase), request)
+                    message = getattr(request, phase)
+                    if type(proc) is RequestProcessor:
+                        on_request = _REQUEST_SIDE.get(phase)
+                        if on_request is None:
+                            raise _WrongSide(phase, "request")
+                        response = await on_request(proc, message, request)
+                    else:
+                        assert isinstance(proc, ResponseProcessor)
+                        on_response = _RESPONSE_SIDE.get(phase)
+                        if on_response is None:
+                            raise _WrongSide(phase, "response")
+                        response = await on_response(proc, message, request)
                 except RequestError as denial:
                     assert isinstance(proc, RequestProcessor)
                     response = proc.deny(denial)
@@ -130,6 +157,13 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                         _detach(token)
             if span is not None:
                 telemetry.end_stream_span(span, proc.facts if proc else None, answered)
+
+
+class _WrongSide(RuntimeError):
+    """A message of one side's phase on the other side's stream (a config mistake)."""
+
+    def __init__(self, phase: str, side: str) -> None:
+        super().__init__(f"a {phase} message on a {side}-side ext_proc stream")
 
 
 def _passthrough(phase: str | None) -> pb.ProcessingResponse:

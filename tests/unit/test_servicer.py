@@ -9,9 +9,10 @@ import orjson
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
+from ext_proc.server import servicer as servicer_module
 from ext_proc.server.processor import RequestProcessor
 from ext_proc.server.servicer import ExternalProcessor
-from tests.unit.test_processor import CHAT, forwarded, make_gateway, request
+from tests.unit.test_processor import APP_KEY, CHAT, forwarded, headers, make_gateway, request
 
 
 async def messages(*items: pb.ProcessingRequest) -> AsyncIterator[pb.ProcessingRequest]:
@@ -60,7 +61,7 @@ async def test_a_crash_answers_500_and_the_next_request_works(
         raise RuntimeError("bug")
 
     with monkeypatch.context() as m:
-        m.setattr(RequestProcessor, "on_request_body", boom)
+        m.setitem(servicer_module._REQUEST_SIDE, "request_body", boom)
         out = await run(servicer, request(CHAT))
     immediate = out[-1].immediate_response
     assert immediate.status.code == 500
@@ -70,4 +71,24 @@ async def test_a_crash_answers_500_and_the_next_request_works(
     for _ in range(10):
         await asyncio.sleep(0)
     assert sink.records[0].status_code == 500
+    assert gw.metrics.stream_errors.labels("internal")._value.get() == 1
+
+
+async def test_a_message_for_the_other_side_answers_500_not_a_crash() -> None:
+    gw, _ = make_gateway()
+    first = pb.ProcessingRequest(
+        request_headers=headers(
+            **{
+                ":path": "/v1/chat/completions",
+                ":method": "POST",
+                "x-request-id": "r",
+                "content-type": "application/json",
+                "authorization": f"Bearer {APP_KEY}",
+            }
+        )
+    )
+    stray = pb.ProcessingRequest(response_body=pb.HttpBody(body=b"x", end_of_stream=True))
+    out = await run(ExternalProcessor(gw), first, stray)
+    assert out[0].HasField("request_headers")
+    assert out[-1].immediate_response.status.code == 500
     assert gw.metrics.stream_errors.labels("internal")._value.get() == 1
