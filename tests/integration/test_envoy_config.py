@@ -10,6 +10,7 @@ import yaml
 from ext_proc.config.loader import load_config, parse_config
 from ext_proc.envoy_config import (
     CAPTURE_FILTER,
+    DEFAULT_EXT_PROC_STREAMS,
     LUA_FILTER,
     REQUEST_FILTER,
     RESPONSE_FILTER,
@@ -81,10 +82,17 @@ def test_rendered_shape() -> None:
     clusters = {c["name"]: c for c in bootstrap["static_resources"]["clusters"]}
     assert set(clusters) == {
         "ext_proc",
+        "ext_proc_response",  # streams' response sides: the same processes, no shedding bound
         "provider_openai",
         "provider_azure-eastus",
         "provider_local-vllm",
     }
+    # Request sides are bounded per process (shed past it); response sides are not.
+    request_side = clusters["ext_proc"]["circuit_breakers"]["thresholds"][0]
+    assert request_side["max_requests"] == DEFAULT_EXT_PROC_STREAMS
+    assert clusters["ext_proc_response"]["circuit_breakers"]["thresholds"][0]["max_requests"] > (
+        100 * DEFAULT_EXT_PROC_STREAMS
+    )
     tls = clusters["provider_openai"]["transport_socket"]["typed_config"]
     assert tls["sni"] == "api.openai.com"
     assert "transport_socket" not in clusters["provider_local-vllm"]
