@@ -308,8 +308,9 @@ def _prune_text(report: PruneReport, older_than: timedelta, *, dry_run: bool) ->
         )
     if report.rollup_before is not None:
         lines.append(
-            f"rollups: {'would delete' if dry_run else 'deleted'} {report.hourly_rows:,} hourly "
-            f"and {report.daily_rows:,} daily rows of periods that ended by "
+            f"rollups: {'would delete' if dry_run else 'deleted'} {report.hourly_rows:,} hourly, "
+            f"{report.daily_rows:,} daily and {report.weekly_rows:,} weekly rows of periods "
+            "that ended by "
             f"{report.rollup_before:%Y-%m-%d %H:%M} UTC"
         )
     return "\n".join(lines)

@@ -9,8 +9,9 @@ partitions whose whole day is older than the retention, and the rollup rows olde
 the rollup retention. ``ext-proc usage prune`` does the dropping on demand.
 
 ``fold`` (the usage writer runs it every few seconds) moves the changes waiting in
-``usage_rollup_pending`` into the hourly and daily rollups. Readers add what is still
-pending, so the fold's pace changes how fast queries are, never what they answer.
+``usage_rollup_pending`` into the hourly and daily rollups (all three levels of them:
+per org, per app and model, and in full detail). Readers add what is still pending, so
+the fold's pace changes how fast queries are, never what they answer.
 
 Several processes may run this at once: each change is one transaction holding an
 advisory lock, taken without waiting (whoever does not get it leaves the work to the
@@ -98,8 +99,9 @@ class PruneReport:
     partitions: list[Partition] = field(default_factory=list)
     default_rows: int = 0  # rows of such days found in the DEFAULT partition
     rollup_before: datetime | None = None
-    hourly_rows: int = 0  # rollup rows deleted (dry run: that would be)
+    hourly_rows: int = 0  # rollup rows deleted, every level (dry run: that would be)
     daily_rows: int = 0
+    weekly_rows: int = 0
 
 
 @dataclass(slots=True)
@@ -234,9 +236,9 @@ async def prune(
             )
         report.partitions.append(partition)
     if rollups_before is not None:
-        report.hourly_rows, report.daily_rows = await _prune_rollups(
-            conn, rollups_before, dry_run=dry_run
-        )
+        counts = await _prune_rollups(conn, rollups_before, dry_run=dry_run)
+        report.hourly_rows, report.daily_rows = counts["hour"], counts["day"]
+        report.weekly_rows = counts["week"]
     return report
 
 
@@ -248,19 +250,26 @@ def _day_floor(moment: datetime) -> datetime:
     return datetime(utc.year, utc.month, utc.day, tzinfo=UTC)
 
 
+_BUCKET_LENGTHS = {"hour": "1 hour", "day": "24 hours", "week": "7 days"}
+
+
 async def _prune_rollups(
     conn: asyncpg.Connection, before: datetime, *, dry_run: bool
-) -> tuple[int, int]:
-    counts: list[int] = []
-    for table, length in (("usage_rollup_hourly", "1 hour"), ("usage_rollup_daily", "24 hours")):
-        where = f"bucket <= $1::timestamptz - interval '{length}'"  # the bucket ended by `before`
+) -> dict[str, int]:
+    """Delete (or count) the rollup rows of buckets that ended by ``before``, in every
+    rollup table the schema lists; rows per grain (hour, day, week)."""
+    counts = dict.fromkeys(_BUCKET_LENGTHS, 0)
+    for table in await conn.fetch("SELECT name, grain FROM usage_rollup_tables()"):
+        name, grain = _ident(table["name"]), table["grain"]
+        # the bucket ended by `before`
+        where = f"bucket <= $1::timestamptz - interval '{_BUCKET_LENGTHS[grain]}'"
         if dry_run:
-            sql = f"SELECT count(*) FROM {table} WHERE {where}"
-            counts.append(int(await conn.fetchval(sql, before)))
+            sql = f"SELECT count(*) FROM {name} WHERE {where}"
+            counts[grain] += int(await conn.fetchval(sql, before))
         else:
-            status = await conn.execute(f"DELETE FROM {table} WHERE {where}", before)
-            counts.append(int(status.rsplit(" ", 1)[-1]))
-    return counts[0], counts[1]
+            status = await conn.execute(f"DELETE FROM {name} WHERE {where}", before)
+            counts[grain] += int(status.rsplit(" ", 1)[-1])
+    return counts
 
 
 async def maintain(

@@ -36,6 +36,7 @@ from ext_proc.usage.maintenance import (
 from ext_proc.usage.record import UsageRecord
 from ext_proc.usage.recorder import UsageRecorder
 from ext_proc.usage.rollups import (
+    LEVELS,
     Part,
     RollupRow,
     _build_query,
@@ -87,15 +88,28 @@ SELECT 'gen-' || n, $3::timestamptz + (n % 997) * $4::interval / 997,
 FROM generate_series($1::bigint, $1::bigint + $2 - 1) n
 """
 
+# Every level of the rollups answers some of these (the first four: all three).
 GROUPINGS = [
     [],
+    ["org_id"],
+    ["hour"],
+    ["day", "org_id"],
     ["org_id", "model"],
     ["app_id"],
+    ["hour", "provider"],
     ["key_id", "environment"],
     ["provider", "deployment", "decision"],
     ["status_class"],
-    ["hour"],
-    ["day", "org_id"],
+    ["day", "key_id"],
+]
+
+
+# Groupings with filters (rollup()'s keyword arguments): each level answers one.
+FILTERED: list[tuple[list[str], dict[str, Any]]] = [
+    (["hour"], {"org_id": "org-1"}),
+    (["day", "model"], {"org_id": "org-2", "app_id": "app-3"}),
+    (["key_id"], {"model": "gpt-4.1"}),
+    (["app_id"], {"model": "o3"}),
 ]
 
 
@@ -118,39 +132,44 @@ async def conn(migrated_url: str) -> AsyncIterator[asyncpg.Connection]:
         await conn.close()
 
 
-async def _raw_answer(
-    conn: asyncpg.Connection, keys: list[str], since: datetime | None, until: datetime | None
+_MEASURES = (
+    "requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cached_tokens",
+    "cache_creation_tokens",
+    "reasoning_tokens",
+    "cost_usd",
+    "estimated_rows",
+    "errors",
+    "denied",
+    "avg_latency_ms",
+)
+
+
+async def _answer(
+    conn: asyncpg.Connection,
+    keys: list[str],
+    since: datetime | None,
+    until: datetime | None,
+    filters: dict[str, str | None] | None = None,
+    **how: Any,
 ) -> list[RollupRow]:
-    """What the rows alone add up to: the same query with every part read from the rows."""
+    """rollup()'s answer, read as ``how`` says (``_build_query``'s parts, level)."""
     sql, params = _build_query(
         keys,
         since=since,
         until=until,
-        filters={"org_id": None, "app_id": None, "model": None},
+        filters={"org_id": None, "app_id": None, "model": None, **(filters or {})},
         limit=100_000,
-        parts=[Part("raw", since, until)],
+        **how,
     )
     rows = await conn.fetch(sql, *params)
     return [
         RollupRow(
             keys={k: row[k] for k in keys},
-            **{
-                m: row[m]
-                for m in (
-                    "requests",
-                    "prompt_tokens",
-                    "completion_tokens",
-                    "total_tokens",
-                    "cached_tokens",
-                    "cache_creation_tokens",
-                    "reasoning_tokens",
-                    "cost_usd",
-                    "estimated_rows",
-                    "errors",
-                    "denied",
-                    "avg_latency_ms",
-                )
-            },
+            **{m: row[m] for m in _MEASURES},
             p95_latency_ms=histogram_percentile(unpack_histogram(row["latency_histogram"])),
         )
         for row in rows
@@ -158,16 +177,39 @@ async def _raw_answer(
     ]
 
 
+async def _raw_answer(
+    conn: asyncpg.Connection,
+    keys: list[str],
+    since: datetime | None,
+    until: datetime | None,
+    filters: dict[str, str | None] | None = None,
+) -> list[RollupRow]:
+    """What the rows alone add up to: the same query with every part read from the rows."""
+    return await _answer(conn, keys, since, until, filters, parts=[Part("raw", since, until)])
+
+
 async def _assert_rollups_exact(
     conn: asyncpg.Connection, ranges: list[tuple[datetime | None, datetime | None]]
 ) -> int:
-    """Every grouping over every range: the rollups' answer equals the rows' own."""
+    """Every grouping over every range: rollup()'s answer, and that of every level of
+    the rollups that has the grouping's keys, equals the rows' own."""
     compared = 0
     for since, until in ranges:
         for keys in GROUPINGS:
-            fast = await rollup(conn, group_by=keys, since=since, until=until, limit=100_000)
             slow = await _raw_answer(conn, keys, since, until)
+            fast = await rollup(conn, group_by=keys, since=since, until=until, limit=100_000)
             assert fast == slow, (keys, since, until)
+            for level, (has, _) in LEVELS.items():
+                if set(keys) <= has:
+                    answer = await _answer(conn, keys, since, until, level=level)
+                    assert answer == slow, (keys, level, since, until)
+            compared += len(fast)
+        for keys, filters in FILTERED:
+            slow = await _raw_answer(conn, keys, since, until, filters)
+            fast = await rollup(
+                conn, group_by=keys, since=since, until=until, limit=100_000, **filters
+            )
+            assert fast == slow, (keys, filters, since, until)
             compared += len(fast)
     return compared
 
@@ -348,9 +390,11 @@ async def test_records_of_one_request_meet_in_one_partition_and_are_ranked(
 
 
 async def test_rollups_equal_what_the_rows_add_up_to(conn: asyncpg.Connection) -> None:
-    # 20,000 rows over three days, half of them folded into the rollups, half pending.
+    # 20,000 rows over three days, half of them folded into the rollups, half pending,
+    # and 3,000 over five weeks around them (weeks start on Monday; T0 is one).
     await conn.execute(_GENERATE, 1, 10_000, T0, timedelta(days=3))
-    assert await fold(conn, max_rows=3_000) == 10_000
+    await conn.execute(_GENERATE, 40_001, 3_000, T0 - timedelta(days=20), timedelta(days=35))
+    assert await fold(conn, max_rows=3_000) == 13_000
     await conn.execute(_GENERATE, 10_001, 10_000, T0 + timedelta(minutes=13), timedelta(days=3))
     # Replaced by higher-ranked records that move them to other groups (the writer's own
     # statement), deleted, and rows arriving late for a day already folded.
@@ -387,6 +431,10 @@ async def test_rollups_equal_what_the_rows_add_up_to(conn: asyncpg.Connection) -
         (T0 - timedelta(days=1), T0 + timedelta(days=1)),  # the late rows, whole days
         (None, T0 + timedelta(days=1, minutes=30)),
         (T0 + timedelta(hours=30, seconds=1), None),
+        # weeks, less or plus days, hours and rows at either end
+        (T0 - timedelta(days=17, hours=5, minutes=19), T0 + timedelta(days=2, hours=1, minutes=9)),
+        (T0 - timedelta(days=19), T0 + timedelta(days=12)),
+        (None, T0 + timedelta(days=9, hours=7, seconds=5)),
     ]
     compared = await _assert_rollups_exact(conn, ranges)
     assert compared > 1000
@@ -428,8 +476,76 @@ async def test_truncate_clears_the_rollups(conn: asyncpg.Connection) -> None:
     await conn.execute("TRUNCATE usage_records")
     [total] = await rollup(conn, group_by=[])
     assert total.requests == 0
-    for table in ("usage_rollup_hourly", "usage_rollup_daily", "usage_rollup_pending"):
+    tables = [r["name"] for r in await conn.fetch("SELECT name FROM usage_rollup_tables()")]
+    for table in [*tables, "usage_rollup_pending"]:
         assert await conn.fetchval(f"SELECT count(*) FROM {table}") == 0
+
+
+async def test_rows_written_around_the_triggers_are_counted_by_a_rebuild(
+    conn: asyncpg.Connection,
+) -> None:
+    # Three weeks of rows through the triggers, folded; then a Wednesday's partition
+    # filled straight (as a bulk load would: no trigger fires), which the rollups miss
+    # until usage_rollups_rebuild recomputes that day, and the week it is in.
+    await conn.execute(_GENERATE, 1, 6_000, T0 - timedelta(days=7), timedelta(days=21))
+    wednesday = (T0 + timedelta(days=2)).date()
+    await ensure_partitions(conn, today=wednesday, days_ahead=0)
+    await conn.execute(
+        _GENERATE.replace(
+            "INSERT INTO usage_records (", f"INSERT INTO usage_records_p{wednesday:%Y%m%d} (", 1
+        ),
+        10_001,
+        700,
+        T0 + timedelta(days=1, hours=16),
+        timedelta(hours=20),
+    )
+    assert await fold(conn) == 6_000
+    ranges: list[tuple[datetime | None, datetime | None]] = [
+        (None, None),
+        (T0 - timedelta(days=3, hours=2, minutes=7), T0 + timedelta(days=9, minutes=41)),
+    ]
+    [total] = await rollup(conn, group_by=[])
+    assert total.requests == 6_000  # the straight rows are not counted yet
+
+    day_start = datetime(wednesday.year, wednesday.month, wednesday.day, tzinfo=UTC)
+    counted = await conn.fetchval(
+        "SELECT usage_rollups_rebuild($1, $2)",
+        day_start + timedelta(hours=3),
+        day_start + timedelta(hours=5),
+    )
+    rows_that_day = await conn.fetchval(
+        "SELECT count(*) FROM usage_records WHERE created_at >= $1 AND created_at < $2",
+        day_start,
+        day_start + timedelta(days=1),
+    )
+    assert counted == rows_that_day  # the whole UTC day, not just 03:00-05:00
+    [total] = await rollup(conn, group_by=[])
+    assert total.requests == 6_700
+    await _assert_rollups_exact(conn, ranges)
+    # A week summed again from its days equals the week the fold had kept.
+    weeks = await conn.fetch(
+        "SELECT bucket, sum(requests) AS n FROM usage_rollup_weekly GROUP BY 1 ORDER BY 1"
+    )
+    assert sum(w["n"] for w in weeks) == 6_700 and len(weeks) == 4
+
+
+async def test_the_levels_the_code_reads_are_the_tables_the_schema_keeps(
+    conn: asyncpg.Connection,
+) -> None:
+    tables = await conn.fetch("SELECT name, level, grain, group_columns FROM usage_rollup_tables()")
+    grains = {"hour": "hourly", "day": "daily", "week": "weekly"}
+    assert {(t["level"], grains[t["grain"]]) for t in tables} == {
+        (level, grain) for level, (_, has) in LEVELS.items() for grain in has
+    }
+    for t in tables:
+        keys = LEVELS[t["level"]][0] - {"hour", "day", "status_class"}
+        columns = set(t["group_columns"]) - {"status_class"}
+        assert columns == keys, t["name"]
+        actual = await conn.fetch(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = $1",
+            t["name"],
+        )
+        assert set(t["group_columns"]) <= {c["column_name"] for c in actual}
 
 
 # --- partitions ahead, the DEFAULT partition, retention ---
@@ -516,6 +632,7 @@ async def test_prune_drops_only_whole_old_days_and_the_rollups_keep_them(
         conn, before=NOW - timedelta(days=30), rollups_before=NOW - timedelta(days=30)
     )
     assert report.partitions == [] and report.hourly_rows > 0 and report.daily_rows > 0
+    assert report.weekly_rows > 0  # the week 40 days ago ended before the cutoff
     days = [r.keys["day"].date() for r in await rollup(conn, group_by=["day"])]
     assert days == await _days(conn)
 
