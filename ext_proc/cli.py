@@ -68,6 +68,7 @@ def cmd_serve(ns: argparse.Namespace, settings: Settings) -> int:
         grpc_host=ns.grpc_host,
         metrics_host=ns.metrics_host,
         admin_host=ns.admin_host,
+        settle_gc=True,
     )
     try:
         uvloop.run(serve(settings, options))
