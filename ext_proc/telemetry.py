@@ -16,8 +16,10 @@ ext_proc stream, itself in the app's trace when the app sent one):
 - ``gateway.usage_record``: the request's usage record being finished (tokens, cost,
   status), parented to the request span even when Envoy's usage log finishes it later,
   possibly in another process (the request's ``traceparent`` rides in its facts);
-- ``gateway.usage_write``: each batch written to Postgres (a root span of its own: one
-  batch holds many requests).
+- ``gateway.usage_write``: each batch written to Postgres, a root span of its own (one
+  batch holds many requests) with a span link to each of its requests'
+  ``gateway.usage_record`` spans (up to ``MAX_WRITE_LINKS``), so a trace viewer goes
+  from a request to the write that stored it and back.
 """
 
 from __future__ import annotations
@@ -202,4 +204,42 @@ def end_record_span(span: Span, rec: Any) -> None:
         "gateway.attempts": rec.attempts,
     }
     span.set_attributes({k: v for k, v in attributes.items() if v is not None})
+    span.end()
+
+
+# Links on one usage_write span at most (a batch may hold thousands of records; the
+# OpenTelemetry SDK's own default limit is 128 links per span).
+MAX_WRITE_LINKS = 128
+
+
+def context_of(span: Span) -> Any:
+    """What a later span links to (``write_span``)."""
+    return span.get_span_context()
+
+
+def write_span(records: int, contexts: list[Any]) -> Span | None:
+    """A started ``gateway.usage_write`` span for a batch of ``records`` usage records,
+    linked to the request spans in ``contexts``."""
+    if TRACER is None:
+        return None
+    from opentelemetry.trace import Link, SpanKind
+
+    return TRACER.start_span(
+        "gateway.usage_write",
+        context=None,
+        kind=SpanKind.CLIENT,
+        links=[Link(c) for c in contexts[:MAX_WRITE_LINKS]],
+        attributes={
+            "db.system": "postgresql",
+            "db.operation.name": "COPY",
+            "db.collection.name": "usage_records",
+            "gateway.batch_records": records,
+        },
+    )
+
+
+def end_write_span(span: Span, *, inserted: int | None, spooled: bool) -> None:
+    if inserted is not None:
+        span.set_attribute("gateway.rows_inserted", inserted)
+    span.set_attribute("gateway.spooled", spooled)
     span.end()

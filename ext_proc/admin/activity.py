@@ -28,7 +28,7 @@ MAX_SUBSCRIBERS = 64
 
 
 class UsageSink(Protocol):
-    def submit(self, record: UsageRecord) -> None: ...
+    def submit(self, record: UsageRecord, trace: object | None = None) -> None: ...
 
 
 def event_of(record: UsageRecord) -> dict[str, Any]:
@@ -119,8 +119,11 @@ class ActivityFeed:
         self._sink = sink
         self._subscribers: tuple[Subscription, ...] = ()
 
-    def submit(self, record: UsageRecord) -> None:
-        self._sink.submit(record)
+    def submit(self, record: UsageRecord, trace: object | None = None) -> None:
+        if trace is None:
+            self._sink.submit(record)
+        else:
+            self._sink.submit(record, trace)
         for subscriber in self._subscribers:  # () while nobody listens
             subscriber.offer(record)
 

@@ -137,7 +137,7 @@ async def finish(
     except Exception:  # accounting must never lose the record
         log.exception("request %s: settling failed; the record is written anyway", facts.request_id)
         gw.metrics.stream_errors.labels(kind="settle").inc()
-    gw.record(rec)
+    gw.record(rec, None if span is None else telemetry.context_of(span))
     if settle:
         observe(gw, facts, rec)
         if ending.trail and facts.targets:

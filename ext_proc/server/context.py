@@ -28,7 +28,7 @@ DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024 + 64 * 1024
 
 
 class UsageSink(Protocol):
-    def submit(self, record: UsageRecord) -> None: ...
+    def submit(self, record: UsageRecord, trace: object | None = None) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,9 +85,13 @@ class Gateway:
         # one this process lost in a crash) becomes a fallback record.
         self.recorded = RecentIds(RECENT_RECORDS)
 
-    def record(self, record: UsageRecord) -> None:
-        """Hand a finished request's record to the writer (never raises)."""
-        self.usage.submit(record)
+    def record(self, record: UsageRecord, trace: object | None = None) -> None:
+        """Hand a finished request's record to the writer (never raises); ``trace``: the
+        record span's context, for the write span to link to (tracing on)."""
+        if trace is None:
+            self.usage.submit(record)
+        else:
+            self.usage.submit(record, trace)
         self.recorded.add(record.request_id)
 
     def swap_runtime(self, runtime: Runtime) -> None:

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from ext_proc import telemetry
 from ext_proc.metrics import Metrics
 from ext_proc.usage.maintenance import MaintenancePolicy, fold, maintain
 from ext_proc.usage.record import COLUMNS, UsageRecord, rank, rank_sql, record_row
@@ -162,6 +163,9 @@ class UsageRecorder:
         self._maintenance = maintenance
 
         self._queue: deque[UsageRecord] = deque()
+        # Request id -> span context of its record span, while the record waits in the
+        # queue (tracing on only; popped when its batch is handled).
+        self._traces: dict[str, object] = {}
         self._inflight: list[UsageRecord] = []  # taken from the queue, not finished yet
         self._enqueued = 0  # records ever queued
         self._finished = 0  # queued records written, spooled, rejected or dropped
@@ -188,11 +192,14 @@ class UsageRecorder:
 
     # --- the request path ---
 
-    def submit(self, record: UsageRecord) -> None:
-        """Hand a record over; returns at once and never raises."""
+    def submit(self, record: UsageRecord, trace: object | None = None) -> None:
+        """Hand a record over; returns at once and never raises. ``trace``: the span
+        context of the request's record span (tracing on), linked from the write's span."""
         if self._closed or len(self._queue) >= self._max_queue:
             self._spool_now(record)
             return
+        if trace is not None:
+            self._traces[record.request_id] = trace
         self._queue.append(record)
         self._enqueued += 1
         depth = len(self._queue)
@@ -288,6 +295,7 @@ class UsageRecorder:
         leftover = self._inflight + list(self._queue)
         self._queue.clear()
         self._inflight = []
+        self._traces.clear()  # their spans are not linked; the records are kept
         if leftover:
             await self._spool_batch(leftover)
         self._finished = self._enqueued
@@ -337,12 +345,32 @@ class UsageRecorder:
 
     async def _handle_batch(self, batch: list[UsageRecord]) -> None:
         """Write ``batch`` to Postgres (with retries) or, failing that, to the spool."""
+        if not self._traces:  # tracing off, or none of these requests was traced
+            await self._write_or_spool(batch)
+            return
+        traces = self._traces
+        contexts = [traces.pop(r.request_id) for r in batch if r.request_id in traces]
+        span = telemetry.write_span(len(batch), contexts)
+        if span is None:
+            await self._write_or_spool(batch)
+            return
+        inserted = self.stats.inserted
+        spooled = True
+        try:
+            spooled = not await self._write_or_spool(batch)
+        finally:
+            telemetry.end_write_span(
+                span, inserted=None if spooled else self.stats.inserted - inserted, spooled=spooled
+            )
+
+    async def _write_or_spool(self, batch: list[UsageRecord]) -> bool:
+        """True when Postgres took the batch, False when it went to the spool."""
         if self._pool is not None and self._postgres_up:
             delay = self._backoff_base
             for attempt in range(1, self._max_attempts + 1):
                 try:
                     await self._write(batch)
-                    return
+                    return True
                 except Exception as exc:  # connection-level; data errors are handled inside
                     self._metrics.usage_write_errors.inc()
                     last_try = attempt == self._max_attempts or self._closing
@@ -361,6 +389,7 @@ class UsageRecorder:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, self._backoff_max)
         await self._spool_batch(batch)
+        return False
 
     async def _spool_batch(self, batch: Sequence[UsageRecord]) -> None:
         try:
