@@ -103,6 +103,13 @@ class Metrics:
         )
 
         # --- the service's own ---
+        self.cost = Counter(
+            "ext_proc_cost_usd",
+            "Cost of the requests recorded, USD (the usage rows' cost_usd; requests of a model "
+            "without a price add nothing), by organization, application, provider and model.",
+            ["org", "app", "gen_ai_provider_name", "gen_ai_request_model"],
+            registry=r,
+        )
         self.requests = Counter(
             "ext_proc_requests_total",
             "Requests seen by the gateway, by decision (allowed|denied|error) and deciding "

@@ -221,6 +221,8 @@ def observe(gw: Gateway, facts: Facts, rec: UsageRecord) -> None:
         m.request_duration.labels(op, provider, model, error_type).observe(rec.latency_ms / 1000.0)
     if rec.stream and rec.ttft_ms is not None:
         m.time_to_first_token.labels(op, provider, model).observe(rec.ttft_ms / 1000.0)
+    if rec.cost_usd:
+        m.cost.labels(rec.org_id or "", rec.app_id or "", provider, model).inc(float(rec.cost_usd))
     response_model = rec.response_model or model
     if rec.prompt_tokens:
         m.token_usage.labels(op, provider, model, response_model, "input").observe(

@@ -41,11 +41,16 @@ async def test_cost_of_a_model_priced_in_the_file(e2e: E2E, marker: str) -> None
             "x-mock-reasoning-tokens": "12",
         },
     )
+    spent = e2e.metric("ext_proc_cost_usd_total", gen_ai_request_model="priced-4o")
     raw = await client.chat.completions.with_raw_response.create(
         model="priced-4o", messages=HELLO, max_tokens=50
     )
     assert raw.status_code == 200
     row = await e2e.usage_row(raw.headers["x-request-id"])
+    # The same cost, live in Prometheus by org, app, provider and model.
+    spent_now = e2e.metric("ext_proc_cost_usd_total", gen_ai_request_model="priced-4o")
+    assert spent_now == pytest.approx(spent + 0.0004375, rel=1e-9)
+    assert e2e.metric("ext_proc_cost_usd_total", app=row["app_id"], org=row["org_id"]) > 0
     assert row["deployment"] == "gpt-4o" and not row["tokens_estimated"]
     # 9 prompt tokens (4 of them cached), 30 + 12 reasoning completion tokens:
     # 5 x 2.5 + 4 x 1.25 + 42 x 10 = 12.5 + 5 + 420 = 437.5 per million.

@@ -831,6 +831,7 @@ def test_grafana_dashboard_queries_only_exported_metrics() -> None:
         "ext_proc_cache_stale_served_total",
         "ext_proc_invalidation_listener_up",
         "ext_proc_usage_log_lines_total",
+        "ext_proc_cost_usd_total",
         "envoy_cluster_outlier_detection_ejections_active",
     ):
         assert needed in used, f"the dashboard shows nothing from {needed}"
