@@ -18,7 +18,7 @@ DEFAULT_ADMIN_PORT = 8080
 DEFAULT_METRICS_PORT = 9464
 # The ext_proc service's gRPC server library (README "Performance" says why).
 GRPC_SERVERS = ("grpcio", "grpclib")
-DEFAULT_GRPC_SERVER = "grpcio"
+DEFAULT_GRPC_SERVER = "grpclib"
 # Envoy's usage log (one JSON line per finished request), on a volume both share; the
 # Envoy templates rendered by `ext-proc envoy-config` write here too.
 DEFAULT_USAGE_LOG = Path("/var/lib/ext-proc/usage-log/envoy.jsonl")
