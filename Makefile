@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ENCODINGS := ext_proc/tokens/_tiktoken_cache/.complete
 
-.PHONY: install run test lint typecheck unit integration e2e browser bench bench-smoke clean
+.PHONY: install run test lint typecheck unit integration e2e browser loadgen bench bench-smoke clean
 
 install: $(STAMP) $(ENCODINGS)
 
@@ -47,7 +47,19 @@ browser:
 			"install Debian's chromium and chromium-driver packages to run them."; \
 	fi
 
-test: lint browser
+# The benchmarks' load generators (the bench smoke and spike tests use them).
+loadgen:
+	@if command -v wrk >/dev/null && command -v h2load >/dev/null; then \
+		:; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing wrk and nghttp2-client (h2load) for the benchmark tests ..."; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nghttp2-client; \
+	else \
+		echo "note: wrk or h2load is missing and apt-get cannot run here: the benchmark" \
+			"tests will be skipped; install Debian's wrk and nghttp2-client packages."; \
+	fi
+
+test: lint browser loadgen
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 unit: install
