@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
 
 from ext_proc import telemetry
 from ext_proc.admin.activity import ActivityFeed
@@ -460,9 +460,10 @@ class Service:
     async def _metrics_handler(self, request: Request) -> Response:
         if request.path != "/metrics":
             return Response(404, [("content-type", "text/plain")], b"see /metrics\n")
-        return Response(
-            200, [("content-type", CONTENT_TYPE_LATEST)], generate_latest(self.metrics.registry)
-        )
+        # Prometheus' text format, or OpenMetrics (with the latency exemplars) when the
+        # scraper asks for it, as Prometheus does with exemplar storage on.
+        encode, content_type = choose_encoder(request.headers.get("accept", ""))
+        return Response(200, [("content-type", content_type)], encode(self.metrics.registry))
 
     @property
     def pool(self) -> asyncpg.Pool | None:

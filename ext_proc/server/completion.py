@@ -216,11 +216,16 @@ def observe(gw: Gateway, facts: Facts, rec: UsageRecord) -> None:
     if not facts.provider:
         return
     op, provider, model = facts.operation, facts.provider, facts.catalog_model or facts.model
+    # Tracing on: the latency samples carry the request's trace id as an OpenMetrics
+    # exemplar (a dashboard's latency dot links to the trace).
+    exemplar = _exemplar(facts.trace_parent) if facts.trace_parent else None
     if rec.latency_ms is not None:
         error_type = "" if rec.decision == "allowed" else (rec.error_code or rec.decision)
-        m.request_duration.labels(op, provider, model, error_type).observe(rec.latency_ms / 1000.0)
+        m.request_duration.labels(op, provider, model, error_type).observe(
+            rec.latency_ms / 1000.0, exemplar
+        )
     if rec.stream and rec.ttft_ms is not None:
-        m.time_to_first_token.labels(op, provider, model).observe(rec.ttft_ms / 1000.0)
+        m.time_to_first_token.labels(op, provider, model).observe(rec.ttft_ms / 1000.0, exemplar)
     if rec.cost_usd:
         m.cost.labels(rec.org_id or "", rec.app_id or "", provider, model).inc(float(rec.cost_usd))
     response_model = rec.response_model or model
@@ -232,6 +237,12 @@ def observe(gw: Gateway, facts: Facts, rec: UsageRecord) -> None:
         m.token_usage.labels(op, provider, model, response_model, "output").observe(
             rec.completion_tokens
         )
+
+
+def _exemplar(traceparent: str) -> dict[str, str] | None:
+    """``{"trace_id": ...}`` of a W3C traceparent (``00-<trace id>-<span id>-<flags>``)."""
+    parts = traceparent.split("-")
+    return {"trace_id": parts[1]} if len(parts) == 4 and len(parts[1]) == 32 else None
 
 
 # One attempt in a trail: "<target index>:" then, if an answer came, "<status>,".

@@ -158,6 +158,18 @@ async def test_one_request_is_one_trace_through_every_hop(
     assert write.attributes["gateway.batch_records"] >= 1
     assert write.attributes["gateway.rows_inserted"] >= 1
     assert write.attributes["gateway.spooled"] is False
+    # Its latency sample carries the trace id as an exemplar, for an OpenMetrics scrape.
+    async with httpx.AsyncClient(timeout=10) as http:
+        scraped = await http.get(
+            f"http://127.0.0.1:{own.metrics_ports[0]}/metrics",
+            headers={"accept": "application/openmetrics-text; version=1.0.0"},
+        )
+    assert scraped.headers["content-type"].startswith("application/openmetrics-text")
+    assert any(
+        line.startswith("gen_ai_server_request_duration_seconds_bucket")
+        and f'# {{trace_id="{TRACE_ID}"}}' in line
+        for line in scraped.text.splitlines()
+    ), "no exemplar with the request's trace id"
     [upstream] = [s for s in spans if s.name.startswith("router")]
     assert upstream_traceparent.split("-")[2] == upstream.span_id
     # Redis calls: the key cache's lookup under the request, the limit under its check.
