@@ -22,7 +22,8 @@ for the gateway the usage rows written against the requests sent.
 
 Modes: the default matrix; ``--smoke`` (CI: 1 and 4 connections, 1 s each, Envoy alone
 and the gateway, fails on any error or row mismatch); ``--soak SECONDS`` (the gateway at a
-fixed rate, ext_proc RSS sampled every 10 s, fails when rows written != requests sent).
+fixed rate, ext_proc RSS sampled every 10 s, fails when rows written != requests sent);
+``--open-streams N`` (N long streams held at once: ``bench/open_streams.py``).
 Exit codes: 0 fine, 1 errors / row mismatch / soak failure, 2 could not run.
 """
 
@@ -51,6 +52,7 @@ from types import FrameType
 from typing import Any
 
 from bench import loadgen, procstat, report
+from bench import open_streams as open_streams_mode
 from bench.litellm_peer import NO_DATABASE_NOTE, LiteLLMPeer, PeerUnavailable
 from bench.loadgen import LoadResult, LoadSpec
 from bench.resources import Backends
@@ -92,6 +94,23 @@ class Options:
     warmup: float = 2.0
     keep_logs: bool = False
     load_generator: str | None = None  # None: wrk if installed, else h2load
+    open_streams: int | None = None  # N streams held at once (bench/open_streams.py)
+    stream_seconds: float = 30.0
+    chunk_interval_ms: int = 50
+    ramp_seconds: float | None = None
+    probe_streams: int | None = None
+
+    def open_streams_spec(self) -> open_streams_mode.OpenStreamsSpec | None:
+        if self.open_streams is None:
+            return None
+        return open_streams_mode.OpenStreamsSpec(
+            streams=self.open_streams,
+            stream_seconds=self.stream_seconds,
+            chunk_interval_ms=self.chunk_interval_ms,
+            ramp_seconds=self.ramp_seconds,
+            probe_streams=self.probe_streams,
+            wrk_threads=self.wrk_threads,
+        )
 
 
 def _int_list(text: str) -> list[int]:
@@ -195,6 +214,40 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         help="force one (default: wrk if installed, else h2load)",
     )
     parser.add_argument(
+        "--open-streams",
+        type=int,
+        metavar="N",
+        nargs="?",
+        const=2000,
+        help="hold N streaming requests open at once (default 2000), each "
+        "--stream-seconds long with a chunk every --chunk-interval-ms; reports errors, pace, "
+        "CPU and RSS per open stream of ext_proc and Envoy, usage rows (bench/open_streams.py)",
+    )
+    parser.add_argument(
+        "--stream-seconds",
+        type=float,
+        default=30.0,
+        help="--open-streams: length of each stream (default 30)",
+    )
+    parser.add_argument(
+        "--chunk-interval-ms",
+        type=int,
+        default=50,
+        help="--open-streams: the mock's schedule between chunks (default 50)",
+    )
+    parser.add_argument(
+        "--ramp-seconds",
+        type=float,
+        help="--open-streams: spread the first requests over this long (default N/200 s, "
+        "at least 2: the request side holds an ext_proc stream only briefly)",
+    )
+    parser.add_argument(
+        "--probe-streams",
+        type=int,
+        help="--open-streams: streams whose inter-chunk gaps are timed in Python (default "
+        "N/20, at most 50); wrk holds the rest",
+    )
+    parser.add_argument(
         "--keep-logs",
         action="store_true",
         help="keep the run's folder (process logs, configs) afterwards",
@@ -215,6 +268,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         warmup=ns.warmup,
         keep_logs=ns.keep_logs,
         load_generator=ns.load_generator,
+        open_streams=ns.open_streams,
+        stream_seconds=ns.stream_seconds,
+        chunk_interval_ms=ns.chunk_interval_ms,
+        ramp_seconds=ns.ramp_seconds,
+        probe_streams=ns.probe_streams,
     )
     if options.smoke:
         options.connections = [1, 4]
@@ -225,6 +283,15 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         if options.soak < 10:
             parser.error("--soak takes at least 10 seconds")
         options.targets = ["gateway"]
+    if options.open_streams is not None:
+        if options.open_streams < 1:
+            parser.error("--open-streams takes at least 1 stream")
+        if options.stream_seconds <= 0 or options.chunk_interval_ms < 1:
+            parser.error("--stream-seconds and --chunk-interval-ms must be positive")
+        if options.soak is not None or options.smoke:
+            parser.error("--open-streams runs alone (not with --soak or --smoke)")
+        options.targets = ["gateway"]  # one checked request before the streams
+        options.warmup = 0.0
     if options.duration < 1:
         parser.error("--duration must be at least 1 second")
     if options.ext_proc_processes < 1:
@@ -342,6 +409,8 @@ class Bench:
         self.rows_exact = True
         self.rows_final: int | None = None
         self.soak: dict[str, Any] | None = None
+        self.open_streams: dict[str, Any] | None = None
+        self.fd_limit: dict[str, int] | None = None
         self.litellm: dict[str, Any] = {"status": "not requested"}
         self.failures: list[str] = []
 
@@ -382,7 +451,21 @@ class Bench:
         )
         mock_port = free_port()
         config_path = self.tmp / "gateway.yaml"
-        config_path.write_text(GATEWAY_TEMPLATE.read_text().replace("{mock_port}", str(mock_port)))
+        gateway_yaml = GATEWAY_TEMPLATE.read_text().replace("{mock_port}", str(mock_port))
+        spec = self.options.open_streams_spec()
+        if spec is not None:
+            # Streams longer than the provider's 30 s route timeout would be cut by Envoy.
+            gateway_yaml = open_streams_mode.with_provider_timeout(
+                gateway_yaml, spec.provider_timeout_seconds
+            )
+            # Envoy holds two sockets per stream, the mock and wrk one: children inherit.
+            needed = open_streams_mode.fds_needed(spec.streams)
+            self.fd_limit = open_streams_mode.raise_fd_limit(needed)
+            self.notes.append(
+                f"provider timeout {spec.provider_timeout_seconds}s; open files limit "
+                f"{self.fd_limit['soft']} (was {self.fd_limit['soft_before']})"
+            )
+        config_path.write_text(gateway_yaml)
         options = self._stack_options(config_path, mock_port)
         say("starting the stack (mock upstream, ext-proc serve, Envoy) ...")
         started = time.monotonic()
@@ -725,6 +808,10 @@ class Bench:
         """After ext_proc's flush on SIGTERM: every request sent left exactly one row."""
         assert self.backends is not None
         self.rows_final = self.backends.database.count_rows()
+        if self.open_streams is not None:
+            rows = self.open_streams["rows"]
+            rows["written"] = self.rows_final - rows["rows_before"]
+            rows["ok"] = rows["written"] == rows["sent"]
         if self.soak is not None:
             rows = self.soak["rows"]
             rows["written"] = self.rows_final - rows["rows_before"]
@@ -829,7 +916,11 @@ def _document(bench: Bench, options: Options, started: dt.datetime) -> dict[str,
         "schema": 1,
         "started_at": started.isoformat(timespec="seconds"),
         "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "mode": "soak" if options.soak is not None else ("smoke" if options.smoke else "matrix"),
+        "mode": "open-streams"
+        if options.open_streams is not None
+        else "soak"
+        if options.soak is not None
+        else ("smoke" if options.smoke else "matrix"),
         "host": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
@@ -861,6 +952,7 @@ def _document(bench: Bench, options: Options, started: dt.datetime) -> dict[str,
         "ratios": ratios,
         "goals": [g.to_json() for g in goals],
         "soak": bench.soak,
+        "open_streams": bench.open_streams,
         "usage_rows": {
             "sent_to_gateway": gateway_sent,
             "written": bench.rows_final,
@@ -889,6 +981,8 @@ def _judge(bench: Bench, options: Options) -> None:
             f"after shutdown: {bench.rows_final} usage rows in total for "
             f"{bench.rows_sent} requests sent to the gateway"
         )
+    if bench.open_streams is not None:
+        bench.failures.extend(open_streams_mode.failures(bench.open_streams))
     if bench.soak is not None:
         load = bench.soak["load"]
         if load["errors"]["total"]:
@@ -925,6 +1019,8 @@ def _print_summary(doc: dict[str, Any], bench: Bench) -> None:
         say(f"  usage rows written {rows['written']} / requests sent {rows['sent']}")
         if soak["ext_proc_cpu_ms_per_request"] is not None:
             say(f"  ext_proc CPU {soak['ext_proc_cpu_ms_per_request']:.3f} ms per request")
+    if bench.open_streams is not None:
+        say(open_streams_mode.format_report(bench.open_streams))
     say("")
     say("notes:")
     for note in bench.notes:
@@ -934,12 +1030,13 @@ def _print_summary(doc: dict[str, Any], bench: Bench) -> None:
         "after it, divided by the responses. 'errors' = status > 399 + socket errors."
     )
     say("")
-    say("goals (ratios measured in this run; absolute numbers vary with machine load):")
-    goals = report.evaluate_goals(bench.results, doc["ratios"], bench.soak)
-    if bench.soak is not None:  # a soak measures nothing else
-        goals = [g for g in goals if g.name.startswith("soak")]
-    say(report.format_goals(goals))
-    say("")
+    if bench.open_streams is None:  # the goals are judged on the matrix and the soak
+        say("goals (ratios measured in this run; absolute numbers vary with machine load):")
+        goals = report.evaluate_goals(bench.results, doc["ratios"], bench.soak)
+        if bench.soak is not None:  # a soak measures nothing else
+            goals = [g for g in goals if g.name.startswith("soak")]
+        say(report.format_goals(goals))
+        say("")
     if bench.failures:
         say("FAILED:")
         for failure in bench.failures:
@@ -973,7 +1070,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench.setup()
             bench.check_targets()
             bench.warm_up()
-            if options.soak is not None:
+            spec = options.open_streams_spec()
+            if spec is not None:
+                bench.open_streams = open_streams_mode.run(bench, spec)
+            elif options.soak is not None:
                 bench.run_soak()
             else:
                 bench.run_matrix()

@@ -40,16 +40,26 @@ async def stream_events(
     ``ttft_ms`` delays the first event, ``chunk_delay_ms`` separates content events and
     ``cut_after`` aborts the connection after that many content events (the head is
     sent; nothing after the cut is).
+
+    Content event *i* is due ``i * chunk_delay_ms`` after the first, on the mock's own
+    clock (like a model generating tokens): a busy event loop delays an event but the
+    delays do not add up over a long stream, so a 30 s stream of 600 chunks takes 30 s
+    while the mock keeps up (``python -m bench --open-streams`` relies on it).
     """
     await sleep_ms(knobs.ttft_ms)
     for event in head:
         yield event
     cut_after = knobs.cut_after
+    delay = knobs.chunk_delay_ms / 1000
+    loop = asyncio.get_running_loop()
+    first = loop.time()
     for i, text in enumerate(contents):
         if cut_after is not None and i >= cut_after:
             raise AbortConnection
-        if i:
-            await sleep_ms(knobs.chunk_delay_ms)
+        if i and delay > 0:
+            wait = first + i * delay - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
         yield frame(text)
     if cut_after is not None:
         raise AbortConnection
