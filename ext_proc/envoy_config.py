@@ -21,6 +21,12 @@ Choices, with the reasons (ENVOY-NOTES.md has the measurements behind them):
   body in metadata for the line, and the server counts what was delivered. Streams and
   translated answers go through a second, response-only ext_proc filter enabled by
   their route (it counts the delivered text exactly and rewrites translated bodies).
+  Streams it does not rewrite (the usual OpenAI-to-OpenAI stream) go through the same
+  processor in ``observability_mode`` instead: Envoy sends each chunk without waiting for
+  an answer and the processor sends none (measured: about a third less ext_proc CPU per
+  spaced chunk, and Envoy's too). The request Lua filter picks that route (header value
+  ``RESPONSE_OBSERVE``) when the request side asked for the response processor and the
+  facts name no translation (chained fallback requests keep the mutating filter).
 - Provider selection: one route pair and one cluster per provider, host rewritten to the
   provider's; OpenAI's rate-limit headers are added by the route from metadata.
 - Fail closed with 503 when the processor is unreachable.
@@ -317,7 +323,25 @@ def _provider_routes(provider: Provider) -> list[dict[str, Any]]:
     removed = [PROVIDER_HEADER, RESPONSE_HEADER, *provider.stripped_headers]
     provider_match = {"name": PROVIDER_HEADER, "string_match": {"exact": provider.name}}
     response_match = {"name": RESPONSE_HEADER, "string_match": {"exact": "1"}}
+    observe_match = {
+        "name": RESPONSE_HEADER,
+        "string_match": {"exact": contract.RESPONSE_OBSERVE},
+    }
     return [
+        {
+            # Streams the gateway does not rewrite: the observe-only filter counts them.
+            "name": f"to_{provider.name}_observed",
+            "match": {"prefix": "/", "headers": [provider_match, observe_match]},
+            "route": route,
+            "request_headers_to_remove": removed,
+            "response_headers_to_add": _RATELIMIT_RESPONSE_HEADERS,
+            "metadata": _OBSERVED_METADATA,
+            "typed_per_filter_config": {
+                **_disabled(RESPONSE_FILTER),
+                **_lua_disabled(CAPTURE_FILTER),
+                OBSERVE_FILTER: _ENABLED,
+            },
+        },
         {
             "name": f"to_{provider.name}_via_response_processor",
             "match": {"prefix": "/", "headers": [provider_match, response_match]},
@@ -339,6 +363,8 @@ def _provider_routes(provider: Provider) -> list[dict[str, Any]]:
 
 REQUEST_FILTER = "envoy.filters.http.ext_proc"
 RESPONSE_FILTER = "gateway.response_processor"  # the second ext_proc filter
+# The same processor in observability mode, for streams the gateway does not rewrite.
+OBSERVE_FILTER = "gateway.stream_observer"
 LUA_FILTER = "envoy.filters.http.lua"
 # A second Lua filter, on plain answers only: keeps the body of an answer whose usage
 # json_to_metadata could not read, for the ext_proc server to count (see _CAPTURE_LUA).
@@ -385,7 +411,17 @@ function envoy_on_request(h)
   hd:remove("accept-encoding")
   hd:replace(":path", route["@ROUTE_PATH@"])
   hd:replace("@PROVIDER_HEADER@", route["@ROUTE_PROVIDER@"])
-  hd:replace("@RESPONSE_HEADER@", route["@ROUTE_RESPONSE@"])
+  local respond = route["@ROUTE_RESPONSE@"]
+  if respond == "1" and route["@ROUTE_TARGETS@"] == nil then
+    -- A stream the gateway does not rewrite (no translation in the facts) goes to the
+    -- observe-only response filter. The facts are compact JSON: a key is always quoted.
+    local gw = md:get("@NAMESPACE@")
+    local facts = gw and gw["@FACTS_FIELD@"]
+    if type(facts) == "string" and not string.find(facts, '"tr":', 1, true) then
+      respond = "@RESPONSE_OBSERVE@"
+    end
+  end
+  hd:replace("@RESPONSE_HEADER@", respond)
   local set = route["@ROUTE_SET@"]
   if type(set) == "table" then
     for name, value in pairs(set) do hd:replace(name, value) end
@@ -397,14 +433,23 @@ end
 """
 
 
-# Enables the response processor (disabled by default in the filter chain) for every
+_FILTER_CONFIG = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
+# Enables the response filters (disabled by default in the filter chain) for every
 # request that has a route: all but Envoy's answers to requests it could not parse.
+# Which filter is in a request's chain is decided by its first route, before the Lua
+# filter re-routes it: the stream observer is in every routed request's chain, switched
+# off (ExtProcPerRoute, read when the response arrives) but on its observed routes.
 _ROUTED_ONLY = {
-    RESPONSE_FILTER: {
-        "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
-        "config": {},
-    }
+    RESPONSE_FILTER: {"@type": _FILTER_CONFIG, "config": {}},
+    OBSERVE_FILTER: {
+        "@type": _FILTER_CONFIG,
+        "config": {"@type": _EXT_PROC_PER_ROUTE, "disabled": True},
+    },
 }
+_ENABLED = {"@type": _EXT_PROC_PER_ROUTE, "overrides": {}}
+# Route metadata of the observed routes, read into the usage log: the stream observer
+# sends no answer, so it cannot mark the request as its own (``gw_response:recorded``).
+_OBSERVED_METADATA = {"filter_metadata": {RESPONSE_NAMESPACE: {contract.OBSERVED_FIELD: "1"}}}
 
 
 def _disabled(filter_name: str) -> dict[str, Any]:
@@ -525,6 +570,37 @@ def _http_filters(options: EnvoyOptions) -> list[dict[str, Any]]:
                 "metadata_options": {
                     "forwarding_namespaces": {"untyped": [NAMESPACE, ATTEMPTS_NAMESPACE]},
                     "receiving_namespaces": {"untyped": [RESPONSE_NAMESPACE]},
+                },
+            },
+        },
+        {
+            # Streams the gateway does not rewrite (the usual OpenAI-to-OpenAI stream),
+            # enabled by their route only: the same counting as the response processor,
+            # but Envoy sends each chunk and goes on without waiting for an answer, and the
+            # processor sends none. Half the gRPC work per chunk, and no added latency.
+            # Its failure never touches the app's stream (failure_mode_allow); the usage
+            # log then records the request (see envoy_log: ``ob``).
+            "name": OBSERVE_FILTER,
+            "disabled": True,
+            "typed_config": {
+                "@type": _EXT_PROC,
+                "grpc_service": {"envoy_grpc": {"cluster_name": RESPONSE_CLUSTER}},
+                "observability_mode": True,
+                "failure_mode_allow": True,
+                # How long Envoy keeps the gRPC stream open after the HTTP stream ended
+                # (a cancelled or cut stream), for the last chunks to reach the processor.
+                "deferred_close_timeout": f"{contract.OBSERVER_CLOSE_MS / 1000:g}s",
+                "response_attributes": list(RESPONSE_ATTRIBUTES),
+                "processing_mode": {
+                    "request_header_mode": "SKIP",
+                    "request_body_mode": "NONE",
+                    "response_header_mode": "SEND",
+                    "response_body_mode": "STREAMED",
+                    "request_trailer_mode": "SKIP",
+                    "response_trailer_mode": "SKIP",
+                },
+                "metadata_options": {
+                    "forwarding_namespaces": {"untyped": [NAMESPACE, ATTEMPTS_NAMESPACE]},
                 },
             },
         },

@@ -34,6 +34,15 @@ FACTS_FIELD = "f"  # NAMESPACE: the request's facts (compact JSON)
 DENIAL_FIELD = "d"  # NAMESPACE: [decision, policy, code] of an answer the gateway gave
 TRAIL_FIELD = "trail"  # ATTEMPTS_NAMESPACE
 RECORDED_FIELD = "recorded"  # RESPONSE_NAMESPACE: "1" once the response side recorded it
+# Route metadata (namespace RESPONSE_NAMESPACE) of the stream observer's routes: "1" says
+# the observer owns the record (it answers nothing, so it cannot mark the request itself).
+OBSERVED_FIELD = "observed"
+# How long Envoy keeps the observer's gRPC stream open after the HTTP stream ended (its
+# ``deferred_close_timeout``), then closes it: chunks the processor has not read by then
+# may be lost to the count (the app has them). As long as the request filter's message
+# timeout: how far behind the processor may fall either way. A cancelled or cut stream
+# reaches the processor only then (the usage log waits for its record that long).
+OBSERVER_CLOSE_MS = 2000
 # ROUTE_NAMESPACE, read by the Lua filter: upstream path, provider route header value,
 # whether the response processor runs ("1"/"0"), the headers to set (credentials too).
 ROUTE_PATH, ROUTE_PROVIDER, ROUTE_RESPONSE, ROUTE_SET = "path", "prov", "resp", "set"
@@ -56,6 +65,9 @@ def details(code: str) -> str:
 GATEWAY_HEADER_PREFIX = "x-gateway-"  # the gateway's own headers (an app's are dropped)
 PROVIDER_HEADER = GATEWAY_HEADER_PREFIX + "provider"  # routes to the provider's cluster
 RESPONSE_HEADER = GATEWAY_HEADER_PREFIX + "response"  # "1": the response processor runs
+# RESPONSE_HEADER's value for a stream the gateway does not rewrite: the observe-only
+# response filter reads it (Envoy sends each chunk without waiting for an answer).
+RESPONSE_OBSERVE = "2"
 TARGET_HEADER = GATEWAY_HEADER_PREFIX + "target"  # a fallback attempt's target
 # Where apps put their gateway key (OpenAI, Azure, Anthropic SDKs); removed before upstream.
 KEY_HEADERS = ("authorization", "api-key", "x-api-key")

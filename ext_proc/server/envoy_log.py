@@ -9,8 +9,10 @@ A line carries what the request side decided (``gw`` metadata), the usage Envoy'
 one, the answer's body (``gw_body``, kept by the capture Lua filter), the status,
 timings, bytes and response flags.
 
-Lines the gateway recorded elsewhere (its own immediate answers, details ``gw_*``; and
-answers the response processor finished, ``gw_response``) are skipped when this process
+Lines the gateway recorded elsewhere (its own immediate answers, details ``gw_*``;
+answers the response processor finished, ``gw_response``; streams on an observed route,
+``ob``, whose record may land up to Envoy's deferred close of the observer's stream
+later: waited for) are skipped when this process
 recorded them. Otherwise (another replica did, or this one crashed before its row was
 written) they are recorded here as fallback rows, which never replace the precise row
 (see ``ext_proc.usage.record.RECORDER_RANK``). Requests Envoy refused before the gateway
@@ -38,6 +40,8 @@ from ext_proc.envoy_contract import (
     FACTS_FIELD,
     MODEL_NAMESPACE,
     NAMESPACE,
+    OBSERVED_FIELD,
+    OBSERVER_CLOSE_MS,
     RECORDED_FIELD,
     RESPONSE_NAMESPACE,
     TARGET_KEY,
@@ -91,6 +95,9 @@ LOG_FIELDS: dict[str, str] = {
     "u": f"%DYNAMIC_METADATA({USAGE_NAMESPACE})%",
     "mdl": f"%DYNAMIC_METADATA({MODEL_NAMESPACE})%",
     "rp": f"%DYNAMIC_METADATA({RESPONSE_NAMESPACE}:{RECORDED_FIELD})%",
+    # A stream the observe-only response filter counted: its route says so (the filter
+    # sends no answer, so it cannot set "rp").
+    "ob": f"%METADATA(ROUTE:{RESPONSE_NAMESPACE}:{OBSERVED_FIELD})%",
     "bd": f"%DYNAMIC_METADATA({BODY_NAMESPACE})%",
 }
 
@@ -104,6 +111,10 @@ UNACCOUNTED_ROUTES = frozenset({"direct_without_ext_proc"})
 _DECISIONS: frozenset[Any] = frozenset({"allowed", "denied", "error"})
 # The gateway's own answers that are policy denials (the others are errors).
 _DENIAL_STATUSES = frozenset({401, 403, 404, 413, 429})
+# A stream the observer counts: how much longer than Envoy's deferred close of its gRPC
+# stream the usage log waits for its record, and how often it looks.
+_OBSERVER_GRACE = 0.5
+_OBSERVER_POLL = 0.02
 # Bodies at least this large are decoded and parsed in a worker thread.
 _THREAD_BODY_BYTES = 64 * 1024
 
@@ -145,6 +156,14 @@ def _int(value: Any) -> int | None:
     if type(value) is str and value.isdigit():
         return int(value)
     return None
+
+
+def _float(value: Any) -> float:
+    """A number Envoy wrote as text (``t0``), else now: a line without it waits least."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return time.time()
 
 
 def _str(value: Any) -> str:
@@ -227,16 +246,40 @@ class UsageLog:
         facts = Facts.from_json(facts_text) if type(facts_text) is str else None
         if facts is not None and facts.targets:
             facts.select_target(entry.get("tgt"))
-        if details.startswith(DETAILS_PREFIX) or entry.get("rp"):
+        if details.startswith(DETAILS_PREFIX) or entry.get("rp") or entry.get("ob"):
             # The gateway's own answer, or the response processor's: recorded by them.
             if facts is None or facts.request_id in self._gw.recorded:
                 return None
             # Not by this process: another replica owns it (its record wins whenever
             # it lands), or this process lost it in a crash. Never left unrecorded.
+            if entry.get("ob"):
+                return self._observed(entry, facts, status, details)
             return self._fallback(entry, facts, status, details)
         if facts is None:
             return self._unprocessed(entry, status, details)
         return self._plain(entry, facts, status, details)
+
+    async def _observed(
+        self, entry: dict[str, Any], facts: Facts, status: int, details: str
+    ) -> None:
+        """A stream the observe-only filter counts: its record may land after this line
+        (a cancelled or cut stream reaches the processor when Envoy closes the observer's
+        gRPC stream, up to ``OBSERVER_CLOSE_MS`` after the request ended). Wait for it
+        that long (bounded), then stand in for it: the observer failed, or belongs to
+        another replica (whose record wins whenever it lands)."""
+        # A cancelled stream's line has no "dur" (nothing was sent to its end): "ms".
+        duration = _int(entry.get("dur"))
+        seconds = duration / 1e6 if duration is not None else (_int(entry.get("ms")) or 0) / 1e3
+        ended = _float(entry.get("t0")) + seconds
+        now = time.time()
+        deadline = min(ended, now) + OBSERVER_CLOSE_MS / 1000 + _OBSERVER_GRACE
+        recorded = self._gw.recorded
+        while now < deadline:
+            await asyncio.sleep(min(_OBSERVER_POLL, deadline - now))
+            if facts.request_id in recorded:
+                return
+            now = time.time()
+        await self._fallback(entry, facts, status, details)
 
     async def _fallback(
         self, entry: dict[str, Any], facts: Facts, status: int, details: str

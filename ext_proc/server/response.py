@@ -8,6 +8,13 @@ provider's usage when its stream reports it, otherwise the delivered text, inclu
 when the app cancels or the provider cuts the stream. It then writes the record; its
 first answer marks the request (``gw_response``) so the usage log reader does not write
 it too. Any content-type spelling, none at all, and compressed answers are read.
+
+Streams the gateway does not rewrite (no translation) come from an observe-only filter
+(Envoy's ``observability_mode``): Envoy sends each chunk without waiting, ignores
+answers (the servicer sends none), and the observed route itself tells the usage log
+reader who owns the record. The body of an answer that is not rewritten is only kept
+per chunk and read in one go at its end (or every ``_PENDING_BYTES``): per chunk, this
+processor then costs a list append.
 """
 
 from __future__ import annotations
@@ -57,6 +64,10 @@ _RECORDED.update({RESPONSE_NAMESPACE: {"recorded": "1"}})
 # Streamed bodies keep at most this much of their start, to read an answer that turned
 # out not to be SSE (an error JSON without a content type, to a stream request).
 _SNIFF_BYTES = 64 * 1024
+# An answer the gateway does not rewrite is only kept per chunk and read (decoded,
+# parsed) in one go at its end, or whenever this much is pending: per chunk, the
+# processor then costs a list append, and memory stays bounded on a long answer.
+_PENDING_BYTES = 256 * 1024
 
 
 class ResponseProcessor:
@@ -72,6 +83,8 @@ class ResponseProcessor:
         "_head",
         "_json",
         "_parser",
+        "_pending",
+        "_pending_bytes",
         "_status",
         "_t_first",
         "_trail",
@@ -104,6 +117,8 @@ class ResponseProcessor:
         self._translator: ResponseTranslator | None = None
         self._t_first: float | None = None
         self._bytes = 0
+        self._pending: list[bytes] = []  # raw chunks not read yet (see _PENDING_BYTES)
+        self._pending_bytes = 0
         self._finished = self._facts is None
         self._ended = False
         self._billable = False
@@ -158,6 +173,8 @@ class ResponseProcessor:
         if msg.end_of_stream:
             self._ended = True
             self._finish(cancelled=False)
+        if request.observability_mode:
+            return r.CONTINUE_RESPONSE_HEADERS  # never sent (Envoy ignores answers)
         if self._translator is not None:
             # Rewritten into the app's API: its length changes, it is sent decoded, and a
             # buffered answer (JSON or an error page) always becomes JSON.
@@ -174,13 +191,59 @@ class ResponseProcessor:
         self, msg: pb.HttpBody, request: pb.ProcessingRequest
     ) -> pb.ProcessingResponse:
         raw = msg.body
-        self._bytes += len(raw)
-        if self._t_first is None and raw:
-            self._t_first = time.time()
+        if raw:
+            self._bytes += len(raw)
+            if self._t_first is None:
+                self._t_first = time.time()
+        translator = self._translator
+        if translator is None:
+            # Read later, in one go (_read_pending): the usual stream costs this only.
+            if raw:
+                self._pending.append(raw)
+                self._pending_bytes += len(raw)
+                if self._pending_bytes >= _PENDING_BYTES:
+                    self._read_pending()
+            if msg.end_of_stream:
+                self._ended = True
+                self._finish(cancelled=False)
+            return r.CONTINUE_RESPONSE_BODY
         decoder = self._decoder
         chunk = raw if decoder is None else decoder.decode(raw)
         if msg.end_of_stream and decoder is not None:
             chunk += decoder.flush()
+        self._account(chunk)
+        if msg.end_of_stream:
+            self._ended = True
+            self._finish(cancelled=False)
+        # Accounting above read the provider's own bytes; the app gets its API's shape.
+        if self._parser is not None:
+            out = translator.feed(chunk)
+            if msg.end_of_stream:
+                out += translator.finish()
+            return r.replace_response_body(out)
+        if not msg.end_of_stream:
+            return r.replace_response_body(b"")  # buffered: answered whole at the end
+        translated = translator.translate_json(bytes(self._json or b""), self._status)
+        return r.replace_response_body(translated, [("content-length", str(len(translated)))])
+
+    def _read_pending(self) -> None:
+        """Decode and account the chunks kept so far (at the end: the decoder's rest too,
+        when the body ended normally; a cut compressed body is read as far as it goes)."""
+        pending = self._pending
+        raw = pending[0] if len(pending) == 1 else b"".join(pending)  # b"" when none
+        pending.clear()
+        self._pending_bytes = 0
+        decoder = self._decoder
+        if decoder is None:
+            self._account(raw)
+            return
+        chunk = decoder.decode(raw) if raw else b""
+        if self._ended:
+            chunk += decoder.flush()
+        self._account(chunk)
+
+    def _account(self, chunk: bytes) -> None:
+        """The provider's (decoded) bytes into the stream parser or the JSON buffer."""
         parser = self._parser
         if parser is not None:
             parser.feed(chunk)
@@ -197,22 +260,6 @@ class ResponseProcessor:
                 self._json = bytearray(chunk)
             else:
                 self._json += chunk
-        if msg.end_of_stream:
-            self._ended = True
-            self._finish(cancelled=False)
-        translator = self._translator
-        if translator is None:
-            return r.CONTINUE_RESPONSE_BODY
-        # Accounting above read the provider's own bytes; the app gets its API's shape.
-        if parser is not None:
-            out = translator.feed(chunk)
-            if msg.end_of_stream:
-                out += translator.finish()
-            return r.replace_response_body(out)
-        if not msg.end_of_stream:
-            return r.replace_response_body(b"")  # buffered: answered whole at the end
-        translated = translator.translate_json(bytes(self._json or b""), self._status)
-        return r.replace_response_body(translated, [("content-length", str(len(translated)))])
 
     def internal_error(self, exc: BaseException) -> pb.ProcessingResponse:
         """A bug while handling a response chunk: never break the app's answer for it."""
@@ -229,6 +276,8 @@ class ResponseProcessor:
         """What the answer said, and whether it was read as a stream."""
         facts = self._facts
         assert facts is not None
+        if self._translator is None and (self._pending or self._decoder is not None):
+            self._read_pending()
         parser = self._parser
         if parser is not None:
             summary = parser.finish()

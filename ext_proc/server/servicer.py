@@ -127,7 +127,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                 if span is not None and response.HasField("immediate_response"):
                     answered = response.immediate_response.status.code
                 timers[phase].observe(time.perf_counter() - started)
-                yield response
+                if not request.observability_mode:
+                    # An observe-only filter (streams the gateway does not rewrite)
+                    # ignores answers: none is sent.
+                    yield response
                 if response.HasField("immediate_response") or proc.done:
                     # Nothing more will come on this stream: end the RPC here rather than
                     # wait for Envoy to cancel it (grpc.aio leaks native memory on every

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -12,6 +13,7 @@ from ext_proc.envoy_config import (
     CAPTURE_FILTER,
     DEFAULT_EXT_PROC_STREAMS,
     LUA_FILTER,
+    OBSERVE_FILTER,
     REQUEST_FILTER,
     RESPONSE_FILTER,
     EnvoyOptions,
@@ -125,6 +127,7 @@ def test_rendered_shape() -> None:
         REQUEST_FILTER,
         LUA_FILTER,
         RESPONSE_FILTER,
+        OBSERVE_FILTER,
         CAPTURE_FILTER,
         "envoy.filters.http.json_to_metadata",
         "envoy.filters.http.router",
@@ -158,6 +161,34 @@ def test_rendered_shape() -> None:
         "openai-project",
         "anthropic-beta",
     ]
+    # Streams the gateway does not rewrite: the observe-only filter, on their own route,
+    # which says so in the usage log (the filter answers nothing, so it cannot mark it).
+    observed = routes["to_openai_observed"]
+    assert observed["match"]["headers"][1] == {
+        "name": "x-gateway-response",
+        "string_match": {"exact": "2"},
+    }
+    per_filter = observed["typed_per_filter_config"]
+    assert per_filter[RESPONSE_FILTER]["disabled"] is True
+    assert per_filter[CAPTURE_FILTER]["disabled"] is True
+    assert "disabled" not in per_filter[OBSERVE_FILTER]
+    assert observed["metadata"]["filter_metadata"]["gw_response"] == {"observed": "1"}
+    # Every other route: the observer is in the chain but switched off (virtual host).
+    vhost = hcm["route_config"]["virtual_hosts"][0]
+    assert vhost["typed_per_filter_config"][OBSERVE_FILTER]["config"]["disabled"] is True
+    for name, route in routes.items():
+        if not name.endswith("_observed"):
+            assert OBSERVE_FILTER not in route.get("typed_per_filter_config", {}), name
+    observer = by_name[OBSERVE_FILTER]
+    assert observer["observability_mode"] is True
+    assert observer["failure_mode_allow"] is True  # never breaks the app's stream
+    assert observer["processing_mode"]["response_body_mode"] == "STREAMED"
+    assert observer["processing_mode"]["response_header_mode"] == "SEND"
+    assert observer["grpc_service"] == response["grpc_service"]
+    assert observer["metadata_options"]["forwarding_namespaces"] == {
+        "untyped": ["gw", "gw_attempts"]
+    }
+    assert usage_log_format(hcm)["ob"] == "%METADATA(ROUTE:gw_response:observed)%"
     # Finished requests reach the ext_proc server through a file it tails: durable.
     usage_log = hcm["access_log"][0]["typed_config"]
     assert hcm["access_log"][0]["name"] == "envoy.access_loggers.file"
@@ -170,3 +201,7 @@ def test_rendered_shape() -> None:
     assert mode["request_header_mode"] == "SEND"
     # round-trips as YAML
     assert yaml.safe_load(render_yaml(config)) == render(config)
+
+
+def usage_log_format(hcm: dict[str, Any]) -> dict[str, Any]:
+    return hcm["access_log"][0]["typed_config"]["log_format"]["json_format"]
