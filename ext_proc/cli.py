@@ -161,7 +161,12 @@ def cmd_validate(ns: argparse.Namespace, settings: Settings) -> int:
 def cmd_envoy_config(ns: argparse.Namespace, settings: Settings) -> int:
     from ext_proc.config.errors import ConfigError
     from ext_proc.config.loader import load_config
-    from ext_proc.envoy_config import EnvoyOptions, listener_tls_overrides, render_yaml
+    from ext_proc.envoy_config import (
+        EnvoyOptions,
+        listener_tls_overrides,
+        listener_tls_sds,
+        render_yaml,
+    )
 
     try:
         if ns.from_database:
@@ -195,6 +200,11 @@ def cmd_envoy_config(ns: argparse.Namespace, settings: Settings) -> int:
     if ns.otlp_endpoint:
         options = dataclasses.replace(options, otlp_endpoint=ns.otlp_endpoint)
     text = render_yaml(config, options)
+    if options.tls_sds_file is not None:
+        sds = Path(options.tls_sds_file)
+        sds.parent.mkdir(parents=True, exist_ok=True)
+        sds.write_text(listener_tls_sds(options))
+        print(f"wrote the listener certificate's SDS file: {sds}", file=sys.stderr)
     if ns.output and ns.output != "-":
         Path(ns.output).write_text(text)
     else:

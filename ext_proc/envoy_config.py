@@ -36,7 +36,8 @@ Choices, with the reasons (ENVOY-NOTES.md has the measurements behind them):
 - Envoy's own error replies (upstream down, timeouts, oversized bodies) are rewritten to
   the OpenAI error shape; the processor's replies (details ``gw_*``) keep their body.
 - TLS on the listener is optional (``tls_cert_file`` / ``tls_key_file``): the files are
-  read when Envoy starts, so a renewed certificate needs an Envoy restart. A client CA
+  read when Envoy starts, or, with ``tls_sds_file``, through Envoy's file-based SDS, which
+  re-reads them when a new version is renamed into their directory (no restart). A client CA
   (``tls_client_ca_file``) turns it into mutual TLS: a client without a certificate that
   CA signed is refused in the handshake, before any HTTP. The client certificate's
   details never reach a provider (``x-forwarded-client-cert`` is sanitised, Envoy's
@@ -48,6 +49,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Any
 
 import yaml
@@ -137,10 +139,17 @@ class EnvoyOptions:
     tls_client_ca_file: str | None = None
     # The oldest TLS version the listener accepts: "1.2" or "1.3".
     tls_min_version: str = "1.2"
+    # Reload the certificate without a restart: the listener takes it from Envoy's
+    # file-based SDS at this path (``listener_tls_sds`` is its content, written there by
+    # ``ext-proc envoy-config``), and Envoy re-reads the pair whenever a file is renamed
+    # into the certificate's directory (cert-manager, a Kubernetes Secret, ``mv``).
+    tls_sds_file: str | None = None
 
     def __post_init__(self) -> None:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("listener TLS needs both a certificate file and a key file")
+        if self.tls_sds_file is not None and self.tls_cert_file is None:
+            raise ValueError("reloading the listener certificate needs listener TLS")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError(
                 "a client CA (mutual TLS) needs listener TLS: give a certificate and a key"
@@ -169,16 +178,22 @@ def listener_tls(options: EnvoyOptions) -> dict[str, Any] | None:
         return None
     common: dict[str, Any] = {
         "tls_params": {"tls_minimum_protocol_version": _TLS_VERSIONS[options.tls_min_version]},
-        "tls_certificates": [
-            {
-                "certificate_chain": {"filename": options.tls_cert_file},
-                "private_key": {"filename": options.tls_key_file},
-            }
-        ],
         # HTTP/2 for clients that offer it (the OpenAI SDKs speak HTTP/1.1); the
         # connection manager's AUTO codec follows what was negotiated.
         "alpn_protocols": ["h2", "http/1.1"],
     }
+    if options.tls_sds_file is not None:
+        common["tls_certificate_sds_secret_configs"] = [
+            {
+                "name": LISTENER_SECRET,
+                "sds_config": {
+                    "path_config_source": {"path": options.tls_sds_file},
+                    "resource_api_version": "V3",
+                },
+            }
+        ]
+    else:  # read once, when Envoy starts
+        common["tls_certificates"] = [_certificate_files(options)]
     context: dict[str, Any] = {"common_tls_context": common}
     if options.tls_client_ca_file is not None:
         common["validation_context"] = {"trusted_ca": {"filename": options.tls_client_ca_file}}
@@ -190,6 +205,42 @@ def listener_tls(options: EnvoyOptions) -> dict[str, Any] | None:
             **context,
         },
     }
+
+
+# The listener certificate's secret, in the SDS file (``tls_sds_file``).
+LISTENER_SECRET = "listener_certificate"
+# Envoy's node identity: file-based SDS needs one (nothing else here reads it).
+NODE = {"id": "llm-gateway", "cluster": "llm-gateway"}
+
+
+def _certificate_files(options: EnvoyOptions) -> dict[str, Any]:
+    return {
+        "certificate_chain": {"filename": options.tls_cert_file},
+        "private_key": {"filename": options.tls_key_file},
+    }
+
+
+def listener_tls_sds(options: EnvoyOptions) -> str:
+    """The SDS file ``tls_sds_file`` names: the listener's certificate and key files, and
+    the directory Envoy watches for a new version of them (the certificate's: a rename
+    into it, as ``mv``, cert-manager and Kubernetes' atomic Secret update all do, makes
+    Envoy re-read both; a half-replaced pair is refused and the old one kept, logged as
+    ``KEY_VALUES_MISMATCH``, until the other file arrives)."""
+    if options.tls_cert_file is None or options.tls_sds_file is None:
+        raise ValueError("no listener certificate to reload")
+    secret = {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+        "name": LISTENER_SECRET,
+        "tls_certificate": {
+            **_certificate_files(options),
+            "watched_directory": {"path": str(PurePosixPath(options.tls_cert_file).parent)},
+        },
+    }
+    header = (
+        "# Rendered by `ext-proc envoy-config --tls-reload`: the listener certificate, for\n"
+        "# Envoy's file-based SDS; do not edit by hand.\n"
+    )
+    return header + yaml.safe_dump({"resources": [secret]}, sort_keys=False, width=100)
 
 
 def add_listener_tls_arguments(parser: argparse.ArgumentParser) -> None:
@@ -208,6 +259,13 @@ def add_listener_tls_arguments(parser: argparse.ArgumentParser) -> None:
         help="mutual TLS: require a client certificate signed by a CA in this PEM file",
     )
     group.add_argument(
+        "--tls-reload",
+        metavar="SDS_FILE",
+        help="reload the certificate and key without a restart: write Envoy's SDS file for "
+        "them here (a path where Envoy runs, beside the bootstrap) and Envoy re-reads them "
+        "when a new version is renamed into the certificate's directory",
+    )
+    group.add_argument(
         "--tls-min-version",
         choices=sorted(_TLS_VERSIONS),
         default="1.2",
@@ -224,9 +282,12 @@ def listener_tls_overrides(ns: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"error: listener TLS needs both --tls-cert and --tls-key ({missing})")
     if client_ca is not None and cert is None:
         raise SystemExit("error: --tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    if ns.tls_reload is not None and cert is None:
+        raise SystemExit("error: --tls-reload needs --tls-cert and --tls-key")
     return {
         "tls_cert_file": cert,
         "tls_key_file": key,
+        "tls_sds_file": ns.tls_reload,
         "tls_client_ca_file": client_ca,
         "tls_min_version": ns.tls_min_version,
     }
@@ -1060,10 +1121,13 @@ def render(config: GatewayConfig, options: EnvoyOptions = EnvoyOptions()) -> dic
     if options.stats_port is not None:
         listeners.append(_stats_listener(options))
         clusters.append(_admin_cluster(options))
-    return {
+    bootstrap: dict[str, Any] = {
         "admin": {"address": _socket_address(options.admin_host, options.admin_port)},
         "static_resources": {"listeners": listeners, "clusters": clusters},
     }
+    if options.tls_sds_file is not None:
+        bootstrap = {"node": dict(NODE), **bootstrap}
+    return bootstrap
 
 
 def render_yaml(config: GatewayConfig, options: EnvoyOptions = EnvoyOptions()) -> str:

@@ -5,6 +5,9 @@ The handshake itself is tested end to end in ``tests/e2e/test_tls.py``."""
 
 from __future__ import annotations
 
+import shutil
+import socket
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +17,9 @@ import pytest
 import yaml
 
 from ext_proc.config.loader import parse_config
-from ext_proc.envoy_config import EnvoyOptions, render, render_yaml
+from ext_proc.dev import envoy_binary, free_port
+from ext_proc.envoy_config import EnvoyOptions, listener_tls_sds, render, render_yaml
+from tests.conftest import poll_until
 from tests.integration.conftest import envoy_validate
 from tests.tls_certs import PKI, make_pki
 
@@ -179,3 +184,106 @@ def test_cli_refuses_incomplete_tls_flags(tmp_path: Path, args: list[str], messa
     assert result.returncode != 0
     assert message in result.stderr
     assert result.stdout == ""
+
+
+def _served_certificate(port: int) -> bytes:
+    """The DER certificate the listener presents in a new handshake."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+def _der(pem_file: Path) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(pem_file.read_text())
+
+
+def test_reload_serves_a_renewed_certificate_without_a_restart(tmp_path: Path) -> None:
+    """``--tls-reload``: a new certificate and key renamed into the certificate's folder
+    (as cert-manager or a Kubernetes Secret update do) is served by the same Envoy."""
+    first, second = make_pki(tmp_path / "first"), make_pki(tmp_path / "second")
+    live = tmp_path / "live"
+    live.mkdir()
+    cert, key = live / "tls.crt", live / "tls.key"
+    shutil.copy(first.server.cert, cert)
+    shutil.copy(first.server.key, key)
+    port, admin = free_port(), free_port()
+    options = EnvoyOptions(
+        listener_port=port,
+        admin_port=admin,
+        usage_log_path=str(tmp_path / "usage" / "envoy.jsonl"),
+        tls_cert_file=str(cert),
+        tls_key_file=str(key),
+        tls_sds_file=str(tmp_path / "listener-tls.yaml"),
+    )
+    Path(options.tls_sds_file or "").write_text(listener_tls_sds(options))
+    (tmp_path / "usage").mkdir()
+    bootstrap = tmp_path / "envoy.yaml"
+    bootstrap.write_text(render_yaml(parse_config(CONFIG), options))
+    envoy = subprocess.Popen(
+        [envoy_binary(), "-c", str(bootstrap), "--log-level", "warn"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+
+        def serves(pem: Path) -> bool:
+            try:
+                return _served_certificate(port) == _der(pem)
+            except OSError:
+                return False
+
+        if not poll_until(lambda: serves(first.server.cert), timeout=20):
+            envoy.terminate()
+            raise AssertionError(f"Envoy never served TLS: {envoy.communicate(timeout=10)[1]}")
+        # The renewal lands as renames into the folder: the key first, then the chain.
+        for source, target in ((second.server.key, key), (second.server.cert, cert)):
+            staged = live / f".{target.name}.new"
+            shutil.copy(source, staged)
+            staged.rename(target)
+        assert poll_until(lambda: serves(second.server.cert), timeout=10), (
+            "still the old certificate"
+        )
+        assert envoy.poll() is None  # the same process: no restart
+    finally:
+        envoy.terminate()
+        _, stderr = envoy.communicate(timeout=10)
+    assert "critical" not in stderr, stderr[-2000:]
+
+
+def test_cli_tls_reload_writes_the_sds_file_and_validates(pki: PKI, tmp_path: Path) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text(CONFIG)
+    sds = tmp_path / "sds" / "listener-tls.yaml"
+    out = tmp_path / "envoy.yaml"
+    result = _cli(
+        *("-c", str(config), "-o", str(out), "--stats-port", "9902"),
+        *("--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key)),
+        *("--tls-reload", str(sds)),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    [secret] = yaml.safe_load(sds.read_text())["resources"]
+    assert secret["tls_certificate"]["watched_directory"] == {"path": str(pki.server.cert.parent)}
+    context = _tls_context(yaml.safe_load(out.read_text()))
+    assert context is not None
+    [config_source] = context["common_tls_context"]["tls_certificate_sds_secret_configs"]
+    assert config_source["sds_config"]["path_config_source"]["path"] == str(sds)
+    assert "tls_certificates" not in context["common_tls_context"]
+    validated = envoy_validate(out)
+    assert validated.returncode == 0, validated.stdout + validated.stderr
+
+
+def test_cli_tls_reload_needs_a_certificate(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text(CONFIG)
+    result = _cli("-c", str(config), "--tls-reload", str(tmp_path / "x.yaml"), cwd=tmp_path)
+    assert result.returncode != 0
+    assert "--tls-reload needs --tls-cert and --tls-key" in result.stderr
