@@ -403,6 +403,7 @@ def test_the_init_container_renders_a_valid_envoy_bootstrap(
     paths = {
         "/etc/gateway/gateway.yaml": tmp_path / "gateway.yaml",
         "/etc/envoy/envoy.yaml": tmp_path / "envoy.yaml",
+        "/etc/envoy/listener-tls.yaml": tmp_path / "listener-tls.yaml",
         "/etc/envoy-tls/tls.crt": pki.server.cert,
         "/etc/envoy-tls/tls.key": pki.server.key,
         f"/etc/envoy-client-ca/{settings['tls']['clientCA']['key']}": pki.ca,
@@ -438,6 +439,14 @@ def test_the_init_container_renders_a_valid_envoy_bootstrap(
             context.get("require_client_certificate", False)
             == settings["tls"]["clientCA"]["enabled"]
         )
+        # tls.reload (default on): the certificate comes from the SDS file the init
+        # container writes beside the bootstrap, watched for the Secret's updates.
+        sds = context["common_tls_context"].get("tls_certificate_sds_secret_configs")
+        assert (sds is not None) == settings["tls"]["reload"]
+        if sds is not None:
+            [secret] = yaml.safe_load((tmp_path / "listener-tls.yaml").read_text())["resources"]
+            watched = secret["tls_certificate"]["watched_directory"]["path"]
+            assert watched == str(pki.server.cert.parent)  # the Secret's mount
     validated = envoy_validate(tmp_path / "envoy.yaml")
     assert validated.returncode == 0, validated.stdout + validated.stderr
 

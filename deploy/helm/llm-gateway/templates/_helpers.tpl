@@ -142,6 +142,10 @@ exec:
 - /etc/envoy-tls/tls.key
 - --tls-min-version
 - {{ .Values.tls.minVersion | quote }}
+{{- if .Values.tls.reload }}
+- --tls-reload
+- /etc/envoy/listener-tls.yaml
+{{- end }}
 {{- if .Values.tls.clientCA.enabled }}
 - --tls-client-ca
 - /etc/envoy-client-ca/{{ .Values.tls.clientCA.key }}
