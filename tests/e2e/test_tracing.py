@@ -145,11 +145,10 @@ async def test_one_request_is_one_trace_through_every_hop(
     assert record.parent_span_id == request_span.span_id
     assert record.attributes["gateway.recorded_by"] == "access_log"
     assert record.attributes["gen_ai.usage.output_tokens"] > 0
+
     # Its Postgres write: a batch's own root span, linked to the request's record span.
     def written(all_spans: list[Span]) -> bool:
-        return any(
-            s.name == "gateway.usage_write" and record.span_id in s.links for s in all_spans
-        )
+        return any(s.name == "gateway.usage_write" and record.span_id in s.links for s in all_spans)
 
     every = await asyncio.to_thread(receiver.wait_for, written, 20.0)
     [write] = [s for s in every if s.name == "gateway.usage_write" and record.span_id in s.links]
