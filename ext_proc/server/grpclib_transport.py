@@ -1,6 +1,6 @@
 """The ext_proc and health services on ``grpclib`` (pure-Python HTTP/2 on ``h2``).
 
-Chosen with ``EXT_PROC_GRPC_SERVER=grpclib``; ``grpcio`` (grpc.aio) remains available.
+The default (``EXT_PROC_GRPC_SERVER=grpclib``); ``grpcio`` (grpc.aio) remains available.
 The stream logic is the same object either way (``servicer.ExternalProcessor``): this
 module only adapts a grpclib stream to the iterator-in, iterator-out shape grpc.aio
 gives the servicer. Why it exists: one ext_proc exchange costs about a quarter less CPU
@@ -18,6 +18,17 @@ Differences from grpc.aio that matter here, and how they are handled:
   usage is still recorded, as cancelled).
 * grpclib puts no limit on a message's size; Envoy's own ``max_request_bytes`` and the
   ``request_size`` policy bound what reaches us.
+* grpclib writes each HTTP/2 frame group to the socket as it is made: an answer's
+  headers, its message and its trailers are three ``write`` calls (on loopback each one
+  also runs Envoy's side of TCP, and wakes it). ``_CoalescingTransport`` gathers what
+  one pass of the event loop writes and sends it as one: every answer, and every answer
+  ready in the same pass, leaves in one segment.
+* h2 advertises at most 100 concurrent streams per connection. A stream's response side
+  holds its ext_proc stream for the whole answer, so 2,000 open streams needed ~20
+  connections from Envoy and, at peak, 120-480 of them had no ext_proc stream open yet
+  (their chunks waited; ``python -m bench --open-streams``). The server raises the limit
+  to ``MAX_STREAMS_PER_CONNECTION``: the bounds are Envoy's (its circuit breakers on
+  the ``ext_proc`` and ``ext_proc_response`` clusters).
 """
 
 from __future__ import annotations
@@ -30,12 +41,16 @@ from typing import Any, cast
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from grpc_health.v1 import health_pb2
 from grpclib.const import Cardinality, Handler, Status
+from grpclib.protocol import H2Protocol
 from grpclib.server import Server, Stream
+from h2.settings import SettingCodes
 
 from ext_proc.server.servicer import SERVICE, ExternalProcessor
 from ext_proc.server.wire import decode_request
 
 METHOD = f"/{SERVICE}/Process"
+# As many as Envoy's ext_proc_response cluster lets it open (envoy_config: 65536).
+MAX_STREAMS_PER_CONNECTION = 65536
 
 
 class _DecodedRequest:
@@ -55,6 +70,68 @@ class _Context:
     def invocation_metadata(self) -> Iterable[tuple[str, str | bytes]]:
         metadata = self._stream.metadata
         return () if metadata is None else list(metadata.items())
+
+
+class _CoalescingTransport:
+    """The socket transport grpclib writes to, with its writes of one event-loop pass
+    gathered into one (sent from a callback queued by the first of them). grpclib reads
+    nothing else of it but ``is_closing``, ``get_extra_info`` and ``close``."""
+
+    __slots__ = ("_chunks", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._loop = asyncio.get_running_loop()
+        self._chunks: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        chunks = self._chunks
+        if not chunks:
+            self._loop.call_soon(self._flush)
+        chunks.append(data)
+
+    def _flush(self) -> None:
+        chunks = self._chunks
+        if not chunks:
+            return
+        self._chunks = []
+        if self._transport.is_closing():
+            return  # the connection is gone: its streams are being failed already
+        self._transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def close(self) -> None:
+        self._flush()  # a GOAWAY or the last trailers still leave
+        self._transport.close()
+
+
+class _ManyStreamsH2Protocol(H2Protocol):
+    """grpclib's connection protocol, advertising ``MAX_STREAMS_PER_CONNECTION`` (a
+    second SETTINGS frame right after h2's first, as grpclib does for its window size)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        h2_connection = self.connection._connection
+        h2_connection.update_settings(
+            {SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS_PER_CONNECTION}
+        )
+        self.connection.flush()
+
+
+class _CoalescingH2Protocol(_ManyStreamsH2Protocol):
+    """grpclib's connection protocol, writing through a ``_CoalescingTransport``."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(
+            cast(asyncio.BaseTransport, _CoalescingTransport(cast(asyncio.Transport, transport)))
+        )
 
 
 class GrpclibExternalProcessor:
@@ -155,6 +232,14 @@ class GrpclibServer:
         self._processor = GrpclibExternalProcessor(servicer)
         self._health = _Health()
         self._server = Server([self._processor, self._health])
+        plain_protocol = self._server._protocol_factory
+
+        def coalescing_protocol() -> H2Protocol:
+            made = plain_protocol()  # grpclib's bookkeeping of the connection's handler
+            return _CoalescingH2Protocol(made.handler, made.config, made.h2_config)
+
+        # grpclib offers no hook for its connections' protocol: its factory is wrapped.
+        self._server._protocol_factory = coalescing_protocol  # type: ignore[method-assign]
         self.port = 0
 
     async def start(self, host: str, port: int) -> int:

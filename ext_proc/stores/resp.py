@@ -8,6 +8,10 @@ order, so a FIFO of futures matches replies to callers), replies parsed as RESP2
 timeout per call, and reconnection. It raises redis-py's exception types, so callers
 handle both clients alike. Everything else (pub/sub, the key cache) uses redis-py.
 
+Commands issued in one pass of the event loop (the concurrent requests' limit calls)
+leave in one write: on loopback each ``write`` also runs Redis's side of TCP, and a
+burst of them cost more than the commands themselves.
+
 A call that times out leaves the connection's replies out of step with its callers, so
 the connection is dropped and every call still waiting on it fails; the next call
 reconnects.
@@ -97,10 +101,28 @@ class _Protocol(asyncio.Protocol):
         self.buffer = bytearray()
         self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
         self.lost = False
+        self._unsent: list[bytes] = []
+        self.loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the interface without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+
+    def send(self, command: bytes) -> None:
+        """Queue a packed command: what one loop pass queues is written at its end."""
+        unsent = self._unsent
+        if not unsent:
+            self.loop.call_soon(self._flush)
+        unsent.append(command)
+
+    def _flush(self) -> None:
+        unsent = self._unsent
+        if not unsent:
+            return
+        self._unsent = []
+        if self.lost or self.transport is None:
+            return  # fail() has failed their callers already
+        self.transport.write(unsent[0] if len(unsent) == 1 else b"".join(unsent))
 
     def data_received(self, data: bytes) -> None:
         buf = self.buffer
@@ -131,6 +153,7 @@ class _Protocol(asyncio.Protocol):
 
     def fail(self, exc: Exception) -> None:
         self.lost = True
+        self._unsent.clear()
         while self.waiting:
             future = self.waiting.popleft()
             if not future.done():
@@ -170,12 +193,10 @@ class RespClient:
         protocol = self._protocol
         if protocol is None or protocol.lost:
             protocol = await self._connect()
-        transport = protocol.transport
-        assert transport is not None
-        loop = asyncio.get_running_loop()
+        loop = protocol.loop  # (asyncio.get_running_loop costs a getpid() call on 3.11)
         future: asyncio.Future[Any] = loop.create_future()
         protocol.waiting.append(future)
-        transport.write(pack(args))
+        protocol.send(pack(args))
         # A bare timer, not asyncio.wait_for (which wraps the future in more machinery
         # than a hot-path call should pay for).
         timer = loop.call_later(self._timeout, _expire, future, protocol, self._timeout)
@@ -247,10 +268,9 @@ class RespClient:
         return protocol
 
     async def _call(self, protocol: _Protocol, *args: Any) -> Any:
-        assert protocol.transport is not None
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         protocol.waiting.append(future)
-        protocol.transport.write(pack(args))
+        protocol.send(pack(args))
         return await future
 
 
