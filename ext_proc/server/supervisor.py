@@ -20,13 +20,14 @@ gone after a stop, with the first non-zero exit status if any.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class Supervisor:
         child.process = subprocess.Popen(
             [sys.executable, "-m", "ext_proc", *self._argv],
             env=child_env(self._env, child.index, self._base),
+            preexec_fn=_die_with_parent(os.getpid()),
         )
         child.started = time.monotonic()
         log.info(
@@ -152,3 +154,22 @@ class Supervisor:
                 codes = [child.exits[-1] for child in self._children if child.exits]
                 return next((code for code in codes if code not in (0, -signal.SIGTERM)), 0)
             time.sleep(POLL)
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    """What a child runs before exec, on Linux: a SIGTERM when the supervisor dies, even
+    by SIGKILL or a crash, so no server is left serving (and holding its ports) without
+    one; the child then stops gracefully, as on the supervisor's own SIGTERM."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def in_child() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the supervisor died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return in_child

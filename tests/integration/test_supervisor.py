@@ -149,6 +149,60 @@ async def test_two_processes_restart_and_stop_together(
             supervisor.wait()
 
 
+async def test_children_stop_when_the_supervisor_is_killed(
+    databases: DatabaseFactory, redis_url: str, tmp_path: Path
+) -> None:
+    """A supervisor killed outright (SIGKILL, OOM) leaves no server behind: each child
+    gets SIGTERM from the kernel (parent-death signal) and stops."""
+    database_url = await databases.create("supervisor_kill")
+    config = tmp_path / "gateway.yaml"
+    config.write_text(CONFIG)
+    grpc_base, metrics_base, admin_base = _free_run(2), _free_run(2), _free_run(2)
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "EXT_PROC_REDIS_PREFIX": f"gwtest:supervisor-kill:{os.getpid()}:",
+        "EXT_PROC_GRPC_PORT": str(grpc_base),
+        "EXT_PROC_METRICS_PORT": str(metrics_base),
+        "EXT_PROC_ADMIN_PORT": str(admin_base),
+        "EXT_PROC_SPOOL_DIR": str(tmp_path / "spool"),
+        "EXT_PROC_USAGE_LOG": str(tmp_path / "usage-log" / "envoy.jsonl"),
+    }
+    migrate = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "ext_proc", "migrate"], env=env, check=False
+    )
+    assert migrate.returncode == 0
+    supervisor = await asyncio.to_thread(
+        subprocess.Popen,
+        [sys.executable, "-m", "ext_proc", "serve", "--processes", "2", "-c", str(config)],
+        env=env,
+    )
+    children: list[int] = []
+    try:
+        for index in range(2):
+            await _ready(admin_base + index)
+        children = _children(supervisor.pid)
+        assert len(children) == 2
+        supervisor.kill()
+        await asyncio.to_thread(supervisor.wait, 10)
+        deadline = time.monotonic() + 30
+        while await asyncio.to_thread(_any_alive, children):
+            assert time.monotonic() < deadline, f"children outlived the supervisor: {children}"
+            await asyncio.sleep(0.1)
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait()
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _any_alive(pids: list[int]) -> bool:
+    return any(Path(f"/proc/{pid}").exists() for pid in pids)
+
+
 def test_processes_must_be_at_least_one(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "ext_proc", "serve", "--processes", "0"],
