@@ -296,7 +296,7 @@ class LoadRun:
             sent=started,
             requests=done,
             active_seconds=active,
-            latency_ms=_percentiles_ms(latencies),
+            latency_ms=percentiles_ms(latencies),
             errors={
                 "non_2xx": int(codes.group(3)) + int(codes.group(4)),
                 "connect": 0,
@@ -308,7 +308,8 @@ class LoadRun:
         )
 
 
-def _percentiles_ms(sorted_us: list[int]) -> dict[str, float]:
+def percentiles_ms(sorted_us: list[int]) -> dict[str, float]:
+    """Latency percentiles in ms of sorted microsecond samples (zeros when none)."""
     if not sorted_us:
         return {k: 0.0 for k in ("p50", "p90", "p99", "p999", "max", "mean", "min")}
 

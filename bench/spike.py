@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
-import math
 import shutil
 import subprocess
 import sys
@@ -85,15 +84,9 @@ def parse(argv: Sequence[str] | None = None) -> SpikeOptions:
     )
 
 
-def percentiles_ms(latencies_us: list[int]) -> dict[str, float | None]:
-    if not latencies_us:
-        return {"p50": None, "p90": None, "p99": None, "max": None}
-    ordered = sorted(latencies_us)
-
-    def at(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)] / 1000, 2)
-
-    return {"p50": at(0.50), "p90": at(0.90), "p99": at(0.99), "max": round(ordered[-1] / 1000, 2)}
+def latency_ms(latencies_us: list[int]) -> dict[str, float] | None:
+    """``loadgen.percentiles_ms`` of the samples; None when there are none."""
+    return loadgen.percentiles_ms(sorted(latencies_us)) if latencies_us else None
 
 
 def read_log(path: Path) -> tuple[Counter[int], dict[int, list[int]]]:
@@ -205,8 +198,8 @@ def spike(bench: Bench, options: SpikeOptions, work: Path) -> dict[str, Any]:
         "refused_503": statuses.get(503, 0),
         "other": {str(k): v for k, v in statuses.items() if k not in (200, 503)},
         "latency_ms": {
-            "admitted": percentiles_ms(latencies.get(200, [])),
-            "refused": percentiles_ms(latencies.get(503, [])),
+            "admitted": latency_ms(latencies.get(200, [])),
+            "refused": latency_ms(latencies.get(503, [])),
         },
         "a_refusal": probe.seen,
         "envoy_overflow": shed,
@@ -334,7 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def print_summary(doc: dict[str, Any]) -> None:
     before, during, after = doc["before"], doc["spike"], doc["after"]
-    admitted, refused = during["latency_ms"]["admitted"], during["latency_ms"]["refused"]
+    admitted = during["latency_ms"]["admitted"] or {}
+    refused = during["latency_ms"]["refused"] or {}
     print()
     print(f"before: {before['rps']:,.0f} rps at {doc['options']['connections']} connections")
     print(
@@ -344,9 +338,9 @@ def print_summary(doc: dict[str, Any]) -> None:
         f"other {during['other'] or 'none'}"
     )
     print(
-        f"        admitted latency p50 {admitted['p50']} / p90 {admitted['p90']} / p99 "
-        f"{admitted['p99']} / max {admitted['max']} ms; refused p50 {refused['p50']} / p99 "
-        f"{refused['p99']} ms"
+        f"        admitted latency p50 {admitted.get('p50')} / p90 {admitted.get('p90')} / "
+        f"p99 {admitted.get('p99')} / max {admitted.get('max')} ms; refused p50 "
+        f"{refused.get('p50')} / p99 {refused.get('p99')} ms"
     )
     print(f"        Envoy shed (circuit breaker overflow): {during['envoy_overflow']}")
     print(f"        a refused request saw: {during['a_refusal']}")

@@ -92,10 +92,12 @@ async def _health(port: int) -> int:
     return int(answer.status)
 
 
-async def test_two_processes_restart_and_stop_together(
-    databases: DatabaseFactory, redis_url: str, tmp_path: Path
-) -> None:
-    database_url = await databases.create("supervisor")
+async def _start_two(
+    databases: DatabaseFactory, redis_url: str, tmp_path: Path, name: str
+) -> tuple[subprocess.Popen[bytes], int, int]:
+    """``ext-proc serve --processes 2`` on a database and Redis prefix of its own: the
+    supervisor, and the first gRPC and admin ports of its children."""
+    database_url = await databases.create(name.replace("-", "_"))
     config = tmp_path / "gateway.yaml"
     config.write_text(CONFIG)
     grpc_base, metrics_base, admin_base = _free_run(2), _free_run(2), _free_run(2)
@@ -103,7 +105,7 @@ async def test_two_processes_restart_and_stop_together(
         **os.environ,
         "DATABASE_URL": database_url,
         "REDIS_URL": redis_url,
-        "EXT_PROC_REDIS_PREFIX": f"gwtest:supervisor:{os.getpid()}:",
+        "EXT_PROC_REDIS_PREFIX": f"gwtest:{name}:{os.getpid()}:",
         "EXT_PROC_GRPC_PORT": str(grpc_base),
         "EXT_PROC_METRICS_PORT": str(metrics_base),
         "EXT_PROC_ADMIN_PORT": str(admin_base),
@@ -118,6 +120,15 @@ async def test_two_processes_restart_and_stop_together(
         subprocess.Popen,
         [sys.executable, "-m", "ext_proc", "serve", "--processes", "2", "-c", str(config)],
         env=env,
+    )
+    return supervisor, grpc_base, admin_base
+
+
+async def test_two_processes_restart_and_stop_together(
+    databases: DatabaseFactory, redis_url: str, tmp_path: Path
+) -> None:
+    supervisor, grpc_base, admin_base = await _start_two(
+        databases, redis_url, tmp_path, "supervisor"
     )
     try:
         for index in range(2):
@@ -154,30 +165,7 @@ async def test_children_stop_when_the_supervisor_is_killed(
 ) -> None:
     """A supervisor killed outright (SIGKILL, OOM) leaves no server behind: each child
     gets SIGTERM from the kernel (parent-death signal) and stops."""
-    database_url = await databases.create("supervisor_kill")
-    config = tmp_path / "gateway.yaml"
-    config.write_text(CONFIG)
-    grpc_base, metrics_base, admin_base = _free_run(2), _free_run(2), _free_run(2)
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url,
-        "EXT_PROC_REDIS_PREFIX": f"gwtest:supervisor-kill:{os.getpid()}:",
-        "EXT_PROC_GRPC_PORT": str(grpc_base),
-        "EXT_PROC_METRICS_PORT": str(metrics_base),
-        "EXT_PROC_ADMIN_PORT": str(admin_base),
-        "EXT_PROC_SPOOL_DIR": str(tmp_path / "spool"),
-        "EXT_PROC_USAGE_LOG": str(tmp_path / "usage-log" / "envoy.jsonl"),
-    }
-    migrate = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "ext_proc", "migrate"], env=env, check=False
-    )
-    assert migrate.returncode == 0
-    supervisor = await asyncio.to_thread(
-        subprocess.Popen,
-        [sys.executable, "-m", "ext_proc", "serve", "--processes", "2", "-c", str(config)],
-        env=env,
-    )
+    supervisor, _, admin_base = await _start_two(databases, redis_url, tmp_path, "supervisor-kill")
     children: list[int] = []
     try:
         for index in range(2):
