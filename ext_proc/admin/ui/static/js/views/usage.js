@@ -135,7 +135,10 @@ export function render(main, context) {
   async function load() {
     generation += 1;
     const mine = generation;
-    const until = new Date(Math.floor(Date.now() / 1000) * 1000);
+    // Whole seconds (the range is the `ext-proc usage --since/--until` the table shows),
+    // ending after now: the end is exclusive, so a range ending at now floored to the
+    // second left out the requests made earlier in that second.
+    const until = new Date((Math.floor(Date.now() / 1000) + 1) * 1000);
     const since = new Date(until.getTime() - RANGES[state.range] * 1000);
     const base = { since: fmt.isoSeconds(since), until: fmt.isoSeconds(until), limit: 100000 };
     main.setAttribute("aria-busy", "true");
