@@ -24,9 +24,10 @@ Choices, with the reasons (ENVOY-NOTES.md has the measurements behind them):
   Streams it does not rewrite (the usual OpenAI-to-OpenAI stream) go through the same
   processor in ``observability_mode`` instead: Envoy sends each chunk without waiting for
   an answer and the processor sends none (measured: about a third less ext_proc CPU per
-  spaced chunk, and Envoy's too). The request Lua filter picks that route (header value
-  ``RESPONSE_OBSERVE``) when the request side asked for the response processor and the
-  facts name no translation (chained fallback requests keep the mutating filter).
+  spaced chunk, and Envoy's too). The request processor picks the filter (metadata
+  ``gw_route``, field ``ROUTE_RESPONSE``: none, the mutating one or the observer;
+  chained fallback requests keep the mutating filter) and the request Lua filter copies
+  its choice into the route header.
 - Provider selection: one route pair and one cluster per provider, host rewritten to the
   provider's; OpenAI's rate-limit headers are added by the route from metadata.
 - Fail closed with 503 when the processor is unreachable.
@@ -359,9 +360,10 @@ def _provider_cluster(provider: Provider, options: EnvoyOptions) -> dict[str, An
 
 
 def _provider_routes(provider: Provider) -> list[dict[str, Any]]:
-    """Two routes per provider: answers the response processor must see (streams,
-    translations: ``x-gateway-response: 1``) and plain ones (accounted from the access log,
-    the response filter disabled)."""
+    """Three routes per provider, by the request processor's choice of response filter
+    (``RESPONSE_HEADER``): streams the gateway only counts (the observe-only filter),
+    answers the response processor must see (translations), and plain ones (accounted
+    from the access log, the response filters disabled)."""
     retries = provider.retries
     route: dict[str, Any] = {
         "cluster": cluster_name(provider),
@@ -383,7 +385,10 @@ def _provider_routes(provider: Provider) -> list[dict[str, Any]]:
     # account/feature scoping headers the operator did not let through (`pass_headers`).
     removed = [PROVIDER_HEADER, RESPONSE_HEADER, *provider.stripped_headers]
     provider_match = {"name": PROVIDER_HEADER, "string_match": {"exact": provider.name}}
-    response_match = {"name": RESPONSE_HEADER, "string_match": {"exact": "1"}}
+    response_match = {
+        "name": RESPONSE_HEADER,
+        "string_match": {"exact": contract.RESPONSE_PROCESS},
+    }
     observe_match = {
         "name": RESPONSE_HEADER,
         "string_match": {"exact": contract.RESPONSE_OBSERVE},
@@ -445,7 +450,8 @@ _RATELIMIT_RESPONSE_HEADERS = [
 ]
 
 # Applies the request processor's decision (metadata ``gw_route``) to the request: the
-# upstream path, the provider route header, the provider's credential and static headers.
+# upstream path, the provider route header, the response-filter header (the processor
+# chose the filter: this only copies it), the provider's credential and static headers.
 # The app's key and a route choice of its own never pass. It waits for the whole body
 # (the request processor has it first), fixes content-length, re-runs routing, and
 # blanks the credential in the metadata so no access log can see it. Without a
@@ -472,17 +478,7 @@ function envoy_on_request(h)
   hd:remove("accept-encoding")
   hd:replace(":path", route["@ROUTE_PATH@"])
   hd:replace("@PROVIDER_HEADER@", route["@ROUTE_PROVIDER@"])
-  local respond = route["@ROUTE_RESPONSE@"]
-  if respond == "1" and route["@ROUTE_TARGETS@"] == nil then
-    -- A stream the gateway does not rewrite (no translation in the facts) goes to the
-    -- observe-only response filter. The facts are compact JSON: a key is always quoted.
-    local gw = md:get("@NAMESPACE@")
-    local facts = gw and gw["@FACTS_FIELD@"]
-    if type(facts) == "string" and not string.find(facts, '"tr":', 1, true) then
-      respond = "@RESPONSE_OBSERVE@"
-    end
-  end
-  hd:replace("@RESPONSE_HEADER@", respond)
+  hd:replace("@RESPONSE_HEADER@", route["@ROUTE_RESPONSE@"])
   local set = route["@ROUTE_SET@"]
   if type(set) == "table" then
     for name, value in pairs(set) do hd:replace(name, value) end

@@ -44,7 +44,8 @@ OBSERVED_FIELD = "observed"
 # reaches the processor only then (the usage log waits for its record that long).
 OBSERVER_CLOSE_MS = 2000
 # ROUTE_NAMESPACE, read by the Lua filter: upstream path, provider route header value,
-# whether the response processor runs ("1"/"0"), the headers to set (credentials too).
+# which response filter runs (a RESPONSE_* value below), the headers to set (credentials
+# too).
 ROUTE_PATH, ROUTE_PROVIDER, ROUTE_RESPONSE, ROUTE_SET = "path", "prov", "resp", "set"
 ROUTE_TARGETS, ROUTE_CLEAR = "tg", "clr"  # chained (fallback) requests: per-target entries
 ROUTE_HOST, ROUTE_BODY = "host", "body"  # a target's entry: its authority, its own body
@@ -64,9 +65,16 @@ def details(code: str) -> str:
 # --- headers ---
 GATEWAY_HEADER_PREFIX = "x-gateway-"  # the gateway's own headers (an app's are dropped)
 PROVIDER_HEADER = GATEWAY_HEADER_PREFIX + "provider"  # routes to the provider's cluster
-RESPONSE_HEADER = GATEWAY_HEADER_PREFIX + "response"  # "1": the response processor runs
-# RESPONSE_HEADER's value for a stream the gateway does not rewrite: the observe-only
-# response filter reads it (Envoy sends each chunk without waiting for an answer).
+# Which response filter a request's route enables. The request processor decides
+# (field ROUTE_RESPONSE) and the Lua filter copies its value into this header:
+RESPONSE_HEADER = GATEWAY_HEADER_PREFIX + "response"
+# none: a plain answer, finished from the usage log;
+RESPONSE_NONE = "0"
+# the response processor, answering each message: an answer the gateway rewrites (a
+# translation) or a fallback chain's stream (chains have no observed route);
+RESPONSE_PROCESS = "1"
+# the observe-only filter: a stream the gateway does not rewrite (Envoy sends each chunk
+# without waiting for an answer).
 RESPONSE_OBSERVE = "2"
 TARGET_HEADER = GATEWAY_HEADER_PREFIX + "target"  # a fallback attempt's target
 # Where apps put their gateway key (OpenAI, Azure, Anthropic SDKs); removed before upstream.

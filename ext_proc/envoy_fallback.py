@@ -308,7 +308,10 @@ def chain_routes(
     for provider in providers:
         removed += [h for h in stripped(provider) if h not in removed]
     match = {"name": provider_header, "string_match": {"exact": chain_key(model.name, indices)}}
-    response_match = {"name": response_header, "string_match": {"exact": "1"}}
+    response_match = {
+        "name": response_header,
+        "string_match": {"exact": contract.RESPONSE_PROCESS},
+    }
     key = chain_key(model.name, indices)
     return [
         {

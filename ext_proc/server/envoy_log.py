@@ -112,9 +112,8 @@ _DECISIONS: frozenset[Any] = frozenset({"allowed", "denied", "error"})
 # The gateway's own answers that are policy denials (the others are errors).
 _DENIAL_STATUSES = frozenset({401, 403, 404, 413, 429})
 # A stream the observer counts: how much longer than Envoy's deferred close of its gRPC
-# stream the usage log waits for its record, and how often it looks.
+# stream the usage log waits for its record.
 _OBSERVER_GRACE = 0.5
-_OBSERVER_POLL = 0.02
 # Bodies at least this large are decoded and parsed in a worker thread.
 _THREAD_BODY_BYTES = 64 * 1024
 
@@ -265,20 +264,17 @@ class UsageLog:
         """A stream the observe-only filter counts: its record may land after this line
         (a cancelled or cut stream reaches the processor when Envoy closes the observer's
         gRPC stream, up to ``OBSERVER_CLOSE_MS`` after the request ended). Wait for it
-        that long (bounded), then stand in for it: the observer failed, or belongs to
-        another replica (whose record wins whenever it lands)."""
+        that long (bounded; woken the moment the record is handed to the writer), then
+        stand in for it: the observer failed, or belongs to another replica (whose
+        record wins whenever it lands)."""
         # A cancelled stream's line has no "dur" (nothing was sent to its end): "ms".
         duration = _int(entry.get("dur"))
         seconds = duration / 1e6 if duration is not None else (_int(entry.get("ms")) or 0) / 1e3
         ended = _float(entry.get("t0")) + seconds
         now = time.time()
         deadline = min(ended, now) + OBSERVER_CLOSE_MS / 1000 + _OBSERVER_GRACE
-        recorded = self._gw.recorded
-        while now < deadline:
-            await asyncio.sleep(min(_OBSERVER_POLL, deadline - now))
-            if facts.request_id in recorded:
-                return
-            now = time.time()
+        if await self._gw.recorded.wait(facts.request_id, deadline - now):
+            return
         await self._fallback(entry, facts, status, details)
 
     async def _fallback(

@@ -461,20 +461,19 @@ class RequestProcessor:
         path, call_headers, new_body = call.path, call.headers, call.body
         if call.response_format:
             facts.response_format = call.response_format
-        respond = facts.stream
         if call.translation:
             # The answer comes back in another API's shape: the response processor turns
             # it into the app's (and counts it), streamed or not.
             facts.translation = call.translation
             facts.include_usage = call.include_usage
-            respond = True
-        facts.response_processor = respond
+        mode = _response_mode(stream=facts.stream, translated=bool(call.translation), chained=False)
+        facts.response_processor = mode != contract.RESPONSE_NONE
         metadata = struct_pb2.Struct()
         # Built field by field: Struct.update's generic conversion costs several times more.
         fields = metadata.fields[ROUTE_NAMESPACE].struct_value.fields
         fields[contract.ROUTE_PATH].string_value = path
         fields[contract.ROUTE_PROVIDER].string_value = route.provider.name
-        fields[contract.ROUTE_RESPONSE].string_value = "1" if respond else "0"
+        fields[contract.ROUTE_RESPONSE].string_value = mode
         set_struct = fields[contract.ROUTE_SET].struct_value
         set_struct.SetInParent()  # an empty table for Lua when there is nothing to set
         set_headers = set_struct.fields
@@ -521,15 +520,19 @@ class RequestProcessor:
             for target, call in zip(chain, calls, strict=True)
         ]
         facts.select_target(str(chain[0].index))  # until the answer says which served
-        respond = facts.stream or any(call.translation for call in calls)
-        facts.response_processor = respond
+        mode = _response_mode(
+            stream=facts.stream,
+            translated=any(call.translation for call in calls),
+            chained=True,
+        )
+        facts.response_processor = mode != contract.RESPONSE_NONE
         metadata = struct_pb2.Struct()
         fields = metadata.fields[ROUTE_NAMESPACE].struct_value.fields
         fields[contract.ROUTE_PATH].string_value = calls[0].path
         fields[contract.ROUTE_PROVIDER].string_value = chain_key(
             chain[0].model.name, tuple(target.index for target in chain)
         )
-        fields[contract.ROUTE_RESPONSE].string_value = "1" if respond else "0"
+        fields[contract.ROUTE_RESPONSE].string_value = mode
         fields[contract.ROUTE_SET].struct_value.SetInParent()  # credentials go per target, below
         per_target = fields[TARGETS_FIELD].struct_value.fields
         cleared: set[str] = set()
@@ -653,6 +656,19 @@ def _call(endpoint: Endpoint, route: Route, body: dict[str, Any]) -> UpstreamCal
             param=exc.param,
             error_type="invalid_request_error",
         ) from None
+
+
+def _response_mode(*, stream: bool, translated: bool, chained: bool) -> str:
+    """Which response filter Envoy runs for the answer (``ROUTE_RESPONSE``; the request
+    Lua filter only copies it into the route header). The mutating response processor
+    for an answer the gateway rewrites (a translation) and for a fallback chain's stream
+    (chains have no observed route); the observe-only filter for any other stream, which
+    the gateway only counts; none for a plain answer (the usage log finishes it)."""
+    if translated or (stream and chained):
+        return contract.RESPONSE_PROCESS
+    if stream:
+        return contract.RESPONSE_OBSERVE
+    return contract.RESPONSE_NONE
 
 
 def _chain(route: Route, operation: Operation) -> tuple[Route, tuple[Route, ...]]:

@@ -16,6 +16,7 @@ from ext_proc.auth.authenticator import Authenticator
 from ext_proc.auth.keys import KeyRecord, KeyRecordCodec
 from ext_proc.config.loader import parse_config
 from ext_proc.envoy_config import EnvoyOptions, render
+from ext_proc.envoy_contract import RESPONSE_NONE, RESPONSE_PROCESS
 from ext_proc.envoy_fallback import upstream_lua
 from ext_proc.metrics import Metrics
 from ext_proc.policies.engine import PolicyEngine
@@ -110,7 +111,8 @@ async def test_a_chained_request_carries_every_targets_call() -> None:
     route = metadata(response, "gw_route")
     assert route["prov"] == chain_key("gpt-4o", (0, 1, 2))
     assert route["set"] == {}  # no credential outside the per-target entries
-    assert route["resp"] == "1"  # one target answers in Anthropic's shape: translated
+    # One target answers in Anthropic's shape: translated, by the mutating filter.
+    assert route["resp"] == RESPONSE_PROCESS
     targets = route["tg"]
     assert set(targets) == {"0", "1", "2"}
     east, openai, claude = targets["0"], targets["1"], targets["2"]
@@ -138,6 +140,23 @@ async def test_a_chained_request_carries_every_targets_call() -> None:
     assert (facts.provider, facts.deployment) == ("east", "gpt-4o-prod")
     assert not response.request_body.response.HasField("body_mutation")
     assert sink.records == []
+
+
+@pytest.mark.parametrize(("stream", "mode"), [(True, RESPONSE_PROCESS), (False, RESPONSE_NONE)])
+async def test_a_chain_without_translation_keeps_the_mutating_filter_for_streams(
+    stream: bool, mode: str
+) -> None:
+    """A chain has no observed route: its streams go through the response processor
+    even when no target translates; its plain answers through none."""
+    gw, _ = gateway()
+    body: dict[str, Any] = {"model": "spread", "messages": HELLO, "stream": stream}
+    response = await send(RequestProcessor(gw), request(body))
+    route = metadata(response, "gw_route")
+    assert route["prov"] == chain_key("spread", (0, 1, 2))
+    assert route["resp"] == mode
+    facts = facts_of(response)
+    assert not any(t.translation for t in facts.targets)
+    assert facts.response_processor is stream
 
 
 async def test_a_target_without_credential_means_one_target_without_fallback() -> None:

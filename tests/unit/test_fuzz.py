@@ -44,6 +44,7 @@ from hypothesis import strategies as st
 from ext_proc.auth.authenticator import Authenticator
 from ext_proc.auth.keys import KeyRecord, KeyRecordCodec, hash_key, looks_like_key
 from ext_proc.config.loader import parse_config
+from ext_proc.envoy_contract import RESPONSE_NONE, RESPONSE_OBSERVE, RESPONSE_PROCESS
 from ext_proc.metrics import Metrics
 from ext_proc.policies.engine import PolicyEngine
 from ext_proc.policies.limits import Limits
@@ -330,7 +331,8 @@ def _check_forwarded(case: Case, response: pb.ProcessingResponse) -> None:
     assert path.startswith("/") and " " not in path and "\x00" not in path, path
     provider = route["prov"].string_value
     assert provider in PROVIDERS, provider
-    assert route["resp"].string_value in ("0", "1")
+    mode = route["resp"].string_value
+    assert mode in (RESPONSE_NONE, RESPONSE_PROCESS, RESPONSE_OBSERVE)
     set_headers = {k: v.string_value for k, v in route["set"].struct_value.fields.items()}
     for name, value in set_headers.items():
         assert name and name == name.lower() and "\n" not in value and "\r" not in value
@@ -344,7 +346,13 @@ def _check_forwarded(case: Case, response: pb.ProcessingResponse) -> None:
     assert facts.app_id and facts.key_id and facts.org_id
     assert facts.provider == provider and facts.model
     assert isinstance(facts.estimated_tokens, int) and facts.estimated_tokens >= 0
-    assert facts.response_processor == (route["resp"].string_value == "1")
+    assert facts.response_processor == (mode != RESPONSE_NONE)
+    # The observer cannot rewrite an answer: only streams that are neither translated
+    # nor chained (chains have no observed route) go to it.
+    observable = facts.stream and not facts.translation and not facts.targets
+    assert (mode == RESPONSE_OBSERVE) == observable
+    if facts.translation or any(t.translation for t in facts.targets):
+        assert mode == RESPONSE_PROCESS
     assert case.method == b"POST"
     common = response.request_body.response
     if common.HasField("body_mutation"):

@@ -16,6 +16,7 @@ from google.protobuf import struct_pb2
 from ext_proc.auth.authenticator import Authenticator
 from ext_proc.auth.keys import KeyRecord, KeyRecordCodec, generate_key, hash_key
 from ext_proc.config.loader import parse_config
+from ext_proc.envoy_contract import RESPONSE_OBSERVE, RESPONSE_PROCESS
 from ext_proc.metrics import Metrics
 from ext_proc.policies.engine import PolicyEngine
 from ext_proc.policies.limits import Limits
@@ -214,7 +215,8 @@ async def test_azure_route_injects_key_and_stream_usage() -> None:
     route = metadata(response, "gw_route")
     assert route["path"] == "/openai/deployments/mini-prod/chat/completions?api-version=2024-10-21"
     assert route["set"] == {"api-key": "az-secret"}
-    assert route["resp"] == "1"  # a stream goes through the response processor
+    # A stream the gateway does not rewrite: counted by the observe-only response filter.
+    assert route["resp"] == RESPONSE_OBSERVE
     new_body = orjson.loads(response.request_body.response.body_mutation.body)
     assert new_body["stream_options"] == {"include_usage": True}
     assert Facts.from_struct(response.dynamic_metadata.fields["gw"].struct_value).response_processor
@@ -226,7 +228,7 @@ async def test_translated_request_goes_through_the_response_processor() -> None:
         RequestProcessor(gw), request({**CHAT, "model": "claude-4", "max_tokens": 20})
     )
     route = metadata(response, "gw_route")
-    assert route["path"] == "/v1/messages" and route["resp"] == "1"
+    assert route["path"] == "/v1/messages" and route["resp"] == RESPONSE_PROCESS
     assert route["set"]["x-api-key"] == "anthropic-secret"
     sent = orjson.loads(response.request_body.response.body_mutation.body)
     assert sent["model"] == "claude-sonnet-4-20250514" and sent["max_tokens"] == 20

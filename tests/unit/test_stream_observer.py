@@ -16,14 +16,32 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
+import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
+from ext_proc import envoy_contract as contract
+from ext_proc.config.loader import parse_config
+from ext_proc.envoy_config import OBSERVE_FILTER, RESPONSE_FILTER, EnvoyOptions, render
+from ext_proc.server import envoy_log
 from ext_proc.server import response as response_module
 from ext_proc.server.envoy_log import LOG_FIELDS, UsageLog
+from ext_proc.server.facts import Facts
+from ext_proc.server.processor import RequestProcessor
 from ext_proc.server.response import ResponseProcessor
 from ext_proc.server.servicer import ExternalProcessor
 from ext_proc.tokens import estimator
-from tests.unit.test_processor import forwarded, headers, make_gateway, settle
+from tests.unit.test_processor import (
+    CHAT,
+    CONFIG,
+    forwarded,
+    headers,
+    make_gateway,
+    metadata,
+    request,
+    send,
+    settle,
+)
+from tests.unit.test_recent_ids import turns
 
 USAGE = {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
 TEXTS = ["The", " quick", " brown", " fox"]
@@ -208,18 +226,40 @@ async def test_the_log_skips_a_stream_its_observer_recorded() -> None:
 async def test_the_log_waits_for_an_observer_that_records_late() -> None:
     """A cancelled stream reaches the observer when Envoy closes its gRPC stream, after
     the line may have been read: the log waits for that record instead of writing a
-    stand-in first."""
+    stand-in first, and is woken the moment the observer hands its record over (a few
+    loop turns, no time passing: not at a polling interval, not at the deadline)."""
     gw, sink = make_gateway()
-
-    async def observer_records_later() -> None:
-        await asyncio.sleep(0.2)
-        gw.recorded.add("rid-9")
-
-    started = time.monotonic()
-    await asyncio.gather(UsageLog(gw).consume([observed_line()]), observer_records_later())
-    await settle()
+    reader = asyncio.create_task(UsageLog(gw).consume([observed_line()]))
+    assert not await turns(reader)  # seconds before its deadline: it waits
     assert sink.records == []
-    assert time.monotonic() - started < 1.0  # it stopped waiting once the record was in
+    # The observer finishes the stream and hands its record over.
+    first = first_message()
+    proc = ResponseProcessor(gw, first)
+    await proc.on_response_headers(first.response_headers, first)
+    for msg in chunks(sse(), 16):
+        await proc.on_response_body(msg.response_body, msg)
+    assert await turns(reader)
+    await settle()
+    [record] = sink.records
+    assert record.recorded_by == "response" and record.completion_tokens == 4
+    assert gw.recorded._waiters == {}
+
+
+async def test_the_log_stands_in_once_the_deadline_passes() -> None:
+    """No record by the deadline (the request's end + Envoy's deferred close + grace):
+    the log writes the fallback row, and leaves no waiter behind."""
+    gw, sink = make_gateway()
+    window = contract.OBSERVER_CLOSE_MS / 1000 + envoy_log._OBSERVER_GRACE
+    line = observed_line(ended_ago=window - 0.05)  # the deadline is 50 ms away
+    reader = asyncio.create_task(UsageLog(gw).consume([line]))
+    assert not await turns(reader)  # it waits first: nothing written yet
+    assert sink.records == []
+    await reader
+    await settle()
+    [record] = sink.records
+    assert record.recorded_by == "access_log_fallback"
+    assert record.prompt_tokens == 12 and record.tokens_estimated is True
+    assert gw.recorded._waiters == {}
 
 
 async def test_the_log_stands_in_for_an_observer_that_never_recorded() -> None:
@@ -233,20 +273,85 @@ async def test_the_log_stands_in_for_an_observer_that_never_recorded() -> None:
     assert record.prompt_tokens == 12 and record.tokens_estimated is True
 
 
-def test_the_request_lua_can_tell_a_translated_stream_from_the_facts() -> None:
-    """The request Lua filter sends a stream to the observer unless its facts (compact
-    JSON) hold the key ``"tr":`` (a translation: the mutating filter must rewrite it).
-    Renaming that key in ``Facts.to_json`` must fail here, not route translated streams
-    to a filter that cannot rewrite them."""
-    from ext_proc.envoy_config import _request_lua
-    from ext_proc.server.facts import Facts
+# ------------------------------------------------- which response filter runs
 
-    assert "string.find(facts, '\"tr\":', 1, true)" in _request_lua()
-    plain = Facts(
-        request_id="r", started=1.0, endpoint="/v1/chat/completions", operation="chat", stream=True
-    )
-    assert '"tr":' not in plain.to_json()
-    plain.model = 'a "tr": model'  # a value cannot look like the key: JSON escapes quotes
-    assert '"tr":' not in plain.to_json()
-    plain.translation = "openai_anthropic"
-    assert '"tr":' in plain.to_json()
+
+def routes_of(config: dict[str, Any]) -> list[dict[str, Any]]:
+    [listener] = config["static_resources"]["listeners"]
+    [chain] = listener["filter_chains"]
+    [hcm] = [f["typed_config"] for f in chain["filters"]]
+    [vhost] = hcm["route_config"]["virtual_hosts"]
+    routes: list[dict[str, Any]] = vhost["routes"]
+    return routes
+
+
+def route_after_lua(routes: list[dict[str, Any]], route_md: dict[str, Any]) -> dict[str, Any]:
+    """The route Envoy picks once the request Lua filter set the route headers from the
+    processor's metadata: the first whose header matchers all hold."""
+    sent = {
+        ":method": "POST",
+        contract.PROVIDER_HEADER: route_md[contract.ROUTE_PROVIDER],
+        contract.RESPONSE_HEADER: route_md[contract.ROUTE_RESPONSE],
+    }
+    for route in routes:
+        matchers = route["match"].get("headers", [])
+        if all(sent.get(m["name"]) == m["string_match"]["exact"] for m in matchers):
+            return route
+    raise AssertionError(f"no route for {sent}")
+
+
+def response_filters(route: dict[str, Any]) -> set[str]:
+    """The response filters a route runs: the mutating one unless disabled on the route,
+    the observer only where the route enables it (the virtual host disables it)."""
+    per_filter = route.get("typed_per_filter_config", {})
+    running = set()
+    if not per_filter.get(RESPONSE_FILTER, {}).get("disabled"):
+        running.add(RESPONSE_FILTER)
+    if OBSERVE_FILTER in per_filter and not per_filter[OBSERVE_FILTER].get("disabled"):
+        running.add(OBSERVE_FILTER)
+    return running
+
+
+@pytest.mark.parametrize(
+    ("model", "stream", "mode", "filters"),
+    [
+        # Streams the gateway only counts: the observer (OpenAI's and Azure's shapes).
+        ("gpt-4o-mini", True, contract.RESPONSE_OBSERVE, {OBSERVE_FILTER}),
+        ("azure-mini", True, contract.RESPONSE_OBSERVE, {OBSERVE_FILTER}),
+        # Translated answers, streamed or not: the mutating filter rewrites them.
+        ("claude-4", True, contract.RESPONSE_PROCESS, {RESPONSE_FILTER}),
+        ("claude-4", False, contract.RESPONSE_PROCESS, {RESPONSE_FILTER}),
+        # Plain answers: no response filter (the usage log finishes them).
+        ("gpt-4o-mini", False, contract.RESPONSE_NONE, set()),
+    ],
+)
+async def test_the_request_side_picks_the_response_filter(
+    model: str, stream: bool, mode: str, filters: set[str]
+) -> None:
+    """The request processor alone decides which response filter runs; the rendered
+    routes, given the headers the Lua filter copies from its metadata, run that one."""
+    gw, _ = make_gateway()
+    body: dict[str, Any] = {**CHAT, "model": model, "max_tokens": 20}
+    if stream:
+        body["stream"] = True
+    response = await send(RequestProcessor(gw), request(body))
+    route_md = metadata(response, contract.ROUTE_NAMESPACE)
+    assert route_md[contract.ROUTE_RESPONSE] == mode
+    facts = Facts.from_struct(response.dynamic_metadata.fields[contract.NAMESPACE].struct_value)
+    assert facts is not None
+    assert facts.response_processor is (mode != contract.RESPONSE_NONE)
+    assert bool(facts.translation) is (model == "claude-4")
+    routes = routes_of(render(parse_config(CONFIG), EnvoyOptions.dev()))
+    assert response_filters(route_after_lua(routes, route_md)) == filters
+
+
+def test_the_request_lua_copies_the_processors_choice() -> None:
+    """The Lua filter reads no facts to choose the response filter: it copies the
+    processor's value into the route header."""
+    from ext_proc.envoy_config import _request_lua
+
+    lua = _request_lua()
+    copy = f'hd:replace("{contract.RESPONSE_HEADER}", route["{contract.ROUTE_RESPONSE}"])'
+    assert copy in lua
+    assert lua.count(contract.RESPONSE_HEADER) == 1
+    assert f'"{contract.NAMESPACE}"' not in lua and "string.find" not in lua
