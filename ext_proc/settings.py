@@ -17,8 +17,8 @@ DEFAULT_GRPC_PORT = 50051
 DEFAULT_ADMIN_PORT = 8080
 DEFAULT_METRICS_PORT = 9464
 # The ext_proc service's gRPC server library (README "Performance" says why).
-GRPC_SERVERS = ("grpcio", "grpclib")
-DEFAULT_GRPC_SERVER = "grpclib"
+GRPC_SERVERS = ("grpcio", "grpclib", "builtin")
+DEFAULT_GRPC_SERVER = "builtin"
 # Envoy's usage log (one JSON line per finished request), on a volume both share; the
 # Envoy templates rendered by `ext-proc envoy-config` write here too.
 DEFAULT_USAGE_LOG = Path("/var/lib/ext-proc/usage-log/envoy.jsonl")
@@ -102,7 +102,8 @@ class Settings:
     # the hourly and daily rollups older than usage_rollup_retention (None: never).
     usage_retention: timedelta | None = None
     usage_rollup_retention: timedelta | None = None
-    # The gRPC server library the ext_proc service runs on (grpclib or grpcio).
+    # The gRPC server the ext_proc service runs on: builtin (the gateway's own HTTP/2
+    # server, ext_proc/server/h2server.py), grpclib or grpcio.
     grpc_server: str = DEFAULT_GRPC_SERVER
 
     @classmethod

@@ -69,6 +69,7 @@ from ext_proc.usage.tail import LogTail
 
 if TYPE_CHECKING:
     from ext_proc.server.grpclib_transport import GrpclibServer
+    from ext_proc.server.h2server import H2GrpcServer
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ class Service:
         self._readiness: tuple[float, int, dict[str, Any]] | None = None
         self._readiness_probe: asyncio.Task[tuple[int, dict[str, Any]]] | None = None
         self._grpc: grpc.aio.Server | None = None
-        self._grpclib: GrpclibServer | None = None
+        self._grpclib: GrpclibServer | H2GrpcServer | None = None
         self._health = health.aio.HealthServicer()
         self._http: list[HttpServer] = []
         self._admin: AdminServer | None = None
@@ -295,6 +296,12 @@ class Service:
         """The ext_proc and health services, on the gRPC library the settings name."""
         assert self.gateway is not None  # built by start() before the services
         servicer = ExternalProcessor(self.gateway)
+        if settings.grpc_server == "builtin":
+            from ext_proc.server.h2server import H2GrpcServer
+
+            self._grpclib = H2GrpcServer(servicer)
+            self.grpc_port = await self._grpclib.start(self.options.grpc_host, settings.grpc_port)
+            return
         if settings.grpc_server == "grpclib":
             from ext_proc.server.grpclib_transport import GrpclibServer
 
