@@ -169,9 +169,10 @@ class Stream:
     """One gRPC call: its request messages in, its answers out (never blocks)."""
 
     __slots__ = (
-        "_buf",
         "_conn",
         "_items",
+        "_need",
+        "_partial",
         "_waiter",
         "headers",
         "id",
@@ -191,7 +192,9 @@ class Stream:
         self.headers = headers
         self._items: deque[bytes | StreamError] = deque()
         self._waiter: asyncio.Future[None] | None = None
-        self._buf = b""
+        # A message not whole yet, and how many bytes it takes to go on (see ``feed``).
+        self._partial: bytearray | None = None
+        self._need = 0
         self.remote_closed = False
         self.local_closed = False
         self.started = False  # our response headers are sent
@@ -203,8 +206,18 @@ class Stream:
 
     # -- receiving ------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
-        """DATA payload: whole gRPC messages go to the inbox, a partial one waits."""
-        buf = self._buf + data if self._buf else data
+        """DATA payload: whole gRPC messages go to the inbox, a partial one waits (in a
+        bytearray that grows by appending: a large message in many frames is copied
+        once, not once per frame)."""
+        partial = self._partial
+        if partial is not None:
+            partial += data
+            if len(partial) < self._need:
+                return
+            buf = bytes(partial)
+            self._partial = None
+        else:
+            buf = data
         pos, end = 0, len(buf)
         items = self._items
         while end - pos >= 5:
@@ -216,8 +229,12 @@ class Stream:
             else:
                 items.append(buf[pos + 5 : pos + 5 + length])
             pos += 5 + length
-        self._buf = buf[pos:] if pos else buf
-        self._wake()
+        if pos < end:
+            rest = bytearray(buf[pos:])
+            self._partial = rest
+            self._need = 5 + _GRPC_PREFIX.unpack_from(rest)[1] if len(rest) >= 5 else 5
+        if items:
+            self._wake()
 
     def end_remote(self) -> None:
         self.remote_closed = True
@@ -311,7 +328,10 @@ class _Connection(asyncio.Protocol):
         self.server = server
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self._buf = b""
+        # Bytes of a frame not whole yet, and how many it takes to go on (as in
+        # ``Stream.feed``: appended, not re-joined per read).
+        self._partial: bytearray | None = None
+        self._need = 0
         self._preface = False
         self._out: list[bytes] = []
         self._decoder = Decoder()
@@ -354,14 +374,33 @@ class _Connection(asyncio.Protocol):
             stream.end_remote()
 
     def data_received(self, data: bytes) -> None:
-        buf = self._buf + data if self._buf else data
+        partial = self._partial
+        if partial is not None:
+            partial += data
+            if len(partial) < self._need:
+                return
+            buf = bytes(partial)
+            self._partial = None
+        else:
+            buf = data
         try:
             pos = self._frames(buf)
         except ProtocolError as exc:
             log.warning("closing an HTTP/2 connection from Envoy: %s", exc)
             self.close(exc.code)
             return
-        self._buf = buf[pos:] if pos < len(buf) else b""
+        if pos < len(buf):
+            rest = bytearray(buf[pos:])
+            self._partial = rest
+            if not self._preface:
+                self._need = len(PREFACE)
+            elif len(rest) >= 9:
+                high, low = _FRAME.unpack_from(rest)[:2]
+                length = (high << 8) | low
+                # Too large: parsed (and refused) with the next bytes, not gathered.
+                self._need = 9 + length if length <= OUR_MAX_FRAME_SIZE else 9
+            else:
+                self._need = 9
 
     # -- writing ------------------------------------------------------------------
     def write(self, data: bytes) -> None:

@@ -201,6 +201,27 @@ async def test_messages_split_across_frames_joined_and_padding_removed(served) -
     client.close()
 
 
+async def test_a_large_message_in_many_small_frames_both_ways(served) -> None:
+    """3 MB in 16 KiB DATA frames in (gathered, not re-joined per frame), the same
+    3 MB out through the client's 64 KiB window (sent as it opens)."""
+    server, _ = served
+    client = await Client.connect(server.port)
+    # The server's SETTINGS and WINDOW_UPDATE open its windows to 2^31-1.
+    await client.pump(lambda: client.conn.outbound_flow_control_window > 2**30)
+    sid = client.open()
+    wire = grpc_message(request(3_000_000))
+    for start in range(0, len(wire), 16384):
+        client.conn.send_data(sid, wire[start : start + 16384])
+        client.flush()
+    client.conn.end_stream(sid)
+    client.flush()
+    await client.pump(lambda: client.grpc_status(sid) is not None, timeout=20)
+    [answer] = client.messages(sid)
+    assert answer.request_body.response.body_mutation.body == b"x" * 3_000_000
+    assert client.grpc_status(sid) == "0"
+    client.close()
+
+
 async def test_many_streams_on_one_connection_each_with_its_own_metadata(served) -> None:
     """Repeated header blocks hit the decoded-block cache; a changed value adds a table
     entry (the cache must not answer with stale headers)."""
