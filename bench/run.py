@@ -841,15 +841,19 @@ def _phase_stats(
     """ext_proc messages per request by phase, and the handlers' Python time per request
     (the rest of the process's CPU is grpc, protobuf, the event loop and the usage writer)."""
     messages: dict[str, float] = {}
+    by_phase: dict[str, float] = {}
     handler_s = 0.0
     for phase, (count, total) in after.items():
         c0, s0 = before.get(phase, (0.0, 0.0))
         if count - c0 > 0:
             messages[phase] = round((count - c0) / load.requests, 3)
+            # Wall time per message, awaits included (the Redis call of the request side).
+            by_phase[phase] = round((total - s0) * 1000.0 / (count - c0), 4)
         handler_s += total - s0
     return {
         "ext_proc_messages_per_request": messages,
         "ext_proc_handler_ms_per_request": round(handler_s * 1000.0 / load.requests, 4),
+        "ext_proc_handler_ms_per_message": by_phase,
     }
 
 
