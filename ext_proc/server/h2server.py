@@ -24,10 +24,11 @@ windows are opened to the maximum at once and topped up per 1 GiB; sends wait fo
 peer's window), RST_STREAM (the stream's handler is cancelled, which the servicer records
 as a cancelled request), GOAWAY (no new streams from the peer), PRIORITY and unknown
 frames (ignored), padding, CONTINUATION. A malformed connection gets GOAWAY with
-PROTOCOL_ERROR and is closed. Compressed gRPC messages are refused (UNIMPLEMENTED):
-Envoy's ext_proc client does not compress, and we do not advertise any encoding. There is
-no bound on one message's size: Envoy's ``max_request_bytes`` and the ``request_size``
-policy bound what reaches us (as with grpclib).
+PROTOCOL_ERROR and is closed, as does a header block past ``MAX_HEADER_BLOCK_BYTES``.
+Compressed gRPC messages are refused (UNIMPLEMENTED): Envoy's ext_proc client does not
+compress, and we do not advertise any encoding. A message announced past
+``MAX_MESSAGE_BYTES`` is refused (RESOURCE_EXHAUSTED) before it is gathered; Envoy's
+``max_request_bytes`` and the ``request_size`` policy bound what it sends well below.
 
 Graceful stop (as with grpclib): stop accepting connections, let open streams end for up
 to ``grace`` seconds, then cancel the rest (recorded as cancelled) and close the
@@ -73,7 +74,8 @@ SETTINGS_INITIAL_WINDOW_SIZE = 0x4
 SETTINGS_MAX_FRAME_SIZE = 0x5
 
 # gRPC status codes we send.
-GRPC_OK, GRPC_NOT_FOUND, GRPC_INTERNAL, GRPC_UNIMPLEMENTED = 0, 5, 13, 12
+GRPC_OK, GRPC_NOT_FOUND, GRPC_RESOURCE_EXHAUSTED = 0, 5, 8
+GRPC_UNIMPLEMENTED, GRPC_INTERNAL = 12, 13
 
 # As many streams per connection as Envoy's ext_proc_response cluster lets it open
 # (envoy_config: 65536): its circuit breakers are the bound, not us.
@@ -85,6 +87,12 @@ WINDOW_TOP_UP = 2**30
 OUR_MAX_FRAME_SIZE = 1 << 20
 # Header blocks remembered per connection (see ``_Connection._headers``).
 HEADER_CACHE_SIZE = 256
+# The largest request message taken (as the grpcio server is configured): Envoy's own
+# max_request_bytes bounds what it sends; this bounds what any peer can make us hold.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# The largest request header block, CONTINUATION frames included (Envoy's gRPC headers
+# are a few hundred bytes): a peer cannot make us gather more.
+MAX_HEADER_BLOCK_BYTES = 64 * 1024
 
 _FRAME = struct.Struct(">HBBBL")  # length (24 bits as 16 + 8), type, flags, stream id
 _SETTING = struct.Struct(">HL")
@@ -209,6 +217,8 @@ class Stream:
         """DATA payload: whole gRPC messages go to the inbox, a partial one waits (in a
         bytearray that grows by appending: a large message in many frames is copied
         once, not once per frame)."""
+        if self._need < 0:
+            return  # a message too large was refused: nothing more is read
         partial = self._partial
         if partial is not None:
             partial += data
@@ -222,6 +232,17 @@ class Stream:
         items = self._items
         while end - pos >= 5:
             compressed, length = _GRPC_PREFIX.unpack_from(buf, pos)
+            if length > MAX_MESSAGE_BYTES:
+                # Refused before it is gathered; the rest of the stream is dropped.
+                items.append(
+                    StreamError(
+                        GRPC_RESOURCE_EXHAUSTED,
+                        f"a message of {length} bytes (at most {MAX_MESSAGE_BYTES})",
+                    )
+                )
+                self._need = -1
+                pos = end
+                break
             if end - pos - 5 < length:
                 break
             if compressed:
@@ -566,6 +587,8 @@ class _Connection(asyncio.Protocol):
         if flags & END_HEADERS:
             self._header_block(stream_id, payload, bool(flags & END_STREAM))
         else:
+            if len(payload) > MAX_HEADER_BLOCK_BYTES:
+                raise ProtocolError("a header block too large")
             self._continuing = (stream_id, [payload], bool(flags & END_STREAM))
 
     def _on_continuation(self, stream_id: int, flags: int, payload: bytes) -> None:
@@ -573,6 +596,8 @@ class _Connection(asyncio.Protocol):
         if continuing is None or continuing[0] != stream_id:
             raise ProtocolError("CONTINUATION without its HEADERS")
         continuing[1].append(payload)
+        if sum(map(len, continuing[1])) > MAX_HEADER_BLOCK_BYTES:
+            raise ProtocolError("a header block too large (CONTINUATION)")
         if flags & END_HEADERS:
             self._continuing = None
             self._header_block(stream_id, b"".join(continuing[1]), continuing[2])

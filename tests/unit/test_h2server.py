@@ -10,6 +10,7 @@ the default, in the whole e2e suite.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 from collections.abc import AsyncIterator
 from typing import Any
@@ -319,7 +320,9 @@ async def raw_exchange(port: int, frames: bytes) -> bytes:
         async with asyncio.timeout(1.0):
             while data := await reader.read(65536):
                 received += data
-    except TimeoutError:
+    except (TimeoutError, ConnectionResetError):
+        # Reset: the server closed with our bytes unread (the kernel's RST may also
+        # discard its last frames: callers that need those send nothing unread).
         pass
     writer.close()
     return bytes(received)
@@ -453,3 +456,35 @@ def test_our_header_blocks_decode_with_a_standard_decoder() -> None:
     assert decoded["grpc-status"] == "13"
     assert decoded["grpc-message"] == "bad%0A thing %C3%A9" + "x" * 200
     assert decoder.header_table.dynamic_entries == type(decoder.header_table.dynamic_entries)()
+
+
+async def test_a_message_announced_too_large_is_refused_before_it_is_gathered(served) -> None:
+    server, _ = served
+    announced = h2server.MAX_MESSAGE_BYTES + 1
+    frames = raw_frame(h2server.HEADERS, h2server.END_HEADERS, 1, request_headers_block())
+    # Only the prefix and a little of the body: the answer must not wait for the rest.
+    frames += raw_frame(h2server.DATA, 0, 1, struct.pack(">BL", 0, announced) + b"x" * 100)
+    received = parse_frames(await raw_exchange(server.port, frames))
+    [trailers] = [f for f in received if f[0] == h2server.HEADERS and f[1] & h2server.END_STREAM]
+    assert b"grpc-status\x018" in trailers[3]  # RESOURCE_EXHAUSTED
+    assert str(announced).encode() in trailers[3]
+    assert server.open_streams == 0
+
+
+async def test_an_endless_header_block_closes_the_connection(served) -> None:
+    server, servicer = served
+    frames = raw_frame(h2server.HEADERS, 0, 1, request_headers_block())
+    for _ in range(10):
+        frames += raw_frame(h2server.CONTINUATION, 0, 1, b"\x00" * 16000)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(h2server.PREFACE + raw_frame(h2server.SETTINGS, 0, 0, b"") + frames)
+    # The server closes it (EOF, or a reset since our frames are unread); were it to
+    # keep gathering, the timeout would fail the test.
+    with contextlib.suppress(ConnectionResetError):
+        async with asyncio.timeout(2.0):
+            while await reader.read(65536):
+                pass
+    writer.close()
+    assert servicer.seen_tags == []  # no stream was started
+    await asyncio.sleep(0.05)
+    assert not server.connections  # and the server let the connection go
