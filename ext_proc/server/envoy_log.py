@@ -116,6 +116,8 @@ _DENIAL_STATUSES = frozenset({401, 403, 404, 413, 429})
 _OBSERVER_GRACE = 0.5
 # Bodies at least this large are decoded and parsed in a worker thread.
 _THREAD_BODY_BYTES = 64 * 1024
+# Usage-log lines started per pass of the event loop (see ``UsageLog.consume``).
+_LINES_PER_PASS = 8
 
 
 def usage_from_log(
@@ -216,10 +218,18 @@ class UsageLog:
         self._lines = gateway.metrics.usage_log_lines
 
     async def consume(self, lines: list[bytes]) -> None:
-        """Hand every line's record to the writer; returns once all are submitted."""
+        """Hand every line's record to the writer; returns once all are submitted.
+
+        Envoy flushes the log every 100 ms, so lines come in bursts (about 100 at 1,000
+        requests/s). Finishing one costs ~40 µs of the event loop; a burst handled in one
+        go held every request arriving meanwhile for ~5 ms (the p99 at one connection).
+        The loop is let go every ``_LINES_PER_PASS`` lines: each line's work starts as a
+        task and runs in the next pass, between the requests that arrived."""
         self._lines.inc(len(lines))
-        jobs = []
-        for line in lines:
+        jobs: list[asyncio.Future[Any]] = []
+        for index, line in enumerate(lines):
+            if index and not index % _LINES_PER_PASS:
+                await asyncio.sleep(0)
             started = time.perf_counter()
             try:
                 job = self.handle(orjson.loads(line))
@@ -229,7 +239,7 @@ class UsageLog:
                 job = None
             self._timer.observe(time.perf_counter() - started)
             if job is not None:
-                jobs.append(job)
+                jobs.append(asyncio.ensure_future(job))
         if jobs:
             await asyncio.gather(*jobs)
 

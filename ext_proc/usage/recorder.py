@@ -38,7 +38,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -88,6 +88,17 @@ def _one_per_request(records: Sequence[UsageRecord]) -> Sequence[UsageRecord]:
     return records if len(seen) == len(records) else list(seen.values())
 
 
+async def _rows(records: Sequence[UsageRecord]) -> AsyncIterator[tuple[object, ...]]:
+    """The batch's rows for COPY, letting the event loop go every ``_ROWS_PER_PASS``:
+    a batch (up to 500 rows, ~10 µs each to build and encode) made in one go held the
+    requests arriving meanwhile for milliseconds."""
+    for index, record in enumerate(records):
+        if index and not index % _ROWS_PER_PASS:
+            await asyncio.sleep(0)
+        yield record_row(record)
+
+
+_ROWS_PER_PASS = 32
 _SPILL_LINGER = 1.0  # seconds the replayer lets fresh spool data accumulate
 _MAINTENANCE_RETRY = 60.0  # seconds before a failed partition maintenance runs again
 
@@ -444,9 +455,7 @@ class UsageRecorder:
         async with conn.transaction():
             await conn.execute(_CREATE_STAGING)
             await conn.copy_records_to_table(
-                _STAGING,
-                records=[record_row(r) for r in _one_per_request(records)],
-                columns=COLUMNS,
+                _STAGING, records=_rows(_one_per_request(records)), columns=COLUMNS
             )
             return _inserted(await conn.execute(_INSERT_FROM_STAGING))
 
