@@ -17,8 +17,11 @@ Several processes may run this at once: each change is one transaction holding a
 advisory lock, taken without waiting (whoever does not get it leaves the work to the
 one that did), and with a short ``lock_timeout``, so a long query on ``usage_records``
 delays a change instead of making writers queue behind it. Creating a partition only
-locks out other DDL (it is attached, not created in place); dropping one takes the
-table's exclusive lock for a moment.
+locks out other DDL and readers of the DEFAULT partition (it is attached, not created
+in place); moving a day's rows out of DEFAULT, and dropping a partition, take the
+table's exclusive lock for a moment (a reader waiting for a move must not plan with the
+partitions of before it: it would miss the rows moved, see
+``schema/0008_partition_move_locks_table.sql``).
 
 Dropping partitions never touches the rollups (the triggers see no DELETE): usage
 totals of dropped days stay available from the hourly and daily rollups until the
@@ -44,6 +47,9 @@ DAYS_AHEAD = 7
 MAINTENANCE_INTERVAL = 3600.0  # seconds between two partition runs in the server
 FOLD_INTERVAL = 5.0  # seconds between two folds in the server
 FOLD_ROWS = 100_000  # pending rows one fold statement takes at most
+# Tries at one day's partition: a second one follows a serialization_failure (rows of
+# the day arriving mid-creation), which cannot recur once the rows are there.
+_CREATE_ATTEMPTS = 3
 
 
 class PartitionBusy(RuntimeError):
@@ -180,12 +186,30 @@ async def create_partitions(conn: asyncpg.Connection, days: Iterable[date]) -> l
     partition), one transaction each; the names of those created."""
     created: list[str] = []
     for day in sorted(set(days)):
-        async with conn.transaction():
-            await _locked(conn)
-            name = await conn.fetchval("SELECT usage_records_create_partition($1)", day)
+        name = await _create_partition(conn, day)
         if name is not None:
             created.append(name)
     return created
+
+
+async def _create_partition(conn: asyncpg.Connection, day: date) -> str | None:
+    """One day's partition, in its own transaction; its name, or None if it exists."""
+    attempt = 1
+    while True:
+        try:
+            async with conn.transaction():
+                await _locked(conn)
+                name: str | None = await conn.fetchval(
+                    "SELECT usage_records_create_partition($1)", day
+                )
+                return name
+        except asyncpg.SerializationError:
+            # Rows of the day reached DEFAULT while it was being created without the
+            # table's lock; the next attempt sees them and moves them under that lock.
+            if attempt >= _CREATE_ATTEMPTS:
+                raise
+            attempt += 1
+            log.info("usage_records: rows of %s arrived while creating it; retrying", day)
 
 
 async def ensure_partitions(conn: asyncpg.Connection, *, today: date, days_ahead: int) -> list[str]:

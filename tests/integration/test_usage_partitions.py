@@ -259,7 +259,9 @@ async def test_migration_converts_a_filled_table_without_losing_a_row(
     finally:
         await conn.close()
 
-    assert await migrate(database_url) == ["0007_usage_partitions.sql"]
+    assert await migrate(database_url) == [
+        p.name for p in sorted(SCHEMA_DIR.glob("*.sql")) if int(p.name[:4]) >= 7
+    ]
 
     conn = await asyncpg.connect(database_url)
     try:
@@ -589,6 +591,140 @@ async def test_replicas_maintaining_at_once_create_each_day_once(migrated_url: s
     finally:
         for p in pools:
             await p.close()
+
+
+async def _waiting_for_a_lock(conn: asyncpg.Connection, pid: int) -> bool:
+    return bool(
+        await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = $1 AND NOT granted)", pid
+        )
+    )
+
+
+# What readers ask while a day moves out of DEFAULT: every row, the day's rows, one row.
+_READS = [
+    ("SELECT count(*) FROM usage_records", ()),
+    (
+        "SELECT count(*) FROM usage_records WHERE created_at >= $1 AND created_at < $2",
+        (T0, T0 + timedelta(days=1)),
+    ),
+    ("SELECT count(*) FROM usage_records WHERE request_id = 'gen-7'", ()),
+]
+
+
+# The reader plans its query while it waits (what went wrong under 0007: it planned
+# with the partitions of before the move), or runs a plan it cached before.
+@pytest.mark.parametrize("cached", [False, True], ids=["planned", "cached"])
+@pytest.mark.parametrize(("query", "args"), _READS)
+async def test_a_reader_waiting_on_a_move_out_of_default_sees_every_row(
+    migrated_url: str, conn: asyncpg.Connection, query: str, args: tuple[Any, ...], cached: bool
+) -> None:
+    await conn.execute(_GENERATE, 1, 300, T0, timedelta(hours=20))  # one day, in DEFAULT
+    expected = await conn.fetchval(query, *args)
+    assert expected > 0
+    mover = await asyncpg.connect(migrated_url)
+    reader = await asyncpg.connect(migrated_url)
+    try:
+        if cached:
+            await reader.execute("SET plan_cache_mode = force_generic_plan")
+            assert await reader.fetchval(query, *args) == expected
+        move = mover.transaction()
+        await move.start()
+        assert await mover.fetchval("SELECT usage_records_create_partition($1)", T0.date())
+        # The move is done but not committed: a reader now queues behind its locks.
+        read = asyncio.create_task(reader.fetchval(query, *args))
+        waiting = await poll_async(
+            lambda: _waiting_for_a_lock(conn, reader.get_server_pid()), timeout=10
+        )
+        assert waiting and not read.done()
+        await move.commit()
+        assert await asyncio.wait_for(read, 10) == expected
+    finally:
+        await reader.close()
+        await mover.close()
+    assert await conn.fetchval("SELECT count(*) FROM usage_records_default") == 0
+
+
+async def test_creating_an_empty_day_does_not_lock_out_readers_of_other_days(
+    migrated_url: str, conn: asyncpg.Connection
+) -> None:
+    await conn.execute(_GENERATE, 1, 50, T0, timedelta(hours=1))  # T0's day, in DEFAULT
+    day = TODAY + timedelta(days=30)
+    assert day.strftime("usage_records_p%Y%m%d") not in {
+        p.name for p in await list_partitions(conn)
+    }
+    mover = await asyncpg.connect(migrated_url)
+    try:
+        async with mover.transaction():
+            assert await mover.fetchval("SELECT usage_records_create_partition($1)", day)
+            # Held open: the table itself stays readable and writable meanwhile (only
+            # the DEFAULT partition is locked, for ATTACH's check that it has no row of
+            # the day).
+            today = datetime(TODAY.year, TODAY.month, TODAY.day, 1, tzinfo=UTC)
+            await asyncio.wait_for(conn.execute(_GENERATE, 1000, 10, today, timedelta(0)), 10)
+            read = conn.fetchval(
+                "SELECT count(*) FROM usage_records WHERE created_at >= $1 AND created_at < $2",
+                today,
+                today + timedelta(hours=1),
+            )
+            assert await asyncio.wait_for(read, 10) == 10
+            table_locks = await mover.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid() "
+                "AND mode = 'AccessExclusiveLock' AND relation = 'usage_records'::regclass"
+            )
+            assert table_locks == 0
+    finally:
+        await mover.close()
+    assert await conn.fetchval("SELECT count(*) FROM usage_records_default") == 50
+
+
+async def test_a_row_reaching_default_while_its_day_is_created_is_moved_on_retry(
+    migrated_url: str, conn: asyncpg.Connection
+) -> None:
+    day = T0.date()
+    writer = await asyncpg.connect(migrated_url)
+    mover = await asyncpg.connect(migrated_url)
+    try:
+        # A writer's row of the day, not committed yet: the mover finds DEFAULT empty of
+        # the day, skips the table's lock, then waits for the partition's.
+        write = writer.transaction()
+        await write.start()
+        await writer.execute(_GENERATE, 1, 5, T0, timedelta(minutes=1))
+        create = asyncio.create_task(ensure_partitions(mover, today=day, days_ahead=0))
+        waiting = await poll_async(
+            lambda: _waiting_for_a_lock(conn, mover.get_server_pid()), timeout=10
+        )
+        assert waiting and not create.done()
+        await write.commit()
+        # The first attempt refuses (serialization_failure); the retry moves the rows.
+        assert await asyncio.wait_for(create, 10) == [f"usage_records_p{day:%Y%m%d}"]
+    finally:
+        await mover.close()
+        await writer.close()
+    assert await conn.fetchval("SELECT count(*) FROM usage_records_default") == 0
+    assert await conn.fetchval(f"SELECT count(*) FROM usage_records_p{day:%Y%m%d}") == 5
+    with pytest.raises(asyncpg.SerializationError):
+        # The same race, by hand (no retry): the refusal itself.
+        await _refused_creation(migrated_url, conn, day + timedelta(days=1))
+
+
+async def _refused_creation(url: str, conn: asyncpg.Connection, day: date) -> None:
+    writer = await asyncpg.connect(url)
+    mover = await asyncpg.connect(url)
+    try:
+        async with writer.transaction():
+            start = datetime(day.year, day.month, day.day, 9, tzinfo=UTC)
+            await writer.execute(_GENERATE, 100, 5, start, timedelta(minutes=1))
+            create = asyncio.create_task(
+                mover.fetchval("SELECT usage_records_create_partition($1)", day)
+            )
+            assert await poll_async(
+                lambda: _waiting_for_a_lock(conn, mover.get_server_pid()), timeout=10
+            )
+        await asyncio.wait_for(create, 10)
+    finally:
+        await mover.close()
+        await writer.close()
 
 
 def _at_ten(days_ago: int) -> datetime:
