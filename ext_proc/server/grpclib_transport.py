@@ -45,7 +45,7 @@ from grpclib.protocol import H2Protocol
 from grpclib.server import Server, Stream
 from h2.settings import SettingCodes
 
-from ext_proc.server.servicer import SERVICE, ExternalProcessor
+from ext_proc.server.servicer import SERVICE, ExternalProcessor, HealthState
 from ext_proc.server.wire import decode_request
 
 METHOD = f"/{SERVICE}/Process"
@@ -172,32 +172,16 @@ class GrpclibExternalProcessor:
         }
 
 
-class _Health:
+class _Health(HealthState):
     """``grpc.health.v1.Health`` on grpclib, with grpcio-health-checking's messages
-    (grpclib's own copy of the same protos cannot share the process's descriptor pool).
-    ``""`` and the ext_proc service are known; both follow ``serving``."""
-
-    SERVICES = ("", SERVICE)
-
-    def __init__(self) -> None:
-        self._serving = False
-        self._changed = asyncio.Event()
-
-    def set(self, serving: bool) -> None:
-        self._serving = serving
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    def _status(self) -> int:
-        response = health_pb2.HealthCheckResponse
-        return int(response.SERVING if self._serving else response.NOT_SERVING)
+    (grpclib's own copy of the same protos cannot share the process's descriptor pool)."""
 
     async def check(self, stream: Stream[Any, Any]) -> None:
         request = await stream.recv_message()
         if request is None or request.service not in self.SERVICES:
             await stream.send_trailing_metadata(status=Status.NOT_FOUND)
             return
-        await stream.send_message(health_pb2.HealthCheckResponse(status=self._status()))
+        await stream.send_message(health_pb2.HealthCheckResponse(status=self.status()))
 
     async def watch(self, stream: Stream[Any, Any]) -> None:
         request = await stream.recv_message()
@@ -209,8 +193,8 @@ class _Health:
             )
             return
         while True:
-            changed = self._changed
-            await stream.send_message(health_pb2.HealthCheckResponse(status=self._status()))
+            changed = self.changed
+            await stream.send_message(health_pb2.HealthCheckResponse(status=self.status()))
             await changed.wait()
 
     def __mapping__(self) -> dict[str, Handler]:

@@ -50,7 +50,7 @@ from grpc_health.v1 import health_pb2
 from hpack import Decoder
 from hpack.exceptions import HPACKError
 
-from ext_proc.server.servicer import SERVICE, ExternalProcessor
+from ext_proc.server.servicer import SERVICE, ExternalProcessor, HealthState
 from ext_proc.server.wire import decode_request
 
 log = logging.getLogger(__name__)
@@ -157,6 +157,33 @@ def message_bytes(payload: bytes) -> bytes:
     return _GRPC_PREFIX.pack(0, len(payload)) + payload
 
 
+class _Waiting:
+    """Bytes that are not a whole unit yet (a frame, a message) and how many the unit
+    needs: later bytes are appended (a large unit is copied once, not re-joined with
+    every read) and the whole is handed back only once it is there."""
+
+    __slots__ = ("buf", "need")
+
+    def __init__(self) -> None:
+        self.buf: bytearray | None = None
+        self.need = 0
+
+    def join(self, data: bytes) -> bytes | None:
+        """``data`` after what waits; None while fewer than ``need`` bytes are there."""
+        buf = self.buf
+        if buf is None:
+            return data
+        buf += data
+        if len(buf) < self.need:
+            return None
+        self.buf = None
+        return bytes(buf)
+
+    def keep(self, rest: bytes, need: int) -> None:
+        self.buf = bytearray(rest)
+        self.need = need
+
+
 class ProtocolError(Exception):
     """The peer broke HTTP/2: the connection is closed with GOAWAY."""
 
@@ -179,9 +206,9 @@ class Stream:
     __slots__ = (
         "_conn",
         "_items",
-        "_need",
-        "_partial",
+        "_refused",
         "_waiter",
+        "_waiting",
         "headers",
         "id",
         "local_closed",
@@ -200,9 +227,8 @@ class Stream:
         self.headers = headers
         self._items: deque[bytes | StreamError] = deque()
         self._waiter: asyncio.Future[None] | None = None
-        # A message not whole yet, and how many bytes it takes to go on (see ``feed``).
-        self._partial: bytearray | None = None
-        self._need = 0
+        self._waiting = _Waiting()  # a message not whole yet
+        self._refused = False  # a message too large was refused: nothing more is read
         self.remote_closed = False
         self.local_closed = False
         self.started = False  # our response headers are sent
@@ -214,20 +240,12 @@ class Stream:
 
     # -- receiving ------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
-        """DATA payload: whole gRPC messages go to the inbox, a partial one waits (in a
-        bytearray that grows by appending: a large message in many frames is copied
-        once, not once per frame)."""
-        if self._need < 0:
-            return  # a message too large was refused: nothing more is read
-        partial = self._partial
-        if partial is not None:
-            partial += data
-            if len(partial) < self._need:
-                return
-            buf = bytes(partial)
-            self._partial = None
-        else:
-            buf = data
+        """DATA payload: whole gRPC messages go to the inbox, a partial one waits."""
+        if self._refused:
+            return
+        buf = self._waiting.join(data)
+        if buf is None:
+            return
         pos, end = 0, len(buf)
         items = self._items
         while end - pos >= 5:
@@ -240,7 +258,7 @@ class Stream:
                         f"a message of {length} bytes (at most {MAX_MESSAGE_BYTES})",
                     )
                 )
-                self._need = -1
+                self._refused = True
                 pos = end
                 break
             if end - pos - 5 < length:
@@ -251,9 +269,8 @@ class Stream:
                 items.append(buf[pos + 5 : pos + 5 + length])
             pos += 5 + length
         if pos < end:
-            rest = bytearray(buf[pos:])
-            self._partial = rest
-            self._need = 5 + _GRPC_PREFIX.unpack_from(rest)[1] if len(rest) >= 5 else 5
+            rest = buf[pos:]
+            self._waiting.keep(rest, 5 + _GRPC_PREFIX.unpack_from(rest)[1] if len(rest) >= 5 else 5)
         if items:
             self._wake()
 
@@ -349,10 +366,7 @@ class _Connection(asyncio.Protocol):
         self.server = server
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        # Bytes of a frame not whole yet, and how many it takes to go on (as in
-        # ``Stream.feed``: appended, not re-joined per read).
-        self._partial: bytearray | None = None
-        self._need = 0
+        self._waiting = _Waiting()  # a frame not whole yet
         self._preface = False
         self._out: list[bytes] = []
         self._decoder = Decoder()
@@ -395,15 +409,9 @@ class _Connection(asyncio.Protocol):
             stream.end_remote()
 
     def data_received(self, data: bytes) -> None:
-        partial = self._partial
-        if partial is not None:
-            partial += data
-            if len(partial) < self._need:
-                return
-            buf = bytes(partial)
-            self._partial = None
-        else:
-            buf = data
+        buf = self._waiting.join(data)
+        if buf is None:
+            return
         try:
             pos = self._frames(buf)
         except ProtocolError as exc:
@@ -411,17 +419,17 @@ class _Connection(asyncio.Protocol):
             self.close(exc.code)
             return
         if pos < len(buf):
-            rest = bytearray(buf[pos:])
-            self._partial = rest
+            rest = buf[pos:]
             if not self._preface:
-                self._need = len(PREFACE)
+                need = len(PREFACE)
             elif len(rest) >= 9:
                 high, low = _FRAME.unpack_from(rest)[:2]
                 length = (high << 8) | low
                 # Too large: parsed (and refused) with the next bytes, not gathered.
-                self._need = 9 + length if length <= OUR_MAX_FRAME_SIZE else 9
+                need = 9 + length if length <= OUR_MAX_FRAME_SIZE else 9
             else:
-                self._need = 9
+                need = 9
+            self._waiting.keep(rest, need)
 
     # -- writing ------------------------------------------------------------------
     def write(self, data: bytes) -> None:
@@ -717,23 +725,8 @@ class _Connection(asyncio.Protocol):
             self.pump(stream)
 
 
-class _Health:
-    """``grpc.health.v1.Health``: ``""`` and the ext_proc service follow ``serving``."""
-
-    SERVICES = ("", SERVICE)
-
-    def __init__(self) -> None:
-        self._serving = False
-        self._changed = asyncio.Event()
-
-    def set(self, serving: bool) -> None:
-        self._serving = serving
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    def _status(self) -> int:
-        response = health_pb2.HealthCheckResponse
-        return int(response.SERVING if self._serving else response.NOT_SERVING)
+class _Health(HealthState):
+    """``grpc.health.v1.Health`` on this server's streams."""
 
     async def _request(self, stream: Stream) -> Any:
         data = await stream.recv()
@@ -744,7 +737,7 @@ class _Health:
         if request is None or request.service not in self.SERVICES:
             stream.finish(GRPC_NOT_FOUND, "unknown service")
             return
-        response = health_pb2.HealthCheckResponse(status=self._status())
+        response = health_pb2.HealthCheckResponse(status=self.status())
         stream.send_message(response.SerializeToString())
         stream.finish()
 
@@ -756,8 +749,8 @@ class _Health:
             stream.finish()
             return
         while not stream.local_closed:
-            changed = self._changed
-            response = health_pb2.HealthCheckResponse(status=self._status())
+            changed = self.changed
+            response = health_pb2.HealthCheckResponse(status=self.status())
             stream.send_message(response.SerializeToString())
             await changed.wait()
 

@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2
 
 from ext_proc import telemetry
 from ext_proc.server.context import Gateway
@@ -160,6 +161,27 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                         _detach(token)
             if span is not None:
                 telemetry.end_stream_span(span, proc.facts if proc else None, answered)
+
+
+class HealthState:
+    """``grpc.health.v1.Health`` of the ext_proc port, whichever server serves it: ``""``
+    and the ext_proc service are known, both follow ``set``; ``changed`` is set (and
+    replaced) on every change, for Watch."""
+
+    SERVICES = ("", SERVICE)
+
+    def __init__(self) -> None:
+        self._serving = False
+        self.changed = asyncio.Event()
+
+    def set(self, serving: bool) -> None:
+        self._serving = serving
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    def status(self) -> int:
+        response = health_pb2.HealthCheckResponse
+        return int(response.SERVING if self._serving else response.NOT_SERVING)
 
 
 class _WrongSide(RuntimeError):

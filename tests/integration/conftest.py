@@ -31,6 +31,16 @@ async def migrated_url(database_url: str) -> str:
 
 
 @pytest.fixture
+async def conn(migrated_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """One connection to the migrated database, closed afterwards."""
+    conn = await asyncpg.connect(migrated_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
 def gateway_yaml() -> str | None:
     """The gateway.yaml ``pool`` applies first; a module that needs applications in the
     catalog overrides this fixture with its own text."""

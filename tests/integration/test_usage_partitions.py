@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -121,15 +120,6 @@ def _old_schema(tmp_path: Path) -> Path:
         if int(path.name[:4]) < 7:
             shutil.copy(path, folder / path.name)
     return folder
-
-
-@pytest.fixture
-async def conn(migrated_url: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(migrated_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 _MEASURES = (

@@ -10,7 +10,7 @@ the plan (``_build_query(now=...)``), nothing here depends on the clock.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -47,15 +47,6 @@ GROUPINGS: list[list[str]] = [
     ["status_class"],
     ["key_id"],
 ]
-
-
-@pytest.fixture
-async def conn(migrated_url: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(migrated_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 def _record(request_id: str, created_at: datetime, **values: Any) -> UsageRecord:

@@ -406,7 +406,8 @@ async def test_health_check_over_the_same_server(served) -> None:
     client.close()
 
 
-async def test_stop_lets_an_open_stream_finish_within_the_grace() -> None:
+async def held_stream() -> tuple[H2GrpcServer, EchoServicer, Client, int]:
+    """A server of its own whose handler holds one stream's request until ``hold``."""
     servicer = EchoServicer()
     servicer.hold = asyncio.Event()
     server = H2GrpcServer(servicer)  # type: ignore[arg-type]
@@ -416,6 +417,12 @@ async def test_stop_lets_an_open_stream_finish_within_the_grace() -> None:
     client.conn.send_data(sid, grpc_message(request(4)), end_stream=True)
     client.flush()
     await asyncio.wait_for(servicer.entered.wait(), 5)
+    return server, servicer, client, sid
+
+
+async def test_stop_lets_an_open_stream_finish_within_the_grace() -> None:
+    server, servicer, client, sid = await held_stream()
+    assert servicer.hold is not None
     stopping = asyncio.create_task(server.stop(5.0))
     await asyncio.sleep(0.1)
     assert not stopping.done()  # waiting for the open stream
@@ -428,15 +435,7 @@ async def test_stop_lets_an_open_stream_finish_within_the_grace() -> None:
 
 
 async def test_stop_cancels_what_outlives_the_grace() -> None:
-    servicer = EchoServicer()
-    servicer.hold = asyncio.Event()  # never set
-    server = H2GrpcServer(servicer)  # type: ignore[arg-type]
-    await server.start("127.0.0.1", 0)
-    client = await Client.connect(server.port)
-    sid = client.open()
-    client.conn.send_data(sid, grpc_message(request(4)), end_stream=True)
-    client.flush()
-    await asyncio.wait_for(servicer.entered.wait(), 5)
+    server, servicer, client, _ = await held_stream()  # hold never set
     await asyncio.wait_for(server.stop(0.2), 5)
     assert servicer.cancelled == 1
     assert server.open_streams == 0
