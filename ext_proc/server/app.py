@@ -146,7 +146,8 @@ class Service:
         self._readiness: tuple[float, int, dict[str, Any]] | None = None
         self._readiness_probe: asyncio.Task[tuple[int, dict[str, Any]]] | None = None
         self._grpc: grpc.aio.Server | None = None
-        self._grpclib: GrpclibServer | H2GrpcServer | None = None
+        # The builtin or grpclib server (both asyncio, with start and a graceful stop).
+        self._asyncio_grpc: H2GrpcServer | GrpclibServer | None = None
         self._health = health.aio.HealthServicer()
         self._http: list[HttpServer] = []
         self._admin: AdminServer | None = None
@@ -296,17 +297,18 @@ class Service:
         """The ext_proc and health services, on the gRPC library the settings name."""
         assert self.gateway is not None  # built by start() before the services
         servicer = ExternalProcessor(self.gateway)
-        if settings.grpc_server == "builtin":
-            from ext_proc.server.h2server import H2GrpcServer
+        if settings.grpc_server in ("builtin", "grpclib"):
+            if settings.grpc_server == "builtin":
+                from ext_proc.server.h2server import H2GrpcServer
 
-            self._grpclib = H2GrpcServer(servicer)
-            self.grpc_port = await self._grpclib.start(self.options.grpc_host, settings.grpc_port)
-            return
-        if settings.grpc_server == "grpclib":
-            from ext_proc.server.grpclib_transport import GrpclibServer
+                self._asyncio_grpc = H2GrpcServer(servicer)
+            else:
+                from ext_proc.server.grpclib_transport import GrpclibServer
 
-            self._grpclib = GrpclibServer(servicer)
-            self.grpc_port = await self._grpclib.start(self.options.grpc_host, settings.grpc_port)
+                self._asyncio_grpc = GrpclibServer(servicer)
+            self.grpc_port = await self._asyncio_grpc.start(
+                self.options.grpc_host, settings.grpc_port
+            )
             return
         self._grpc = grpc.aio.server(
             options=[
@@ -621,8 +623,8 @@ class Service:
         await self._health.enter_graceful_shutdown()
         if self._grpc is not None:
             await self._grpc.stop(GRACE_SECONDS)
-        if self._grpclib is not None:
-            await self._grpclib.stop(GRACE_SECONDS)
+        if self._asyncio_grpc is not None:
+            await self._asyncio_grpc.stop(GRACE_SECONDS)
         if self.gateway is not None:
             await self.gateway.drain()
         if self._usage_log is not None:

@@ -340,13 +340,10 @@ class Stream:
             return
         self.local_closed = True
         conn = self._conn
+        block = _OK_TRAILERS if status == GRPC_OK else trailers_block(status, message)
         if not self.started:  # trailers-only answer
             self.started = True
-            block = _RESPONSE_HEADERS + (
-                _OK_TRAILERS if status == GRPC_OK else trailers_block(status, message)
-            )
-        else:
-            block = _OK_TRAILERS if status == GRPC_OK else trailers_block(status, message)
+            block = _RESPONSE_HEADERS + block
         trailers = conn.header_frames(self.id, block, end_stream=True)
         if self.pending:
             self.pending_trailers = trailers
@@ -370,8 +367,8 @@ class _Connection(asyncio.Protocol):
         self._preface = False
         self._out: list[bytes] = []
         self._decoder = Decoder()
-        self._header_cache: dict[bytes, tuple[int, list[tuple[str, str]]]] = {}
-        self._table_epoch = 0
+        # Decoded blocks that left the table unchanged; emptied whenever it changes.
+        self._header_cache: dict[bytes, list[tuple[str, str]]] = {}
         # A header block being continued: (stream id, fragments, end_stream).
         self._continuing: tuple[int, list[bytes], bool] | None = None
         self.streams: dict[int, Stream] = {}
@@ -381,7 +378,6 @@ class _Connection(asyncio.Protocol):
         self.peer_max_frame = 16384
         self.send_window = 65535
         self._received = 0  # connection bytes since our last WINDOW_UPDATE
-        self._goaway_received = False
         self._closing = False
 
     # -- asyncio.Protocol ---------------------------------------------------------
@@ -489,6 +485,12 @@ class _Connection(asyncio.Protocol):
         if stream.remote_closed:
             self.streams.pop(stream.id, None)
 
+    def _remote_ended(self, stream: Stream) -> None:
+        """The peer has ended ``stream``; forget it once we have too."""
+        stream.end_remote()
+        if stream.local_closed:
+            self.streams.pop(stream.id, None)
+
     def close(self, code: int = NO_ERROR) -> None:
         if self._closing:
             return
@@ -541,7 +543,6 @@ class _Connection(asyncio.Protocol):
                         raise ProtocolError("a PING of other than 8 bytes", FRAME_SIZE_ERROR)
                     self.write(frame(PING, ACK, 0, buf[start:pos]))
             elif kind == GOAWAY:
-                self._goaway_received = True
                 if not self.streams:
                     self.close()
             elif kind == PUSH_PROMISE:
@@ -582,9 +583,7 @@ class _Connection(asyncio.Protocol):
         if payload:
             stream.feed(payload)
         if flags & END_STREAM:
-            stream.end_remote()
-            if stream.local_closed:
-                self.streams.pop(stream_id, None)
+            self._remote_ended(stream)
 
     def _on_headers(self, stream_id: int, flags: int, payload: bytes) -> None:
         if stream_id == 0:
@@ -614,10 +613,10 @@ class _Connection(asyncio.Protocol):
         """The block's headers. Envoy's encoder indexes what it sends, so after the
         first stream its blocks are mostly references into the dynamic table: a block
         whose decoding left the table unchanged decodes the same way for as long as the
-        table stays unchanged (the epoch)."""
+        table stays unchanged (the cache is emptied when it changes)."""
         cached = self._header_cache.get(block)
-        if cached is not None and cached[0] == self._table_epoch:
-            return cached[1]
+        if cached is not None:
+            return cached
         table = self._decoder.header_table
         entries = table.dynamic_entries
         before = (len(entries), entries[0] if entries else None, table.maxsize)
@@ -627,12 +626,11 @@ class _Connection(asyncio.Protocol):
             raise ProtocolError(f"a header block that cannot be decoded ({exc})") from exc
         entries = table.dynamic_entries
         if (len(entries), entries[0] if entries else None, table.maxsize) != before:
-            self._table_epoch += 1
             self._header_cache.clear()
         else:
             if len(self._header_cache) >= HEADER_CACHE_SIZE:
                 self._header_cache.clear()
-            self._header_cache[block] = (self._table_epoch, headers)
+            self._header_cache[block] = headers
         return headers
 
     def _header_block(self, stream_id: int, block: bytes, end_stream: bool) -> None:
@@ -641,9 +639,7 @@ class _Connection(asyncio.Protocol):
         if stream is not None:  # trailers (Envoy's gRPC client sends none; accepted)
             if not end_stream:
                 raise ProtocolError(f"trailers without END_STREAM on stream {stream_id}")
-            stream.end_remote()
-            if stream.local_closed:
-                self.streams.pop(stream_id, None)
+            self._remote_ended(stream)
             return
         if stream_id % 2 == 0 or stream_id <= self.last_stream_id:
             if stream_id % 2 == 0:

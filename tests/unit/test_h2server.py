@@ -93,6 +93,13 @@ class Client:
     def flush(self) -> None:
         self.writer.write(self.conn.data_to_send())
 
+    def send(self, n: int, *, end: bool = True, **open_args: Any) -> int:
+        """A new stream with one request of ``n`` body bytes (and its end, by default)."""
+        sid = self.open(**open_args)
+        self.conn.send_data(sid, grpc_message(request(n)), end_stream=end)
+        self.flush()
+        return sid
+
     def open(self, tag: str | None = None, path: str = METHOD) -> int:
         sid = self.conn.get_next_available_stream_id()
         headers = [
@@ -169,9 +176,7 @@ async def served() -> AsyncIterator[tuple[H2GrpcServer, EchoServicer]]:
 async def test_one_message_in_one_answer_out_and_the_stream_is_forgotten(served) -> None:
     server, servicer = served
     client = await Client.connect(server.port)
-    sid = client.open(tag="a")
-    client.conn.send_data(sid, grpc_message(request(10)), end_stream=True)
-    client.flush()
+    sid = client.send(10, tag="a")
     await client.pump(lambda: client.grpc_status(sid) is not None)
     assert client.headers[sid][":status"] == "200"
     assert client.headers[sid]["content-type"] == "application/grpc"
@@ -231,9 +236,7 @@ async def test_many_streams_on_one_connection_each_with_its_own_metadata(served)
     tags = ["a", "a", "b", "a", "b", "c", "c", "a"]
     sids = []
     for tag in tags:
-        sid = client.open(tag=tag)
-        client.conn.send_data(sid, grpc_message(request(1)), end_stream=True)
-        client.flush()
+        sid = client.send(1, tag=tag)
         sids.append(sid)
         await client.pump(lambda sid=sid: client.grpc_status(sid) is not None)
     assert servicer.seen_tags == tags
@@ -244,9 +247,7 @@ async def test_many_streams_on_one_connection_each_with_its_own_metadata(served)
 async def test_unknown_method_is_a_trailers_only_unimplemented(served) -> None:
     server, _ = served
     client = await Client.connect(server.port)
-    sid = client.open(path="/no.Such/Method")
-    client.conn.send_data(sid, grpc_message(request(1)), end_stream=True)
-    client.flush()
+    sid = client.send(1, path="/no.Such/Method")
     await client.pump(lambda: client._ended(sid) or sid in client.reset)
     assert client.headers[sid]["grpc-status"] == "12"
     assert "/no.Such/Method" in client.headers[sid]["grpc-message"]
@@ -257,9 +258,7 @@ async def test_a_reset_from_the_client_cancels_the_handler(served) -> None:
     server, servicer = served
     servicer.hold = asyncio.Event()  # the handler waits with the request in hand
     client = await Client.connect(server.port)
-    sid = client.open()
-    client.conn.send_data(sid, grpc_message(request(1)))
-    client.flush()
+    sid = client.send(1, end=False)
     await asyncio.wait_for(servicer.entered.wait(), 5)
     await asyncio.sleep(0.05)
     assert server.open_streams == 1
@@ -280,9 +279,7 @@ async def test_the_peers_small_window_is_respected_and_trailers_wait_for_the_dat
     client = await Client.connect(
         server.port, settings={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 100}
     )
-    sid = client.open()
-    client.conn.send_data(sid, grpc_message(request(5000)), end_stream=True)
-    client.flush()
+    sid = client.send(5000)
     await client.pump(lambda: client.grpc_status(sid) is not None)
     [answer] = client.messages(sid)
     assert answer.request_body.response.body_mutation.body == b"x" * 5000
@@ -413,9 +410,7 @@ async def held_stream() -> tuple[H2GrpcServer, EchoServicer, Client, int]:
     server = H2GrpcServer(servicer)  # type: ignore[arg-type]
     await server.start("127.0.0.1", 0)
     client = await Client.connect(server.port)
-    sid = client.open()
-    client.conn.send_data(sid, grpc_message(request(4)), end_stream=True)
-    client.flush()
+    sid = client.send(4)
     await asyncio.wait_for(servicer.entered.wait(), 5)
     return server, servicer, client, sid
 
